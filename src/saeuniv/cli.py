@@ -1,0 +1,146 @@
+"""The ``saeuniv`` command: ``saeuniv run`` (the whole pipeline) and one subcommand per stage.
+
+Every subcommand takes ``--config`` (a YAML file or a built-in name), ``--set
+key.path=value`` overrides, and the shortcuts that the MLproject entry points
+expose as typed parameters. Errors in the input are reported in one line,
+with exit status 2, before any long work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, load_config
+
+SHORTCUTS = {
+    # option: (config path, type, help)
+    "policy": ("match.policy", str, "match policy: max, one_to_one, mutual, hungarian, lan"),
+    "threshold": ("match.threshold", float, "keep pairs with correlation above this"),
+    "n_perm": ("similarity.n_perm", int, "permutations in each null"),
+    "seed": ("similarity.seed", int, "seed of the permutation nulls"),
+    "n_tokens": ("extract.n_tokens", int, "analysis tokens (pad/BOS excluded)"),
+}
+STAGE_HELP = {
+    "models": "prepare the corpus and tokenizer, train (or load) the two models",
+    "saes": "train (or load) one SAE per (model, layer) with sae-lens",
+    "extract": "residual stream -> SAE codes, stored sparse per (model, layer)",
+    "match": "correlate features of A and B and pair them (policy, threshold, filters)",
+    "similarity": "SVCCA, RSA, CKA, mutual-kNN on paired decoder rows, with permutation nulls",
+}
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saeuniv", description="Compare the SAE features of two language models, "
+        "layer by layer, tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--config", default="default",
+                       help="YAML config file or built-in name (default: %(default)s)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set match.threshold=0.2")
+        for name, (_, typ, text) in SHORTCUTS.items():
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
+                           help=f"{text} (overrides the config)")
+        p.add_argument("--store", default=None,
+                       help="artefact store folder (default: $SAEUNIV_HOME or ~/.cache/saeuniv)")
+        p.add_argument("--experiment", default=None, help="MLflow experiment name")
+
+    common(sub.add_parser("run", help="run the whole pipeline (main)"))
+    for stage, text in STAGE_HELP.items():
+        common(sub.add_parser(stage, help=text))
+    return parser
+
+
+def _config(args):
+    overrides = _parse_set(args.set)
+    for name, (path, _, _) in SHORTCUTS.items():
+        if getattr(args, name) is not None:
+            overrides[path] = getattr(args, name)
+    return load_config(args.config, overrides)
+
+
+def project_launcher(project_dir: Path, tmp: Path):
+    """A launcher that runs each stage as its own MLflow project run (``mlflow.run``).
+
+    Used when ``main`` was itself started by ``mlflow run``: the children are
+    launched with the same env manager as the parent (``local`` unless the
+    parent run's ``mlflow.project.env`` tag says otherwise).
+    """
+    import mlflow
+
+    def launch(stage, pipe):
+        run = mlflow.active_run()
+        env_manager = run.data.tags.get("mlflow.project.env", "local")
+        cfg_path = tmp / f"{pipe.cfg.hash()[:12]}.yaml"
+        cfg_path.write_text(yaml.safe_dump(pipe.cfg.to_dict()))
+        params = {"config": str(cfg_path)}
+        for name, (path, _, _) in SHORTCUTS.items():
+            section, key = path.split(".")
+            params[name] = getattr(getattr(pipe.cfg, section), key)
+        if pipe.store.root != Path(os.environ.get("SAEUNIV_HOME", "")):
+            os.environ["SAEUNIV_HOME"] = str(pipe.store.root)
+        submitted = mlflow.run(str(project_dir), entry_point=stage, parameters=params,
+                               env_manager=env_manager, experiment_id=run.info.experiment_id,
+                               run_name=stage, synchronous=True)
+        if submitted.get_status() != "FINISHED":
+            raise RuntimeError(f"stage {stage!r} ended {submitted.get_status()}; see its run "
+                               f"{submitted.run_id}")
+
+    return launch
+
+
+def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
+    """Entry point of the ``saeuniv`` command and of the MLproject scripts."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("sae_lens", "transformer_lens", "alembic", "httpx", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = _config(args)
+        from .pipeline import Pipeline, run_main, run_stage
+        from .store import Store
+        from .tracking import install_signal_handlers, setup_tracking
+
+        store = Store(args.store)
+    except (ConfigError, OSError, RuntimeError) as err:
+        print(f"saeuniv: error: {err}", file=sys.stderr)
+        return 2
+    install_signal_handlers()
+    launched_by_project = "MLFLOW_RUN_ID" in os.environ and project_dir is not None
+    uri = setup_tracking(args.experiment)
+    try:
+        if args.command == "run":
+            with tempfile.TemporaryDirectory() as tmp:
+                launcher = project_launcher(project_dir, Path(tmp)) if launched_by_project else None
+                run_id = run_main(cfg, store, launcher)
+            print(f"saeuniv: main run {run_id} finished; browse it with\n"
+                  f"  mlflow ui --backend-store-uri {uri}")
+        else:
+            run_stage(args.command, Pipeline(cfg, store))
+    except ValueError as err:  # bad input found by a stage: one clear line
+        print(f"saeuniv: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

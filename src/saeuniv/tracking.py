@@ -1,0 +1,110 @@
+"""MLflow tracking: where runs go, stage runs that always end, lineage tags.
+
+With no ``MLFLOW_TRACKING_URI`` set, runs go to ``sqlite:///mlflow.db`` in the
+working directory. Every stage runs inside ``stage_run``: a nested child when a
+parent is active, the project run when launched by ``mlflow run`` (which sets
+``MLFLOW_RUN_ID``), or a new top-level run. An exception, Ctrl-C or SIGTERM
+ends the run as FAILED with the error in the ``saeuniv.error`` tag and an
+``error.txt`` artefact; no run is left RUNNING by a failure the process sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import mlflow
+
+from . import __version__
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "saeuniv"
+
+
+def setup_tracking(experiment: str | None = None) -> str:
+    """Point MLflow at ``$MLFLOW_TRACKING_URI`` or the local SQLite store; pick the experiment."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    mlflow.set_tracking_uri(uri)
+    # Inside `mlflow run` the experiment is fixed by the launcher (MLFLOW_EXPERIMENT_ID);
+    # switching it would make the project run unreachable.
+    if "MLFLOW_RUN_ID" not in os.environ and mlflow.active_run() is None:
+        mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+                              or DEFAULT_EXPERIMENT)
+    return uri
+
+
+def _sigterm_to_exit(signum, frame):  # pragma: no cover - exercised by subprocess tests
+    raise SystemExit(128 + signum)
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM into SystemExit so open runs are closed as FAILED."""
+    signal.signal(signal.SIGTERM, _sigterm_to_exit)
+
+
+def git_info() -> dict[str, str]:
+    """Commit and dirty flag of the saeuniv source tree, when it is a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"saeuniv.git_commit": commit, "saeuniv.git_dirty": str(bool(dirty)).lower()} \
+        if commit else {}
+
+
+def lineage_tags(config_hash: str | None = None) -> dict[str, str]:
+    import numpy
+    import torch
+
+    tags = {"saeuniv.version": __version__, "saeuniv.python": platform.python_version(),
+            "saeuniv.torch": torch.__version__, "saeuniv.numpy": numpy.__version__,
+            "saeuniv.mlflow": mlflow.__version__, **git_info()}
+    for lib in ("sae_lens", "transformer_lens"):
+        mod = sys.modules.get(lib)
+        if mod is not None and hasattr(mod, "__version__"):
+            tags[f"saeuniv.{lib}"] = mod.__version__
+    if config_hash:
+        tags["saeuniv.config_hash"] = config_hash
+    return tags
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, run_name: str | None = None, tags: dict | None = None):
+    """Open the MLflow run of one stage; end it FINISHED, or FAILED with the error recorded."""
+    nested = mlflow.active_run() is not None
+    run = mlflow.start_run(run_name=run_name or stage, nested=nested)
+    mlflow.set_tags({"saeuniv.stage": stage, **(tags or {})})
+    try:
+        yield run
+    except BaseException as err:
+        _record_failure(err)
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def _record_failure(err: BaseException) -> None:
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    with contextlib.suppress(Exception):
+        mlflow.set_tag("saeuniv.error", f"{type(err).__name__}: {err}"[:4900])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "error.txt"
+            path.write_text(text)
+            mlflow.log_artifact(str(path))
+
+
+def log_json(obj, name: str) -> None:
+    mlflow.log_dict(obj, name)

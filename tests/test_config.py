@@ -1,0 +1,90 @@
+"""Config loading, validation and packaging metadata."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from saeuniv.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_builtin_default_loads_and_hash_is_stable():
+    cfg = load_config("default")
+    assert cfg.model_a.name == "tiny-s" and cfg.model_b.name == "tiny-l"
+    assert cfg.hash() == load_config("default").hash()
+    assert cfg.hash() != cfg.replace(**{"match.threshold": 0.2}).hash()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"match.policy": "best"}, r"match.policy 'best' is unknown.*one_to_one"),
+    ({"match.threshold": 1.5}, r"match.threshold must be in \[-1, 1\], got 1.5"),
+    ({"layers_a": [0, -1]}, r"layers_a has a negative layer index"),
+    ({"layers_b": "middle"}, r"layers_b must be 'all' or a non-empty list"),
+    ({"similarity.metrics": ["svcca", "cca"]}, r"unknown name\(s\) \['cca'\]"),
+    ({"similarity.n_perm": 0}, r"similarity.n_perm must be >= 1"),
+    ({"extract.n_tokens": 10}, r"extract.n_tokens must be >= 100"),
+    ({"model_b.name": "gpt-9"}, r"'gpt-9' is not a member of the built-in family"),
+    ({"sae.architecture": "gated"}, r"sae.architecture 'gated' is unknown"),
+    ({"match.tresh": 0.2}, r"unknown config key 'match.tresh'"),
+    ({"extract.n_tokens": "many"}, r"extract.n_tokens must be int"),
+])
+def test_bad_values_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("default", overrides)
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("match: {policy: max, thresh: 0.3}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'match.thresh'"):
+        load_config(path)
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_unknown_config_name():
+    with pytest.raises(ConfigError, match=r"neither a file nor a built-in config.*default"):
+        load_config("no-such-config")
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config("tiny", {"match.threshold": 0.3})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert load_config(path) == cfg
+
+
+def _requirement_names_and_specs(reqs):
+    return {re.split(r"[<>=!\[ ]", r, maxsplit=1)[0].lower(): r.replace(" ", "") for r in reqs}
+
+
+def test_conda_yaml_agrees_with_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip_reqs = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    pip_reqs = [r for r in pip_reqs if not r.startswith("-e")]
+    assert _requirement_names_and_specs(pip_reqs) == \
+        _requirement_names_and_specs(project["dependencies"])
+
+
+def test_mlproject_declares_entry_points_with_typed_params():
+    mlproject = yaml.safe_load((ROOT / "MLproject").read_text())
+    assert mlproject["conda_env"] == "conda.yaml"
+    points = mlproject["entry_points"]
+    for name in ("main", "extract", "saes", "match", "similarity"):
+        params = points[name]["parameters"]
+        assert params["threshold"] == {"type": "float", "default": Config().match.threshold}
+        assert params["policy"]["default"] == Config().match.policy
+        assert params["n_perm"]["default"] == Config().similarity.n_perm
+        assert params["n_tokens"]["default"] == Config().extract.n_tokens
+        for p in params:
+            assert "{" + p + "}" in points[name]["command"]
