@@ -69,8 +69,8 @@ class FamilyConfig:
     train_tokens: int = 800_000
     batch_size: int = 32
     lr: float = 3e-3
-    eval_every: int = 50
-    eval_batches: int = 8
+    eval_every: int = 65
+    eval_batches: int = 4
     seed: int = 0
 
 

@@ -1,0 +1,513 @@
+"""The pipeline: stages over content-keyed artefacts, tracked in MLflow.
+
+``Pipeline`` resolves a config into a chain of store entries (corpus, tokenizer,
+windows, models, SAEs, codes, matches, scores). Each accessor fetches its entry
+or builds it once, so any stage can run alone: it computes what it needs that
+is not already in the store, and nothing else. The stage functions log what
+their stage produced into the active MLflow run; ``run_main`` runs them as
+nested children of one parent run and writes the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import matching, metrics
+from .config import Config, digest
+from .corpus import prepare_corpus, read_split
+from .extract import extract_codes, load_codes
+from .models import LoadedModel, ModelError, load_family_model, train_family
+from .saes import load_sae, train_sae
+from .store import Entry, Store
+from .tokens import analysis_windows, load_tokenizer, load_windows, make_windows, train_tokenizer
+from .tracking import lineage_tags, stage_run
+
+log = logging.getLogger(__name__)
+
+STAGES = ("models", "saes", "extract", "match", "similarity")
+SIDES = ("a", "b")
+JUNK_STRINGS = {"", ".", ",", "!", "?", "-", ";", ":", '"', "'", "(", ")"}
+
+
+class Pipeline:
+    """Lazily resolved artefacts of one config."""
+
+    def __init__(self, cfg: Config, store: Store | None = None):
+        self.cfg = cfg
+        self.store = store or Store()
+        self._models: dict[str, LoadedModel] = {}
+        self._saes: dict[tuple[str, int], tuple[Entry, object]] = {}
+
+    # -- text ---------------------------------------------------------------
+    @cached_property
+    def corpus(self) -> Entry:
+        return prepare_corpus(self.cfg.corpus, self.store)
+
+    @cached_property
+    def tokenizer_entry(self) -> Entry:
+        return train_tokenizer(self.corpus, self.cfg.tokenizer, self.store)
+
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.tokenizer_entry)
+
+    @cached_property
+    def windows_entry(self) -> Entry:
+        e = self.cfg.extract
+        return analysis_windows(self.corpus, self.tokenizer_entry, e.context, e.n_tokens,
+                                self.store)
+
+    @cached_property
+    def windows(self):
+        return load_windows(self.windows_entry)
+
+    @cached_property
+    def token_ids(self) -> np.ndarray:
+        """Token id of every code row (windows flattened, pad/BOS dropped)."""
+        return self.windows.tokens[self.windows.mask()].astype(np.int64)
+
+    def train_windows(self, n_tokens: int) -> np.ndarray:
+        docs = [d["text"] for d in read_split(self.corpus, "train")]
+        return make_windows(docs, self.tokenizer, self.cfg.family.context, n_tokens,
+                            pack=True).tokens
+
+    # -- models -------------------------------------------------------------
+    def member(self, side: str):
+        ref = getattr(self.cfg, f"model_{side}")
+        return next(m for m in self.cfg.family.members if m.name == ref.name)
+
+    def layers(self, side: str) -> list[int]:
+        member = self.member(side)
+        value = getattr(self.cfg, f"layers_{side}")
+        layers = list(range(member.n_layers)) if value == "all" else list(value)
+        bad = [l for l in layers if not 0 <= l < member.n_layers]
+        if bad:
+            raise ModelError(
+                f"layers_{side}: layer(s) {bad} are out of range for {member.name!r}, which has "
+                f"{member.n_layers} layers (valid: 0..{member.n_layers - 1})")
+        return layers
+
+    @cached_property
+    def model_entries(self) -> dict[str, Entry]:
+        names = sorted({self.cfg.model_a.name, self.cfg.model_b.name})
+        return train_family(self.cfg.family, self.corpus, self.tokenizer_entry, self.store, names)
+
+    def model_entry(self, side: str) -> Entry:
+        return self.model_entries[self.member(side).name]
+
+    def model(self, side: str) -> LoadedModel:
+        name = self.member(side).name
+        if name not in self._models:
+            self._models[name] = load_family_model(self.model_entries[name])
+        return self._models[name]
+
+    # -- SAEs and codes -----------------------------------------------------
+    def sae(self, side: str, layer: int) -> tuple[Entry, object]:
+        """(entry, loaded SAE) for ``side`` at ``layer``, trained on first use."""
+        if (side, layer) not in self._saes:
+            s = self.cfg.sae
+            windows_key = digest([self.corpus.key, self.tokenizer_entry.key,
+                                  self.cfg.family.context, "train-packed"])
+            special = [self.tokenizer.bos_token_id, self.tokenizer.pad_token_id,
+                       self.tokenizer.eos_token_id]
+            entry, _ = train_sae(
+                self.model_entry(side), lambda: self.model(side), layer, s,
+                lambda: self.train_windows(s.train_tokens + 64 * self.cfg.family.context),
+                windows_key, special, self.store)
+            self._saes[(side, layer)] = (entry, load_sae(entry))
+        return self._saes[(side, layer)]
+
+    def codes(self, side: str) -> dict[int, Entry]:
+        saes = {layer: self.sae(side, layer) for layer in self.layers(side)}
+        return extract_codes(self.model(side), saes, self.windows, self.windows_entry,
+                             self.store, self.cfg.extract.batch_size,
+                             label=f"{side}:{self.member(side).name}")
+
+    @cached_property
+    def all_codes(self) -> dict[str, dict[int, Entry]]:
+        return {side: self.codes(side) for side in SIDES}
+
+    def junk_ids(self) -> np.ndarray:
+        tok = self.tokenizer
+        specials = {tok.bos_token_id, tok.pad_token_id, tok.eos_token_id}
+        ids = [i for i in range(len(tok))
+               if i in specials or tok.decode([i]).strip() in JUNK_STRINGS]
+        return np.asarray(ids, np.int64)
+
+    # -- matching and similarity -------------------------------------------
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(la, lb) for la in self.layers("a") for lb in self.layers("b")]
+
+    def matches(self, la: int, lb: int) -> Entry:
+        ca, cb = self.all_codes["a"][la], self.all_codes["b"][lb]
+        spec = {"codes_a": ca.key, "codes_b": cb.key, "match": asdict(self.cfg.match)}
+
+        def build(out: Path) -> dict:
+            return _build_matches(self, ca, cb, out)
+
+        entry, _ = self.store.get_or_create("matches", spec, build)
+        return entry
+
+    def scores(self, la: int, lb: int) -> Entry:
+        m = self.matches(la, lb)
+        sae_a, sae_b = self.sae("a", la)[0], self.sae("b", lb)[0]
+        spec = {"matches": m.key, "sae_a": sae_a.key, "sae_b": sae_b.key,
+                "similarity": asdict(self.cfg.similarity)}
+
+        def build(out: Path) -> dict:
+            return _build_scores(self, la, lb, m, out)
+
+        entry, _ = self.store.get_or_create("scores", spec, build)
+        return entry
+
+    def validate(self) -> None:
+        """Cheap checks that fail before any model is trained or run."""
+        for side in SIDES:
+            self.layers(side)
+        _ = self.windows_entry  # raises when the corpus is smaller than the token budget
+
+    def relative_depth(self, side: str, layer: int) -> float:
+        return (layer + 1) / self.member(side).n_layers
+
+
+def load_matches(entry: Entry) -> matching.Matches:
+    data = np.load(entry.file("pairs.npz"))
+    return matching.Matches(data["a"], data["b"], data["corr"])
+
+
+def _build_matches(pipe: Pipeline, ca: Entry, cb: Entry, out: Path) -> dict:
+    mc = pipe.cfg.match
+    codes_a, codes_b = load_codes(ca), load_codes(cb)
+    corr = matching.correlation(codes_a, codes_b)
+    alive = np.isfinite(corr)
+    counts = {"n_dead_a": int((~alive.any(1)).sum()), "n_dead_b": int((~alive.any(0)).sum())}
+    m = matching.match(corr, policy=mc.policy, threshold=-1.0)
+    counts["n_policy"] = m.n
+    counts["mean_corr_before"] = m.mean_corr
+    m = m.take(m.corr > mc.threshold)
+    counts["n_threshold"] = m.n
+    top_a = matching.top_activations(codes_a, mc.top_k)
+    top_b = matching.top_activations(codes_b, mc.top_k)
+    tok_a, tok_b = top_a.tokens(pipe.token_ids), top_b.tokens(pipe.token_ids)
+    if mc.junk_filter:
+        m = matching.junk_filter(m, tok_a, tok_b, pipe.junk_ids())
+    counts["n_junk"] = m.n
+    if mc.shared_token:
+        m = matching.shared_token_filter(m, tok_a, tok_b)
+    counts["n_shared_token"] = m.n
+    counts["n_pairs"] = m.n
+    counts["mean_corr_after"] = m.mean_corr
+    counts["unique_a_fraction"] = m.unique_a_fraction
+    np.savez(out / "pairs.npz", a=m.a, b=m.b, corr=m.corr)
+    np.savez(out / "top.npz", rows_a=top_a.rows, values_a=top_a.values, rows_b=top_b.rows,
+             values_b=top_b.values)
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in counts.items()}
+
+
+def _decoder(sae) -> np.ndarray:
+    return sae.W_dec.detach().double().numpy()
+
+
+def _build_scores(pipe: Pipeline, la: int, lb: int, m_entry: Entry, out: Path) -> dict:
+    sim = pipe.cfg.similarity
+    m = load_matches(m_entry)
+    result = {"layer_a": la, "layer_b": lb, "n_pairs": m.n, "metrics": {}, "status": "ok"}
+    if m.n < sim.min_pairs:
+        result["status"] = f"too few pairs ({m.n} < similarity.min_pairs={sim.min_pairs})"
+    else:
+        A = _decoder(pipe.sae("a", la)[1])[m.a]
+        B = _decoder(pipe.sae("b", lb)[1])[m.b]
+        for name in sim.metrics:
+            kwargs = {"variance": sim.variance} if name in ("svcca", "pwcca") else {}
+            try:
+                null = metrics.permutation_null(name, A, B, n_perm=sim.n_perm, seed=sim.seed,
+                                                **kwargs)
+            except ValueError as err:  # e.g. fewer pairs than SVCCA directions
+                result["metrics"][name] = {"error": str(err)}
+                continue
+            result["metrics"][name] = {
+                "observed": null.observed, "null_mean": null.null_mean, "null_sd": null.null_sd,
+                "z": null.z, "p": null.p, "n_perm": null.n_perm, "seed": null.seed}
+        if "svcca" in sim.metrics and "error" not in result["metrics"]["svcca"]:
+            d = metrics.svcca_details(A, B, variance=sim.variance)
+            result["metrics"]["svcca"].update(k_a=d.k_a, k_b=d.k_b)
+            result["metrics"]["svcca"]["lan_compatible"] = metrics.svcca(A, B, lan_compatible=True)
+    (out / "scores.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    return {"status": result["status"], "n_pairs": m.n}
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(type(x))
+
+
+def load_scores(entry: Entry) -> dict:
+    return json.loads(entry.file("scores.json").read_text())
+
+
+# -- stage functions: each logs into the active MLflow run ------------------
+
+def _pair_key(la: int, lb: int) -> str:
+    return f"a{la}-b{lb}"
+
+
+def stage_models(pipe: Pipeline) -> None:
+    for name, entry in pipe.model_entries.items():
+        meta = entry.meta
+        for step, value in meta["val_curve"]:
+            mlflow.log_metric(f"val_loss_{name}", value, step=step)
+        mlflow.log_metrics({f"params_{name}": meta["params"],
+                            f"non_embedding_params_{name}": meta["non_embedding_params"]})
+        mlflow.set_tag(f"saeuniv.model.{name}", entry.key)
+    a, b = pipe.model_entry("a").meta, pipe.model_entry("b").meta
+    mlflow.log_metrics({"param_ratio": b["params"] / a["params"],
+                        "val_loss_gap": a["val_loss"] - b["val_loss"]})
+    mlflow.set_tag("saeuniv.corpus_hash", pipe.corpus.meta["source_hash"])
+
+
+def stage_saes(pipe: Pipeline) -> None:
+    for side in SIDES:
+        for layer in pipe.layers(side):
+            entry, sae = pipe.sae(side, layer)
+            mlflow.log_metric(f"sae_d_sae_{side}", sae.cfg.d_sae, step=layer)
+            mlflow.set_tag(f"saeuniv.sae.{side}{layer}", entry.key)
+
+
+def stage_extract(pipe: Pipeline) -> None:
+    for side, layer, q in _log_quality(pipe):
+        if q["fvu"] > 0.5:
+            log.warning("SAE %s layer %d reconstructs badly: FVU %.2f (variance explained "
+                        "%.2f); its features are unreliable", side, layer, q["fvu"], 1 - q["fvu"])
+
+
+def _log_quality(pipe: Pipeline) -> list[tuple[str, int, dict]]:
+    """Log token count and per-layer SAE quality (L0, FVU, dead fraction, step = layer)."""
+    mlflow.log_metric("n_tokens", pipe.windows_entry.meta["n_valid_tokens"])
+    mlflow.set_tag("saeuniv.windows", pipe.windows_entry.key)
+    out = []
+    for side, layer_codes in pipe.all_codes.items():
+        for layer, entry in layer_codes.items():
+            q = entry.meta["quality"]
+            mlflow.log_metrics({f"sae_l0_{side}": q["l0"], f"sae_fvu_{side}": q["fvu"],
+                                f"sae_dead_{side}": q["dead_fraction"]}, step=layer)
+            out.append((side, layer, q))
+    return out
+
+
+def stage_match(pipe: Pipeline) -> None:
+    rows = []
+    for la, lb in tqdm(pipe.pairs(), desc="match", unit="layer pair"):
+        entry = pipe.matches(la, lb)
+        key = _pair_key(la, lb)
+        mlflow.log_metrics({f"{k}/{key}": v for k, v in entry.meta.items() if v is not None})
+        rows += _top_pairs(pipe, la, lb, entry, 10)
+    if rows:
+        mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "top_pairs.json")
+
+
+def _top_pairs(pipe: Pipeline, la: int, lb: int, entry: Entry, n: int | None) -> list[dict]:
+    m = load_matches(entry)
+    top = np.load(entry.file("top.npz"))
+    order = np.argsort(-m.corr)[:n]
+    tok = pipe.tokenizer
+
+    def words(rows):
+        return " | ".join(repr(tok.decode([int(pipe.token_ids[r])])) for r in rows if r >= 0)
+
+    return [{"layer_a": la, "layer_b": lb, "a": int(m.a[i]), "b": int(m.b[i]),
+             "corr": round(float(m.corr[i]), 4), "top_tokens_a": words(top["rows_a"][m.a[i]]),
+             "top_tokens_b": words(top["rows_b"][m.b[i]])} for i in order]
+
+
+def stage_similarity(pipe: Pipeline) -> None:
+    for la, lb in tqdm(pipe.pairs(), desc="similarity", unit="layer pair"):
+        scores = load_scores(pipe.scores(la, lb))
+        _log_scores(scores, _pair_key(la, lb))
+
+
+def _log_scores(scores: dict, key: str) -> None:
+    out = {f"n_pairs/{key}": scores["n_pairs"]}
+    for name, r in scores["metrics"].items():
+        if "error" in r:
+            mlflow.set_tag(f"saeuniv.error.{name}.{key}", r["error"][:500])
+            continue
+        out[f"{name}/{key}"] = r["observed"]
+        for field in ("null_mean", "z", "p", "k_a", "k_b", "lan_compatible"):
+            if field in r and r[field] is not None and np.isfinite(r[field]):
+                out[f"{name}_{field}/{key}"] = r[field]
+    mlflow.log_metrics(out)
+
+
+STAGE_FUNCS: dict[str, Callable[[Pipeline], None]] = {
+    "models": stage_models, "saes": stage_saes, "extract": stage_extract,
+    "match": stage_match, "similarity": stage_similarity,
+}
+
+
+def run_stage(stage: str, pipe: Pipeline) -> None:
+    """Run one stage inside its own MLflow run (nested when a parent is active)."""
+    with stage_run(stage, tags=lineage_tags(pipe.cfg.hash())):
+        mlflow.log_params({"config_name": pipe.cfg.name, "config_hash": pipe.cfg.hash()})
+        STAGE_FUNCS[stage](pipe)
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    out = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = json.dumps(node) if isinstance(node, (list, dict)) else str(node)
+
+    walk("", cfg.to_dict())
+    return out
+
+
+def run_main(cfg: Config, store: Store | None = None, launcher: Callable | None = None) -> str:
+    """The whole pipeline as one parent run with a nested child run per stage.
+
+    ``launcher(stage, pipe)`` runs a stage; by default in this process. Returns the
+    parent run id.
+    """
+    pipe = Pipeline(cfg, store)
+    launch = launcher or run_stage
+    with stage_run("main", run_name=f"main:{cfg.name}", tags=lineage_tags(cfg.hash())) as run:
+        mlflow.log_params(flat_params(cfg))
+        mlflow.log_dict(cfg.to_dict(), "config.yaml")
+        pipe.validate()
+        for stage in STAGES:
+            launch(stage, pipe)
+        report(pipe)
+        return run.info.run_id
+
+
+# -- the parent run's report ----------------------------------------------------
+
+def grids(pipe: Pipeline) -> dict:
+    """metric -> field -> (n_a, n_b) nested lists, from the stored scores."""
+    la_list, lb_list = pipe.layers("a"), pipe.layers("b")
+    out: dict = {"layers_a": la_list, "layers_b": lb_list, "n_pairs": [], "metrics": {}}
+    fields = ("observed", "null_mean", "null_sd", "z", "p")
+    for name in pipe.cfg.similarity.metrics:
+        out["metrics"][name] = {f: np.full((len(la_list), len(lb_list)), np.nan) for f in fields}
+    n_pairs = np.zeros((len(la_list), len(lb_list)), dtype=int)
+    for i, la in enumerate(la_list):
+        for j, lb in enumerate(lb_list):
+            s = load_scores(pipe.scores(la, lb))
+            n_pairs[i, j] = s["n_pairs"]
+            for name, r in s["metrics"].items():
+                for f in fields:
+                    if f in r and r[f] is not None:
+                        out["metrics"][name][f][i, j] = r[f]
+    out["n_pairs"] = n_pairs
+    return out
+
+
+def _nan_to_none(x):
+    if isinstance(x, np.ndarray):
+        return [_nan_to_none(v) for v in x.tolist()]
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def report(pipe: Pipeline) -> None:
+    """Log the grids, heatmaps, per-layer curves, pairs table and summary on the active run."""
+    from .plots import depth_curves, heatmap
+
+    g = grids(pipe)
+    la_list, lb_list = g["layers_a"], g["layers_b"]
+    name_a, name_b = pipe.member("a").name, pipe.member("b").name
+    for la, lb in pipe.pairs():
+        _log_scores(load_scores(pipe.scores(la, lb)), _pair_key(la, lb))
+    _log_quality(pipe)
+    mlflow.log_dict(_nan_to_none(g), "grids.json")
+    # per-layer curves: each A layer against the B layer at the nearest relative depth
+    curves = {}
+    for name, fields in g["metrics"].items():
+        xs, ys, ms, sds = [], [], [], []
+        for i, la in enumerate(la_list):
+            j = int(np.argmin([abs(pipe.relative_depth("b", lb) - pipe.relative_depth("a", la))
+                               for lb in lb_list]))
+            obs = fields["observed"][i, j]
+            if np.isfinite(obs):
+                mlflow.log_metrics({name: obs, f"{name}_null_mean": fields["null_mean"][i, j],
+                                    f"{name}_z": fields["z"][i, j], f"{name}_p": fields["p"][i, j]},
+                                   step=la)
+            xs.append(pipe.relative_depth("a", la))
+            ys.append(obs)
+            ms.append(fields["null_mean"][i, j])
+            sds.append(fields["null_sd"][i, j])
+        curves[name] = tuple(np.asarray(v, float) for v in (xs, ys, ms, sds))
+        fig = heatmap(fields["observed"], la_list, lb_list,
+                      f"{name}: {name_a} vs {name_b} (n_perm={pipe.cfg.similarity.n_perm})",
+                      name_a, name_b, pvalues=fields["p"])
+        mlflow.log_figure(fig, f"heatmap_{name}.png")
+        fig.clf()
+    fig = depth_curves(curves, f"{name_a} vs {name_b}, B layer at matching relative depth")
+    mlflow.log_figure(fig, "depth_curves.png")
+    mlflow.log_text(_pairs_csv(pipe), "matched_pairs.csv")
+    summary = _summary(pipe, g)
+    mlflow.log_text(summary, "summary.md")
+    mlflow.set_tag("mlflow.note.content", summary)
+
+
+def _pairs_csv(pipe: Pipeline) -> str:
+    buf = io.StringIO()
+    writer = None
+    for la, lb in pipe.pairs():
+        for row in _top_pairs(pipe, la, lb, pipe.matches(la, lb), None):
+            if writer is None:
+                writer = csv.DictWriter(buf, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+    return buf.getvalue()
+
+
+def _summary(pipe: Pipeline, g: dict) -> str:
+    cfg = pipe.cfg
+    a, b = pipe.model_entry("a").meta, pipe.model_entry("b").meta
+    lines = [f"# saeuniv: {a['name']} vs {b['name']}", "",
+             f"- models: {a['name']} ({a['params']:,} params, val loss {a['val_loss']:.3f}) vs "
+             f"{b['name']} ({b['params']:,} params, val loss {b['val_loss']:.3f})",
+             f"- corpus: {cfg.corpus.source}, {pipe.windows_entry.meta['n_valid_tokens']:,} "
+             f"analysis tokens (pad/BOS dropped)",
+             f"- SAEs: {cfg.sae.architecture}, {cfg.sae.expansion}x expansion",
+             f"- matching: {cfg.match.policy}, threshold {cfg.match.threshold}, junk filter "
+             f"{cfg.match.junk_filter}",
+             f"- null: {cfg.similarity.n_perm} seeded permutations (seed {cfg.similarity.seed}), "
+             "p = (1 + #null >= observed) / (1 + n_perm)", ""]
+    for name, fields in g["metrics"].items():
+        obs = fields["observed"]
+        if np.all(np.isnan(obs)):
+            lines.append(f"- {name}: no layer pair could be scored")
+            continue
+        i, j = np.unravel_index(np.nanargmax(obs), obs.shape)
+        lines.append(f"- **{name}** best at A layer {g['layers_a'][i]} / B layer "
+                     f"{g['layers_b'][j]}: {obs[i, j]:.3f} (null {fields['null_mean'][i, j]:.3f}, "
+                     f"z {fields['z'][i, j]:.1f}, p {fields['p'][i, j]:.3g}); "
+                     f"{int(np.sum(fields['p'] < 0.05))}/{obs.size} layer pairs have p < 0.05")
+    lines += ["", "## Pairs kept per layer pair", "",
+              "| A \\ B | " + " | ".join(str(l) for l in g["layers_b"]) + " |",
+              "|---" * (len(g["layers_b"]) + 1) + "|"]
+    for i, la in enumerate(g["layers_a"]):
+        lines.append(f"| {la} | " + " | ".join(str(v) for v in g["n_pairs"][i]) + " |")
+    return "\n".join(lines) + "\n"

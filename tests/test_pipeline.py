@@ -1,0 +1,157 @@
+"""The whole pipeline on tiny models: stages, MLflow structure, caching, masking, errors."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from saeuniv import cli
+from saeuniv.alignment import valid_positions
+from saeuniv.config import load_config
+from saeuniv.extract import load_codes
+from saeuniv.pipeline import STAGES, Pipeline
+from saeuniv.store import Store
+from saeuniv.tokens import make_windows
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, corpus_dir):
+    """One tiny `saeuniv run` into a private store and MLflow database, then a warm rerun."""
+    root = tmp_path_factory.mktemp("run")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "SAEUNIV_HOME": str(root / "store")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    args = ["run", "--config", "tiny", "--set", f"corpus.source={corpus_dir}"]
+    try:
+        t0 = time.time()
+        assert cli.main(args) == 0
+        cold = time.time() - t0
+        entries = sorted(p.name for p in (root / "store").rglob("manifest.json"))
+        t0 = time.time()
+        assert cli.main(args) == 0
+        warm = time.time() - t0
+        entries_after = sorted(p.name for p in (root / "store").rglob("manifest.json"))
+        yield {"root": root, "uri": env["MLFLOW_TRACKING_URI"], "cold": cold, "warm": warm,
+               "n_entries": (len(entries), len(entries_after)),
+               "cfg": load_config("tiny", {"corpus.source": str(corpus_dir)})}
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _runs(uri):
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(search_all_experiments=True)
+
+
+def test_main_run_has_nested_stage_runs(tiny_run):
+    runs = _runs(tiny_run["uri"])
+    mains = runs[runs["tags.saeuniv.stage"] == "main"]
+    assert len(mains) == 2 and set(mains["status"]) == {"FINISHED"}
+    for _, main in mains.iterrows():
+        children = runs[runs["tags.mlflow.parentRunId"] == main.run_id]
+        assert sorted(children["tags.saeuniv.stage"]) == sorted(STAGES)
+        assert set(children["status"]) == {"FINISHED"}
+    assert set(runs["status"]) == {"FINISHED"}
+
+
+def test_main_run_metrics_and_artifacts(tiny_run):
+    runs = _runs(tiny_run["uri"])
+    main = runs[runs["tags.saeuniv.stage"] == "main"].iloc[0]
+    cfg = tiny_run["cfg"]
+    la, lb = len(Pipeline(cfg).layers("a")), len(Pipeline(cfg).layers("b"))
+    for metric in ("svcca", "rsa"):
+        for field in ("", "_null_mean", "_z", "_p"):
+            cols = [c for c in runs.columns if c.startswith(f"metrics.{metric}{field}/a")]
+            assert len(cols) >= 1, (metric, field)
+        p_cols = [c for c in runs.columns if c.startswith(f"metrics.{metric}_p/")]
+        for c in p_cols:
+            p = main[c]
+            if p == p:  # scored pairs: p is a valid permutation p-value, never 0
+                assert 1 / (cfg.similarity.n_perm + 1) - 1e-12 <= p <= 1
+    assert len([c for c in runs.columns if c.startswith("metrics.n_pairs/")]) == la * lb
+    for q in ("sae_l0_a", "sae_fvu_b", "sae_dead_a"):
+        assert np.isfinite(main[f"metrics.{q}"])
+    history = mlflow.MlflowClient().get_metric_history(main.run_id, "sae_fvu_b")
+    assert sorted(m.step for m in history) == list(range(lb))
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(main.run_id)}
+    assert {"heatmap_svcca.png", "heatmap_rsa.png", "grids.json", "summary.md",
+            "matched_pairs.csv", "config.yaml"} <= arts
+    grids = mlflow.artifacts.load_dict(f"runs:/{main.run_id}/grids.json")
+    assert np.asarray(grids["n_pairs"]).shape == (la, lb)
+    models = runs[runs["tags.saeuniv.stage"] == "models"].iloc[0]
+    assert models["metrics.param_ratio"] >= 3  # tiny family members differ in size
+    assert models["metrics.val_loss_gap"] > 0  # the larger model has the lower val loss
+
+
+def test_warm_run_reuses_every_artefact(tiny_run):
+    before, after = tiny_run["n_entries"]
+    assert before == after and before > 10
+    assert tiny_run["warm"] < tiny_run["cold"] / 2
+
+
+def test_codes_drop_pad_and_bos_and_match_a_direct_encoding(tiny_run):
+    os.environ["SAEUNIV_HOME"] = str(tiny_run["root"] / "store")
+    pipe = Pipeline(tiny_run["cfg"], Store(tiny_run["root"] / "store"))
+    win = pipe.windows
+    mask = win.mask()
+    assert (win.tokens == win.pad_id).any(), "the fixture should contain padded windows"
+    assert not mask[:, 0].any() and not mask[win.tokens == win.pad_id].any()
+    layer = pipe.layers("b")[-1]
+    codes = load_codes(pipe.all_codes["b"][layer]).toarray()
+    assert codes.shape[0] == mask.sum()
+    model, (_, sae) = pipe.model("b"), pipe.sae("b", layer)
+    with torch.no_grad():
+        _, cache = model.model.run_with_cache(torch.as_tensor(win.tokens, dtype=torch.long))
+        acts = cache[f"blocks.{layer}.hook_resid_post"][torch.as_tensor(mask)]
+        direct = sae.encode(acts).numpy()
+    np.testing.assert_allclose(codes, direct, atol=1e-5)
+    # both models keep exactly the same token rows
+    assert load_codes(pipe.all_codes["a"][0]).shape[0] == codes.shape[0]
+
+
+def test_valid_positions_masks_pad_and_leading_bos_only():
+    toks = np.array([[0, 5, 6, 1, 1], [0, 0, 7, 8, 9]])
+    mask = valid_positions(toks, pad_id=1, bos_id=0)
+    assert mask.tolist() == [[False, True, True, False, False], [False, True, True, True, True]]
+
+
+def test_windows_start_with_bos_and_offsets_point_into_text(tiny_run):
+    pipe = Pipeline(tiny_run["cfg"], Store(tiny_run["root"] / "store"))
+    docs = ["The whale sees the storm.", "Congress builds the fleet in March."]
+    win = make_windows(docs, pipe.tokenizer, context=8)
+    assert (win.tokens[:, 0] == win.bos_id).all()
+    for row, d, offs in zip(win.tokens, win.doc, win.offsets):
+        for tok, (s, e) in zip(row, offs):
+            if s >= 0:
+                assert pipe.tokenizer.decode([int(tok)]) == docs[d][s:e]
+
+
+def test_bad_layer_fails_fast_with_a_clear_message(tiny_run, capsys):
+    os.environ["MLFLOW_TRACKING_URI"] = tiny_run["uri"]
+    os.environ["SAEUNIV_HOME"] = str(tiny_run["root"] / "store")
+    n_before = len(_runs(tiny_run["uri"]))
+    code = cli.main(["run", "--config", "tiny", "--set",
+                     f"corpus.source={tiny_run['cfg'].corpus.source}", "--set", "layers_b=[0, 7]"])
+    assert code == 2
+    assert "layer(s) [7] are out of range for 's', which has 3 layers" in capsys.readouterr().err
+    runs = _runs(tiny_run["uri"])
+    assert "RUNNING" not in set(runs["status"])
+    failed = runs[runs["status"] == "FAILED"]
+    assert len(runs) == n_before + 1 and len(failed) == 1
+    assert "out of range" in failed.iloc[0]["tags.saeuniv.error"]
+
+
+def test_token_budget_larger_than_corpus_is_refused(tmp_path, corpus_dir):
+    cfg = load_config("tiny", {"corpus.source": str(corpus_dir), "extract.n_tokens": 10**6})
+    with pytest.raises(ValueError, match=r"only \d+ tokens but extract.n_tokens=1000000"):
+        Pipeline(cfg, Store(tmp_path)).validate()
