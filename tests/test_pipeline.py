@@ -86,6 +86,10 @@ def test_main_run_metrics_and_artifacts(tiny_run):
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(main.run_id)}
     assert {"heatmap_svcca.png", "heatmap_rsa.png", "grids.json", "summary.md",
             "matched_pairs.csv", "config.yaml"} <= arts
+    pairs_csv = mlflow.artifacts.load_text(f"runs:/{main.run_id}/matched_pairs.csv")
+    header, first = pairs_csv.splitlines()[:2]
+    assert header.split(",")[:5] == ["layer_a", "layer_b", "a", "b", "corr"]
+    assert "context_a" in header and "[[" in first  # top context shown with its token marked
     grids = mlflow.artifacts.load_dict(f"runs:/{main.run_id}/grids.json")
     assert np.asarray(grids["n_pairs"]).shape == (la, lb)
     models = runs[runs["tags.saeuniv.stage"] == "models"].iloc[0]

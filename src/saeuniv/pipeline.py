@@ -77,6 +77,20 @@ class Pipeline:
         """Token id of every code row (windows flattened, pad/BOS dropped)."""
         return self.windows.tokens[self.windows.mask()].astype(np.int64)
 
+    @cached_property
+    def positions(self) -> np.ndarray:
+        """(window, position) of every code row."""
+        return np.argwhere(self.windows.mask())
+
+    def context(self, row: int, before: int = 6, after: int = 2) -> str:
+        """Text around code row ``row``, the token itself in [[brackets]]."""
+        w, pos = self.positions[row]
+        toks = self.windows.tokens[w]
+        text = self.windows.mask()[w]
+        decode = lambda lo, hi: self.tokenizer.decode([int(t) for t in toks[lo:hi][text[lo:hi]]])
+        return (decode(max(0, pos - before), pos) + "[[" + decode(pos, pos + 1) + "]]"
+                + decode(pos + 1, pos + 1 + after))
+
     def train_windows(self, n_tokens: int) -> np.ndarray:
         docs = [d["text"] for d in read_split(self.corpus, "train")]
         return make_windows(docs, self.tokenizer, self.cfg.family.context, n_tokens,
@@ -326,9 +340,14 @@ def _top_pairs(pipe: Pipeline, la: int, lb: int, entry: Entry, n: int | None) ->
     def words(rows):
         return " | ".join(repr(tok.decode([int(pipe.token_ids[r])])) for r in rows if r >= 0)
 
+    def context(row):
+        return pipe.context(int(row)) if row >= 0 else ""
+
     return [{"layer_a": la, "layer_b": lb, "a": int(m.a[i]), "b": int(m.b[i]),
              "corr": round(float(m.corr[i]), 4), "top_tokens_a": words(top["rows_a"][m.a[i]]),
-             "top_tokens_b": words(top["rows_b"][m.b[i]])} for i in order]
+             "top_tokens_b": words(top["rows_b"][m.b[i]]),
+             "context_a": context(top["rows_a"][m.a[i], 0]),
+             "context_b": context(top["rows_b"][m.b[i], 0])} for i in order]
 
 
 def stage_similarity(pipe: Pipeline) -> None:
