@@ -159,3 +159,11 @@ def test_token_budget_larger_than_corpus_is_refused(tmp_path, corpus_dir):
     cfg = load_config("tiny", {"corpus.source": str(corpus_dir), "extract.n_tokens": 10**6})
     with pytest.raises(ValueError, match=r"only \d+ tokens but extract.n_tokens=1000000"):
         Pipeline(cfg, Store(tmp_path)).validate()
+
+
+def test_packed_windows_respect_the_token_cap(tiny_run):
+    pipe = Pipeline(tiny_run["cfg"], Store(tiny_run["root"] / "store"))
+    docs = [d for d in (pipe.context(0), "Congress builds the fleet in March. " * 40)]
+    win = make_windows(docs * 5, pipe.tokenizer, context=16, n_tokens=45, pack=True)
+    assert win.tokens.shape == (3, 16)  # ceil(45 / 15) windows, no more
+    assert (win.tokens[:, 0] == win.bos_id).all() and (win.tokens != win.pad_id).all()

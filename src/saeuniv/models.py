@@ -96,7 +96,7 @@ def train_family(family: FamilyConfig, corpus: Entry, tokenizer: Entry, store: S
     tok = load_tokenizer(tokenizer)
     cache: dict[str, np.ndarray] = {}
 
-    def windows(split: str, n_tokens: int) -> np.ndarray:
+    def windows(split: str, n_tokens: int | None) -> np.ndarray:
         if split not in cache:
             docs = [d["text"] for d in read_split(corpus, split)]
             cache[split] = make_windows(docs, tok, family.context, n_tokens, pack=True).tokens
@@ -107,9 +107,10 @@ def train_family(family: FamilyConfig, corpus: Entry, tokenizer: Entry, store: S
         spec = member_spec(member, family, tokenizer)
 
         def build(path: Path, member=member) -> dict:
-            n_steps = family.train_tokens // (family.batch_size * family.context)
-            train = windows("train", n_steps * family.batch_size * family.context)
-            val = windows("analysis", family.eval_batches * family.batch_size * family.context)
+            # every training window is eligible; the seeded order picks the ones used
+            train = windows("train", None)
+            val = windows("analysis", family.eval_batches * family.batch_size
+                          * (family.context - 1))
             return _train_member(member, family, tok.vocab_size, train, val, path, on_eval)
 
         out[member.name], _ = store.get_or_create("model", spec, build)

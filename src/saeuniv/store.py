@@ -29,7 +29,7 @@ from .config import digest
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # bump when a stage's output changes for the same spec
 MANIFEST = "manifest.json"
 
 

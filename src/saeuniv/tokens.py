@@ -104,7 +104,10 @@ def make_windows(docs: list[str], tokenizer, context: int, n_tokens: int | None 
         if pack and n_tokens is not None and len(stream_ids) >= n_tokens * context / body:
             break
     if pack:
-        for s in range(0, len(stream_ids) - body + 1, body):
+        n_rows = len(stream_ids) // body
+        if n_tokens is not None:
+            n_rows = min(n_rows, -(-n_tokens // body))
+        for s in range(0, n_rows * body, body):
             rows.append([bos] + stream_ids[s:s + body])
             offs.append([(-1, -1)] + stream_offs[s:s + body])
             doc_ids.append(stream_doc[s])
