@@ -14,7 +14,6 @@ import os
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -85,11 +84,9 @@ def member_spec(member: MemberConfig, family: FamilyConfig, tokenizer: Entry) ->
 
 
 def train_family(family: FamilyConfig, corpus: Entry, tokenizer: Entry, store: Store,
-                 names: list[str] | None = None,
-                 on_eval: Callable[[str, int, float], None] | None = None) -> dict[str, Entry]:
+                 names: list[str] | None = None) -> dict[str, Entry]:
     """Train (or fetch from the store) the family members named in ``names``.
 
-    ``on_eval(member, step, val_loss)`` is called at each evaluation, for logging.
     Returns a mapping from member name to its store entry.
     """
     members = [m for m in family.members if names is None or m.name in names]
@@ -111,7 +108,7 @@ def train_family(family: FamilyConfig, corpus: Entry, tokenizer: Entry, store: S
             train = windows("train", None)
             val = windows("analysis", family.eval_batches * family.batch_size
                           * (family.context - 1))
-            return _train_member(member, family, tok.vocab_size, train, val, path, on_eval)
+            return _train_member(member, family, tok.vocab_size, train, val, path)
 
         out[member.name], _ = store.get_or_create("model", spec, build)
     return out
@@ -134,7 +131,7 @@ def _val_loss(model, val: np.ndarray, batch: int) -> float:
     return float(np.mean(losses))
 
 
-def _train_member(member, family, vocab_size, train, val, path, on_eval) -> dict:
+def _train_member(member, family, vocab_size, train, val, path) -> dict:
     set_threads()
     torch.manual_seed(family.seed)
     cfg = tl_config(member, vocab_size, family.context, family.seed)
@@ -167,8 +164,6 @@ def _train_member(member, family, vocab_size, train, val, path, on_eval) -> dict
             v = _val_loss(model, val, family.batch_size)
             curve.append((step + 1, v))
             bar.set_postfix(val_loss=f"{v:.3f}")
-            if on_eval:
-                on_eval(member.name, step + 1, v)
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},

@@ -73,20 +73,25 @@ class Pipeline:
         return load_windows(self.windows_entry)
 
     @cached_property
+    def mask(self) -> np.ndarray:
+        """Which window positions are code rows (pad/BOS dropped)."""
+        return self.windows.mask()
+
+    @cached_property
     def token_ids(self) -> np.ndarray:
         """Token id of every code row (windows flattened, pad/BOS dropped)."""
-        return self.windows.tokens[self.windows.mask()].astype(np.int64)
+        return self.windows.tokens[self.mask].astype(np.int64)
 
     @cached_property
     def positions(self) -> np.ndarray:
         """(window, position) of every code row."""
-        return np.argwhere(self.windows.mask())
+        return np.argwhere(self.mask)
 
     def context(self, row: int, before: int = 6, after: int = 2) -> str:
         """Text around code row ``row``, the token itself in [[brackets]]."""
         w, pos = self.positions[row]
         toks = self.windows.tokens[w]
-        text = self.windows.mask()[w]
+        text = self.mask[w]
         decode = lambda lo, hi: self.tokenizer.decode([int(t) for t in toks[lo:hi][text[lo:hi]]])
         return (decode(max(0, pos - before), pos) + "[[" + decode(pos, pos + 1) + "]]"
                 + decode(pos + 1, pos + 1 + after))
