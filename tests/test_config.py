@@ -23,7 +23,7 @@ def test_builtin_default_loads_and_hash_is_stable():
     ({"match.policy": "best"}, r"match.policy 'best' is unknown.*one_to_one"),
     ({"match.threshold": 1.5}, r"match.threshold must be in \[-1, 1\], got 1.5"),
     ({"layers_a": [0, -1]}, r"layers_a has a negative layer index"),
-    ({"layers_b": "middle"}, r"layers_b must be 'all' or a non-empty list"),
+    ({"layers_b": "middle"}, r"layers_b must be 'all', 'stride:N' or a non-empty list"),
     ({"similarity.metrics": ["svcca", "cca"]}, r"unknown name\(s\) \['cca'\]"),
     ({"similarity.n_perm": 0}, r"similarity.n_perm must be >= 1"),
     ({"extract.n_tokens": 10}, r"extract.n_tokens must be >= 100"),

@@ -106,10 +106,12 @@ def test_warm_run_reuses_every_artefact(tiny_run):
 def test_codes_drop_pad_and_bos_and_match_a_direct_encoding(tiny_run):
     os.environ["SAEUNIV_HOME"] = str(tiny_run["root"] / "store")
     pipe = Pipeline(tiny_run["cfg"], Store(tiny_run["root"] / "store"))
-    win = pipe.windows
-    mask = win.mask()
+    win = pipe.windows("b")
+    mask = win.mask
     assert (win.tokens == win.pad_id).any(), "the fixture should contain padded windows"
     assert not mask[:, 0].any() and not mask[win.tokens == win.pad_id].any()
+    np.testing.assert_array_equal(mask, valid_positions(win.tokens, win.pad_id, win.bos_id))
+    np.testing.assert_array_equal(mask, pipe.windows("a").mask)  # one tokenizer: same rows
     layer = pipe.layers("b")[-1]
     codes = load_codes(pipe.all_codes["b"][layer]).toarray()
     assert codes.shape[0] == mask.sum()
@@ -132,12 +134,12 @@ def test_valid_positions_masks_pad_and_leading_bos_only():
 def test_windows_start_with_bos_and_offsets_point_into_text(tiny_run):
     pipe = Pipeline(tiny_run["cfg"], Store(tiny_run["root"] / "store"))
     docs = ["The whale sees the storm.", "Congress builds the fleet in March."]
-    win = make_windows(docs, pipe.tokenizer, context=8)
+    win = make_windows(docs, pipe.tokenizer("a"), context=8)
     assert (win.tokens[:, 0] == win.bos_id).all()
     for row, d, offs in zip(win.tokens, win.doc, win.offsets):
         for tok, (s, e) in zip(row, offs):
             if s >= 0:
-                assert pipe.tokenizer.decode([int(tok)]) == docs[d][s:e]
+                assert pipe.tokenizer("a").decode([int(tok)]) == docs[d][s:e]
 
 
 def test_bad_layer_fails_fast_with_a_clear_message(tiny_run, capsys):
@@ -164,6 +166,6 @@ def test_token_budget_larger_than_corpus_is_refused(tmp_path, corpus_dir):
 def test_packed_windows_respect_the_token_cap(tiny_run):
     pipe = Pipeline(tiny_run["cfg"], Store(tiny_run["root"] / "store"))
     docs = [d for d in (pipe.context(0), "Congress builds the fleet in March. " * 40)]
-    win = make_windows(docs * 5, pipe.tokenizer, context=16, n_tokens=45, pack=True)
+    win = make_windows(docs * 5, pipe.tokenizer("a"), context=16, n_tokens=45, pack=True)
     assert win.tokens.shape == (3, 16)  # ceil(45 / 15) windows, no more
     assert (win.tokens[:, 0] == win.bos_id).all() and (win.tokens != win.pad_id).all()

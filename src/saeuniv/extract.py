@@ -1,17 +1,22 @@
 """Extraction: residual-stream activations -> SAE codes, stored sparse per (model, layer).
 
-One forward pass per batch serves every layer of a model: transformer-lens
-``run_with_cache`` with a ``names_filter`` on ``blocks.L.hook_resid_post`` and
-``stop_at_layer`` just past the deepest layer needed. Pad and BOS positions are
-dropped with the windows' mask, so row ``i`` of every code matrix of every model
-is the same token. Codes are CSR float32 (``codes.npz``) in the store, keyed by
-model, layer, SAE and windows.
+One forward pass per batch serves every layer of a pass (all layers, or
+``layers_per_pass`` of them to bound SAE memory); it stops after the deepest
+layer needed. Only the windows' compared positions (``Windows.mask``: no pad,
+no BOS, shared token boundaries) become code rows, so row ``i`` of every code
+matrix of both models is the same text position. Codes are written shard by
+shard (CSR float32, ``shard_windows`` windows each) into the store's partial
+folder; a killed extraction resumes at the first missing shard, and a layer's
+store entry is made when all its shards are there.
 """
 
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,95 +33,148 @@ class ExtractionError(ValueError):
     """Activations or codes are unusable (NaN/inf, empty)."""
 
 
-class _QualityAccumulator:
-    """Streams L0, FVU and dead-feature statistics over token batches (float64)."""
-
-    def __init__(self, d_in: int, d_sae: int):
-        self.n = 0
-        self.sum = np.zeros(d_in)
-        self.sumsq = 0.0
-        self.resid = 0.0
-        self.active = 0
-        self.alive = np.zeros(d_sae, dtype=bool)
-
-    def update(self, acts: torch.Tensor, codes: torch.Tensor, recon: torch.Tensor) -> None:
-        a = acts.double()
-        self.n += a.shape[0]
-        self.sum += a.sum(0).numpy()
-        self.sumsq += float((a ** 2).sum())
-        self.resid += float(((a - recon.double()) ** 2).sum())
-        nz = codes > 0
-        self.active += int(nz.sum())
-        self.alive |= nz.any(0).numpy()
-
-    def result(self) -> Quality:
-        total = self.sumsq - float((self.sum ** 2).sum()) / max(self.n, 1)
-        return Quality(l0=self.active / max(self.n, 1), fvu=self.resid / max(total, 1e-30),
-                       dead_fraction=float(1 - self.alive.mean()), n_tokens=self.n)
+_STATS = ("n", "sumsq", "resid", "active")
 
 
-def codes_spec(model: LoadedModel, layer: int, sae_entry: Entry, windows: Entry) -> dict:
-    return {"model": model.entry.key, "layer": layer, "sae": sae_entry.key,
-            "windows": windows.key}
+def _stats(acts: torch.Tensor, codes: torch.Tensor, recon: torch.Tensor) -> dict:
+    """Sufficient statistics of L0, FVU and dead features for one batch (float64)."""
+    a = acts.double()
+    nz = codes > 0
+    return {"n": a.shape[0], "sum": a.sum(0).cpu().numpy(), "sumsq": float((a ** 2).sum()),
+            "resid": float(((a - recon.double()) ** 2).sum()), "active": int(nz.sum()),
+            "alive": nz.any(0).cpu().numpy()}
 
 
-def extract_codes(model: LoadedModel, saes: dict[int, tuple[Entry, object]], windows: Windows,
-                  windows_entry: Entry, store: Store, batch_size: int = 32,
+def _merge(stats: list[dict]) -> Quality:
+    n = sum(s["n"] for s in stats)
+    total_sum = np.sum([s["sum"] for s in stats], axis=0)
+    sumsq = sum(s["sumsq"] for s in stats)
+    total = sumsq - float((total_sum ** 2).sum()) / max(n, 1)
+    alive = np.any([s["alive"] for s in stats], axis=0)
+    return Quality(l0=sum(s["active"] for s in stats) / max(n, 1),
+                   fvu=sum(s["resid"] for s in stats) / max(total, 1e-30),
+                   dead_fraction=float(1 - alive.mean()), n_tokens=n)
+
+
+def codes_spec(model_key: str, layer: int, sae_key: str, windows: Entry, side: str) -> dict:
+    return {"model": model_key, "layer": layer, "sae": sae_key, "windows": windows.key,
+            "side": side}
+
+
+def _save_shard(path: Path, codes: sp.csr_matrix, stats: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp.npz")
+    merged = {k: sum(s[k] for s in stats) for k in _STATS}
+    np.savez(tmp, data=codes.data, indices=codes.indices, indptr=codes.indptr,
+             shape=np.asarray(codes.shape), sum=np.sum([s["sum"] for s in stats], axis=0),
+             alive=np.any([s["alive"] for s in stats], axis=0),
+             **{k: np.asarray(v) for k, v in merged.items()})
+    os.replace(tmp, path)
+
+
+def _load_shard(path: Path) -> tuple[sp.csr_matrix, dict]:
+    with np.load(path) as z:
+        codes = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+        stats = {"sum": z["sum"], "alive": z["alive"], **{k: z[k].item() for k in _STATS}}
+    return codes, stats
+
+
+def _sparse(codes: torch.Tensor) -> sp.csr_matrix:
+    rows, cols = torch.nonzero(codes, as_tuple=True)
+    vals = codes[rows, cols].float().cpu().numpy()
+    return sp.csr_matrix((vals, (rows.cpu().numpy(), cols.cpu().numpy())),
+                         shape=tuple(codes.shape), dtype=np.float32)
+
+
+def extract_codes(get_model: Callable[[], LoadedModel], model_key: str,
+                  sae_keys: dict[int, str], get_sae: Callable[[int], object], windows: Windows,
+                  windows_entry: Entry, side: str, store: Store, batch_size: int = 32,
+                  shard_windows: int = 256, layers_per_pass: int = 0,
                   label: str = "") -> dict[int, Entry]:
-    """SAE codes of ``model`` at every layer in ``saes`` (layer -> (entry, sae)).
+    """SAE codes of one model at every layer in ``sae_keys`` (layer -> SAE key).
 
-    Layers already in the store are not recomputed; the missing ones share one
-    forward pass per batch. Returns layer -> codes entry.
+    Layers already in the store are returned without loading the model or the
+    SAEs; shards already written by an interrupted run are reused. Returns
+    layer -> codes entry.
     """
-    out = {}
-    missing = []
-    for layer, (sae_entry, sae) in saes.items():
-        check_compatible(sae, model, layer, label or model.name)
-        entry = store.get("codes", codes_spec(model, layer, sae_entry, windows_entry))
-        if entry is None:
-            missing.append(layer)
-        else:
-            out[layer] = entry
+    specs = {l: codes_spec(model_key, l, k, windows_entry, side) for l, k in sae_keys.items()}
+    out = {l: store.get("codes", spec) for l, spec in specs.items()}
+    missing = [l for l, e in out.items() if e is None]
     if not missing:
         return out
+    model = get_model()
+    label = label or model.name
+    saes = {l: get_sae(l) for l in missing}
+    for layer, sae in saes.items():
+        check_compatible(sae, model, layer, label)
     set_threads()
-    mask = windows.mask()
-    hooks = {model.hook(l): l for l in missing}
-    parts: dict[int, list[sp.csr_matrix]] = {l: [] for l in missing}
-    stats = {l: _QualityAccumulator(model.d_model, saes[l][1].cfg.d_sae) for l in missing}
     n = len(windows.tokens)
-    bar = tqdm(range(0, n, batch_size), desc=f"extract {label or model.name}", unit="batch",
-               mininterval=2)
-    with torch.no_grad():
-        for start in bar:
-            toks = torch.as_tensor(windows.tokens[start:start + batch_size], dtype=torch.long)
-            keep = torch.as_tensor(mask[start:start + batch_size])
-            _, cache = model.model.run_with_cache(
-                toks, names_filter=lambda name: name in hooks, stop_at_layer=max(missing) + 1)
-            for hook, layer in hooks.items():
-                acts = cache[hook][keep].float()
-                if not torch.isfinite(acts).all():
-                    bad = int((~torch.isfinite(acts)).any(1).sum())
-                    raise ExtractionError(
-                        f"{label or model.name} layer {layer}: {bad} token(s) have NaN/inf "
-                        f"activations (windows {start}..{start + len(toks) - 1}); check the model "
-                        "weights and dtype (try float32)")
-                sae = saes[layer][1]
-                codes = sae.encode(acts)
-                stats[layer].update(acts, codes, sae.decode(codes))
-                parts[layer].append(sp.csr_matrix(codes.numpy().astype(np.float32)))
-    for layer in missing:
-        codes = sp.vstack(parts[layer], format="csr")
-        q = stats[layer].result()
-
-        def build(path: Path, codes=codes, q=q) -> dict:
-            sp.save_npz(path / "codes.npz", codes, compressed=False)
-            return {"n_tokens": codes.shape[0], "d_sae": codes.shape[1], "nnz": int(codes.nnz),
-                    "quality": asdict(q)}
-
-        out[layer], _ = store.get_or_create(
-            "codes", codes_spec(model, layer, saes[layer][0], windows_entry), build)
+    shard_starts = list(range(0, n, shard_windows))
+    step = layers_per_pass or len(missing)
+    for g in range(0, len(missing), step):
+        group = missing[g:g + step]
+        partial = {l: store.partial_dir("codes", specs[l]) for l in group}
+        for l in group:
+            saes[l].to(model.device)
+        bar = tqdm(shard_starts, desc=f"extract {label} L{group[0]}..{group[-1]}", unit="shard",
+                   mininterval=2)
+        for s, start in enumerate(bar):
+            todo = [l for l in group if not (partial[l] / f"shard-{s:05d}.npz").exists()]
+            if todo:
+                _extract_shard(model, {l: saes[l] for l in todo}, windows, start,
+                               min(start + shard_windows, n), batch_size,
+                               {l: partial[l] / f"shard-{s:05d}.npz" for l in todo}, label)
+        for l in group:
+            out[l] = _finish(store, specs[l], partial[l], len(shard_starts))
+            saes[l].to("cpu")
     return dict(sorted(out.items()))
+
+
+@torch.no_grad()
+def _extract_shard(model: LoadedModel, saes: dict[int, object], windows: Windows, lo: int,
+                   hi: int, batch_size: int, dest: dict[int, Path], label: str) -> None:
+    parts: dict[int, list[sp.csr_matrix]] = {l: [] for l in saes}
+    stats: dict[int, list[dict]] = {l: [] for l in saes}
+    layers = sorted(saes)
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
+        toks = torch.as_tensor(windows.tokens[start:stop], dtype=torch.long)
+        keep = torch.as_tensor(windows.mask[start:stop]).to(model.device)
+        res = model.residuals(toks, layers)
+        for layer in layers:
+            acts = res[layer][keep].float()
+            if not torch.isfinite(acts).all():
+                bad = int((~torch.isfinite(acts)).any(1).sum())
+                raise ExtractionError(
+                    f"{label} layer {layer}: {bad} token(s) have NaN/inf activations (windows "
+                    f"{start}..{stop - 1}); check the model weights and dtype (try float32)")
+            sae = saes[layer]
+            codes = sae.encode(acts)
+            stats[layer].append(_stats(acts, codes, sae.decode(codes)))
+            parts[layer].append(_sparse(codes))
+    for layer in layers:
+        _save_shard(dest[layer], sp.vstack(parts[layer], format="csr"), stats[layer])
+
+
+def _finish(store: Store, spec: dict, partial: Path, n_shards: int) -> Entry:
+    def build(path: Path) -> dict:
+        shards, stats = [], []
+        for s in range(n_shards):
+            codes, st = _load_shard(partial / f"shard-{s:05d}.npz")
+            shards.append(codes)
+            stats.append(st)
+        codes = sp.vstack(shards, format="csr")
+        sp.save_npz(path / "codes.npz", codes, compressed=False)
+        return {"n_tokens": codes.shape[0], "d_sae": codes.shape[1], "nnz": int(codes.nnz),
+                "quality": asdict(_merge(stats)), "n_shards": n_shards}
+
+    entry, _ = store.get_or_create("codes", spec, build)
+    for f in partial.glob("shard-*.npz"):
+        f.unlink()
+    try:
+        partial.rmdir()
+    except OSError:  # a concurrent writer's temporary file
+        pass
+    return entry
 
 
 def load_codes(entry: Entry) -> sp.csr_matrix:

@@ -1,9 +1,19 @@
-"""Models: the built-in scaled family of transformer-lens language models.
+"""Models: the built-in scaled family, transformer-lens official models, Hugging Face
+folders and GGUF files, all read at ``blocks.L.hook_resid_post``.
 
-Every member of the family shares the tokenizer, the training windows, their
-order and the seed; only width and depth differ, so the comparison isolates
-scale. Trained weights are cached in the store under a hash of everything that
-determines them and loaded back with ``weights_only`` safetensors.
+Every member of the built-in family shares the tokenizer, the training windows,
+their order and the seed; only width and depth differ, so the comparison
+isolates scale. Trained weights are cached in the store under a hash of
+everything that determines them and loaded back from safetensors.
+
+Two backends give the residual stream after block ``L``:
+
+* transformer-lens (the family, official names): ``run_with_cache`` on
+  ``blocks.L.hook_resid_post`` with ``stop_at_layer``;
+* Hugging Face (local folders, hub ids, GGUF files): a forward hook on decoder
+  block ``L`` that reads its output, which is ``hidden_states[L + 1]`` (the last
+  entry of ``hidden_states`` is after the final norm, the hook is before it).
+  The forward pass stops at the deepest block needed.
 """
 
 from __future__ import annotations
@@ -29,18 +39,69 @@ class ModelError(ValueError):
     """A model cannot be found, loaded or used as asked."""
 
 
+class _Stop(Exception):
+    """Raised by the deepest hook to end a Hugging Face forward pass early."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What validation needs to know about a model, read without loading its weights."""
+
+    name: str
+    n_layers: int
+    d_model: int
+
+
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready for extraction, with what the rest of the pipeline needs to know."""
+    """A model ready for extraction, with what the rest of the pipeline needs to know.
+
+    ``key`` identifies the weights and dtype (a store key or content hash);
+    ``backend`` is ``tl`` or ``hf``.
+    """
 
     name: str
     model: torch.nn.Module
     n_layers: int
     d_model: int
-    entry: Entry
+    key: str
+    backend: str = "tl"
+    device: str = "cpu"
 
     def hook(self, layer: int) -> str:
         return f"blocks.{layer}.hook_resid_post"
+
+    def residuals(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        """Residual stream after each block in ``layers`` for ``tokens`` (batch, seq).
+
+        The forward pass stops after the deepest block asked for.
+        """
+        tokens = tokens.to(self.device)
+        if self.backend == "tl":
+            hooks = {self.hook(l): l for l in layers}
+            _, cache = self.model.run_with_cache(
+                tokens, names_filter=lambda name: name in hooks, stop_at_layer=max(layers) + 1)
+            return {l: cache[h] for h, l in hooks.items()}
+        base, blocks = hf_blocks(self.model)
+        out: dict[int, torch.Tensor] = {}
+        deepest = max(layers)
+
+        def grab(layer):
+            def hook(module, args, output):
+                out[layer] = output[0] if isinstance(output, tuple) else output
+                if layer == deepest:
+                    raise _Stop
+            return hook
+
+        handles = [blocks[l].register_forward_hook(grab(l)) for l in layers]
+        try:
+            base(input_ids=tokens, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return out
 
     def check_layers(self, layers: list[int], side: str) -> None:
         bad = [l for l in layers if not 0 <= l < self.n_layers]
@@ -182,7 +243,7 @@ def load_family_model(entry: Entry) -> LoadedModel:
     model = build_model(cfg)
     model.load_state_dict(load_file(str(entry.file("model.safetensors"))), strict=True)
     model.eval()
-    return LoadedModel(entry.meta["name"], model, cfg["n_layers"], cfg["d_model"], entry)
+    return LoadedModel(entry.meta["name"], model, cfg["n_layers"], cfg["d_model"], entry.key)
 
 
 _TL_FIELDS = (
@@ -190,3 +251,151 @@ _TL_FIELDS = (
     "normalization_type", "seed", "default_prepend_bos", "positional_embedding_type",
     "d_vocab_out", "attn_only", "original_architecture", "init_weights",
 )
+
+
+# -- models from outside: transformer-lens names, HF folders and hub ids, GGUF ----------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' was asked for but no GPU is visible; use device: auto")
+    return device
+
+
+def hf_blocks(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """(base model, its list of decoder blocks) of a Hugging Face causal LM."""
+    base = getattr(model, "base_model", model)
+    n = hf_text_config(model.config).num_hidden_layers
+    for name, child in base.named_children():
+        if isinstance(child, torch.nn.ModuleList) and len(child) == n:
+            return base, child
+    raise ModelError(f"cannot find the {n} decoder blocks of {type(model).__name__}; "
+                     "supported: models whose base model holds them in one ModuleList")
+
+
+def hf_text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _gguf_location(ref, store: Store) -> Path:
+    from .registry import resolve_gguf
+
+    return resolve_gguf(ref.path, store)
+
+
+def _hf_source(ref) -> tuple[str, bool]:
+    """(folder or repo id, is_local) of an ``hf`` model."""
+    where = ref.path or ref.name
+    local = Path(where).expanduser()
+    if local.is_dir():
+        return str(local.resolve()), True
+    if ref.path and (ref.path.startswith((".", "/", "~")) or local.suffix):
+        raise ModelError(f"model folder {ref.path!r} does not exist; give a folder holding "
+                         "config.json, the weights and the tokenizer")
+    return where, False
+
+
+def model_identity(ref, store: Store) -> dict:
+    """A spec that changes whenever the weights or the dtype do (weights are not loaded)."""
+    if ref.source == "gguf":
+        path = _gguf_location(ref, store)
+        return {"source": "gguf", "sha256": store.file_sha256(path), "dtype": ref.dtype}
+    if ref.source == "hf":
+        where, local = _hf_source(ref)
+        if not local:
+            return {"source": "hf", "repo": where, "dtype": ref.dtype}
+        files = sorted(p for p in Path(where).iterdir()
+                       if p.suffix in (".safetensors", ".bin", ".json", ".model"))
+        return {"source": "hf", "files": {p.name: store.file_sha256(p) for p in files},
+                "dtype": ref.dtype}
+    return {"source": ref.source, "name": ref.name, "dtype": ref.dtype}
+
+
+def describe(ref, store: Store) -> ModelInfo:
+    """Layers and width of an outside model, from its config alone."""
+    try:
+        if ref.source == "transformer_lens":
+            from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+            cfg = get_pretrained_model_config(ref.name)
+            return ModelInfo(ref.name, cfg.n_layers, cfg.d_model)
+        from transformers import AutoConfig
+
+        if ref.source == "gguf":
+            path = _gguf_location(ref, store)
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            config = AutoConfig.from_pretrained(_hf_source(ref)[0])
+    except ModelError:
+        raise
+    except Exception as err:  # hub errors, unknown names, unreadable files
+        raise ModelError(f"cannot read the config of model {ref.name or ref.path!r} "
+                         f"({ref.source}): {type(err).__name__}: {str(err)[:300]}") from None
+    text = hf_text_config(config)
+    return ModelInfo(ref.name or ref.path, int(text.num_hidden_layers), int(text.hidden_size))
+
+
+def load_outside_model(ref, store: Store, key: str) -> LoadedModel:
+    """Load a ``transformer_lens``, ``hf`` or ``gguf`` model for extraction (eval mode)."""
+    device, dtype = resolve_device(ref.device), DTYPES[ref.dtype]
+    set_threads()
+    if ref.source == "transformer_lens":
+        from transformer_lens import HookedTransformer
+
+        model = HookedTransformer.from_pretrained_no_processing(ref.name, device=device,
+                                                                dtype=dtype)
+        model.eval()
+        return LoadedModel(ref.name, model, model.cfg.n_layers, model.cfg.d_model, key, "tl",
+                           device)
+    from transformers import AutoModelForCausalLM
+
+    if ref.source == "gguf":
+        path = _gguf_location(ref, store)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(_hf_source(ref)[0], dtype=dtype)
+    model.to(device).eval()
+    text = hf_text_config(model.config)
+    hf_blocks(model)  # fail now if the blocks cannot be found
+    return LoadedModel(ref.name or ref.path, model, int(text.num_hidden_layers),
+                       int(text.hidden_size), key, "hf", device)
+
+
+def outside_tokenizer(ref, store: Store, identity: dict) -> Entry:
+    """The model's own tokenizer, saved in the store; ``meta['bos']`` says if it reads BOS."""
+
+    def build(out: Path) -> dict:
+        from transformers import AutoTokenizer
+
+        if ref.source == "gguf":
+            path = _gguf_location(ref, store)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        elif ref.source == "transformer_lens":
+            from transformer_lens.loading_from_pretrained import (
+                get_official_model_name, get_pretrained_model_config)
+
+            tok = AutoTokenizer.from_pretrained(get_official_model_name(ref.name))
+        else:
+            tok = AutoTokenizer.from_pretrained(_hf_source(ref)[0])
+        if not tok.is_fast:
+            raise ModelError(f"the tokenizer of {ref.name or ref.path!r} is not a fast "
+                             "tokenizer; character offsets need one (tokenizer.json)")
+        if ref.source == "transformer_lens":
+            bos = bool(get_pretrained_model_config(ref.name).default_prepend_bos)
+        else:
+            ids = tok("a", add_special_tokens=True)["input_ids"]
+            bos = tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]
+        tok.save_pretrained(str(out))
+        if not (out / "tokenizer.json").exists():
+            raise ModelError(f"the tokenizer of {ref.name or ref.path!r} did not save a "
+                             "tokenizer.json")
+        return {"bos": bos, "vocab_size": len(tok)}
+
+    spec = {k: v for k, v in identity.items() if k != "dtype"}
+    entry, _ = store.get_or_create("tokenizer", {"model": spec}, build)
+    return entry

@@ -21,16 +21,21 @@ from typing import Callable
 
 import mlflow
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from . import matching, metrics
-from .config import Config, digest
+from .config import Config, ModelRef, SAERef, digest
 from .corpus import prepare_corpus, read_split
 from .extract import extract_codes, load_codes
-from .models import LoadedModel, ModelError, load_family_model, train_family
-from .saes import load_sae, train_sae
+from .models import (LoadedModel, ModelError, ModelInfo, describe, load_family_model,
+                     load_outside_model, model_identity, outside_tokenizer, resolve_device,
+                     train_family)
+from .saes import (check_compatible, check_ref, load_pretrained, load_sae, quality, sae_key,
+                   train_saes)
 from .store import Entry, Store
-from .tokens import analysis_windows, load_tokenizer, load_windows, make_windows, train_tokenizer
+from .tokens import (analysis_windows, load_tokenizer, load_windows, make_windows,
+                     tokenizer_sha, train_tokenizer)
 from .tracking import lineage_tags, stage_run
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,19 @@ class Pipeline:
         self.cfg = cfg
         self.store = store or Store()
         self._models: dict[str, LoadedModel] = {}
-        self._saes: dict[tuple[str, int], tuple[Entry, object]] = {}
+        self._saes: dict[tuple[str, int], object] = {}
+        self._cache: dict = {}
+
+    def _memo(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def ref(self, side: str) -> ModelRef:
+        return getattr(self.cfg, f"model_{side}")
+
+    def sae_ref(self, side: str) -> SAERef:
+        return getattr(self.cfg, f"sae_{side}")
 
     # -- text ---------------------------------------------------------------
     @cached_property
@@ -55,118 +72,201 @@ class Pipeline:
         return prepare_corpus(self.cfg.corpus, self.store)
 
     @cached_property
-    def tokenizer_entry(self) -> Entry:
+    def family_tokenizer(self) -> Entry:
         return train_tokenizer(self.corpus, self.cfg.tokenizer, self.store)
 
+    def tokenizer_entry(self, side: str) -> Entry:
+        """The side's tokenizer, saved in the store (shared by the built-in family)."""
+        ref = self.ref(side)
+        if ref.source == "family":
+            return self.family_tokenizer
+        return self._memo(("tok", side), lambda: outside_tokenizer(
+            ref, self.store, self.identity(side)))
+
+    def bos(self, side: str) -> bool:
+        """Whether the side's model reads a BOS token first."""
+        return True if self.ref(side).source == "family" else bool(
+            self.tokenizer_entry(side).meta["bos"])
+
+    def tokenizer(self, side: str):
+        entry = self.tokenizer_entry(side)
+        return self._memo(("tokobj", entry.key), lambda: load_tokenizer(entry))
+
     @cached_property
-    def tokenizer(self):
-        return load_tokenizer(self.tokenizer_entry)
+    def shared_tokenizer(self) -> bool:
+        return self.windows_entry.meta["shared_tokenizer"]
 
     @cached_property
     def windows_entry(self) -> Entry:
         e = self.cfg.extract
-        return analysis_windows(self.corpus, self.tokenizer_entry, e.context, e.n_tokens,
-                                self.store)
+        sides = [(self.tokenizer_entry(s), self.bos(s)) for s in SIDES]
+        return analysis_windows(self.corpus, sides, e.context, e.n_tokens, self.store)
 
-    @cached_property
-    def windows(self):
-        return load_windows(self.windows_entry)
+    def windows(self, side: str):
+        return self._memo(("win", side), lambda: load_windows(self.windows_entry, side))
 
-    @cached_property
-    def mask(self) -> np.ndarray:
-        """Which window positions are code rows (pad/BOS dropped)."""
-        return self.windows.mask()
+    def token_ids(self, side: str) -> np.ndarray:
+        """Token id of every code row of ``side`` (compared positions, in order)."""
+        return self._memo(("ids", side), lambda: self.windows(side).tokens[
+            self.windows(side).mask].astype(np.int64))
 
-    @cached_property
-    def token_ids(self) -> np.ndarray:
-        """Token id of every code row (windows flattened, pad/BOS dropped)."""
-        return self.windows.tokens[self.mask].astype(np.int64)
+    def positions(self, side: str) -> np.ndarray:
+        """(window, position) of every code row of ``side``."""
+        return self._memo(("pos", side), lambda: np.argwhere(self.windows(side).mask))
 
-    @cached_property
-    def positions(self) -> np.ndarray:
-        """(window, position) of every code row."""
-        return np.argwhere(self.mask)
-
-    def context(self, row: int, before: int = 6, after: int = 2) -> str:
-        """Text around code row ``row``, the token itself in [[brackets]]."""
-        w, pos = self.positions[row]
-        toks = self.windows.tokens[w]
-        text = self.mask[w]
-        decode = lambda lo, hi: self.tokenizer.decode([int(t) for t in toks[lo:hi][text[lo:hi]]])
+    def context(self, row: int, side: str = "a", before: int = 6, after: int = 2) -> str:
+        """Text around code row ``row`` as ``side`` tokenized it, the token in [[brackets]]."""
+        win = self.windows(side)
+        w, pos = self.positions(side)[row]
+        toks = win.tokens[w]
+        text = win.offsets[w, :, 1] > win.offsets[w, :, 0]
+        tok = self.tokenizer(side)
+        decode = lambda lo, hi: tok.decode([int(t) for t in toks[lo:hi][text[lo:hi]]])
         return (decode(max(0, pos - before), pos) + "[[" + decode(pos, pos + 1) + "]]"
                 + decode(pos + 1, pos + 1 + after))
 
-    def train_windows(self, n_tokens: int) -> np.ndarray:
+    def train_windows(self, side: str, n_tokens: int):
+        """Packed training-split windows for the side's SAEs (BOS as the model reads it)."""
+        ref = self.ref(side)
+        context = self.cfg.family.context if ref.source == "family" else self.cfg.extract.context
         docs = [d["text"] for d in read_split(self.corpus, "train")]
-        return make_windows(docs, self.tokenizer, self.cfg.family.context, n_tokens,
-                            pack=True).tokens
+        return make_windows(docs, self.tokenizer(side), context, n_tokens, pack=True,
+                            bos=self.bos(side))
 
     # -- models -------------------------------------------------------------
     def member(self, side: str):
-        ref = getattr(self.cfg, f"model_{side}")
+        ref = self.ref(side)
+        if ref.source != "family":
+            raise ModelError(f"model_{side} is not a member of the built-in family")
         return next(m for m in self.cfg.family.members if m.name == ref.name)
 
+    def info(self, side: str) -> ModelInfo:
+        """Name, layers and width of the side's model, without loading its weights."""
+        ref = self.ref(side)
+        if ref.source == "family":
+            m = self.member(side)
+            return ModelInfo(m.name, m.n_layers, m.d_model)
+        return self._memo(("info", side), lambda: describe(ref, self.store))
+
+    def name(self, side: str) -> str:
+        return self.info(side).name
+
     def layers(self, side: str) -> list[int]:
-        member = self.member(side)
+        info = self.info(side)
         value = getattr(self.cfg, f"layers_{side}")
-        layers = list(range(member.n_layers)) if value == "all" else list(value)
-        bad = [l for l in layers if not 0 <= l < member.n_layers]
+        if value == "all":
+            layers = list(range(info.n_layers))
+        elif isinstance(value, str):  # stride:N
+            layers = list(range(0, info.n_layers, int(value.split(":")[1])))
+        else:
+            layers = list(value)
+        bad = [l for l in layers if not 0 <= l < info.n_layers]
         if bad:
             raise ModelError(
-                f"layers_{side}: layer(s) {bad} are out of range for {member.name!r}, which has "
-                f"{member.n_layers} layers (valid: 0..{member.n_layers - 1})")
+                f"layers_{side}: layer(s) {bad} are out of range for {info.name!r}, which has "
+                f"{info.n_layers} layers (valid: 0..{info.n_layers - 1})")
         return layers
 
     @cached_property
     def model_entries(self) -> dict[str, Entry]:
-        names = sorted({self.cfg.model_a.name, self.cfg.model_b.name})
-        return train_family(self.cfg.family, self.corpus, self.tokenizer_entry, self.store, names)
+        names = sorted({self.ref(s).name for s in SIDES if self.ref(s).source == "family"})
+        if not names:
+            return {}
+        return train_family(self.cfg.family, self.corpus, self.family_tokenizer, self.store,
+                            names)
 
-    def model_entry(self, side: str) -> Entry:
-        return self.model_entries[self.member(side).name]
+    def model_entry(self, side: str) -> Entry | None:
+        """The trained family member's store entry (None for an outside model)."""
+        ref = self.ref(side)
+        return self.model_entries[ref.name] if ref.source == "family" else None
+
+    def identity(self, side: str) -> dict:
+        return self._memo(("id", side), lambda: model_identity(self.ref(side), self.store))
+
+    def model_key(self, side: str) -> str:
+        """Identity of the side's weights and dtype (the family entry key, or a content hash)."""
+        entry = self.model_entry(side)
+        return entry.key if entry is not None else digest(self.identity(side))
 
     def model(self, side: str) -> LoadedModel:
-        name = self.member(side).name
-        if name not in self._models:
-            self._models[name] = load_family_model(self.model_entries[name])
-        return self._models[name]
+        key = self.model_key(side)
+        if key not in self._models:
+            entry = self.model_entry(side)
+            self._models[key] = (load_family_model(entry) if entry is not None
+                                 else load_outside_model(self.ref(side), self.store, key))
+        return self._models[key]
 
     # -- SAEs and codes -----------------------------------------------------
-    def sae(self, side: str, layer: int) -> tuple[Entry, object]:
-        """(entry, loaded SAE) for ``side`` at ``layer``, trained on first use."""
-        if (side, layer) not in self._saes:
+    def sae_entries(self, side: str) -> dict[int, Entry]:
+        """SAEs trained here for every layer of ``side`` (one activation pass for all)."""
+        def make():
             s = self.cfg.sae
-            windows_key = digest([self.corpus.key, self.tokenizer_entry.key,
-                                  self.cfg.family.context, "train-packed"])
-            special = [self.tokenizer.bos_token_id, self.tokenizer.pad_token_id,
-                       self.tokenizer.eos_token_id]
-            entry, _ = train_sae(
-                self.model_entry(side), lambda: self.model(side), layer, s,
-                lambda: self.train_windows(s.train_tokens + 64 * self.cfg.family.context),
-                windows_key, special, self.store)
-            self._saes[(side, layer)] = (entry, load_sae(entry))
-        return self._saes[(side, layer)]
+            windows_key = digest([self.corpus.key, tokenizer_sha(self.tokenizer_entry(side)),
+                                  self.bos(side), "train-packed"])
+            return train_saes(self.model_key(side), lambda: self.model(side), self.layers(side),
+                              s, lambda: self.train_windows(side, s.train_tokens + 64 * 128),
+                              windows_key, self.store, label=f"{side}:{self.name(side)}")
+        return self._memo(("saes", side), make)
+
+    def sae_key(self, side: str, layer: int) -> str:
+        ref = self.sae_ref(side)
+        if ref.source == "train":
+            return self.sae_entries(side)[layer].key
+        return self._memo(("saekey", side, layer), lambda: sae_key(ref, layer, self.store))
+
+    def sae(self, side: str, layer: int) -> tuple[str, object]:
+        """(key, loaded SAE) for ``side`` at ``layer``; trained or fetched on first use."""
+        if (side, layer) not in self._saes:
+            ref = self.sae_ref(side)
+            device = resolve_device(self.ref(side).device) if ref.source != "train" else "cpu"
+            sae = (load_sae(self.sae_entries(side)[layer]) if ref.source == "train"
+                   else load_pretrained(ref, layer, device))
+            check_compatible(sae, self.info(side), layer, f"sae_{side}")
+            self._saes[(side, layer)] = sae
+        return self.sae_key(side, layer), self._saes[(side, layer)]
 
     def codes(self, side: str) -> dict[int, Entry]:
-        saes = {layer: self.sae(side, layer) for layer in self.layers(side)}
-        return extract_codes(self.model(side), saes, self.windows, self.windows_entry,
-                             self.store, self.cfg.extract.batch_size,
-                             label=f"{side}:{self.member(side).name}")
+        e = self.cfg.extract
+        return extract_codes(
+            lambda: self.model(side), self.model_key(side),
+            {l: self.sae_key(side, l) for l in self.layers(side)},
+            lambda l: self.sae(side, l)[1], self.windows(side), self.windows_entry, side,
+            self.store, e.batch_size, e.shard_windows, e.layers_per_pass,
+            label=f"{side}:{self.name(side)}")
 
     @cached_property
     def all_codes(self) -> dict[str, dict[int, Entry]]:
         return {side: self.codes(side) for side in SIDES}
 
-    def junk_ids(self) -> np.ndarray:
-        tok = self.tokenizer
-        specials = {tok.bos_token_id, tok.pad_token_id, tok.eos_token_id}
-        ids = [i for i in range(len(tok))
-               if i in specials or tok.decode([i]).strip() in JUNK_STRINGS]
-        return np.asarray(ids, np.int64)
+    def junk_ids(self, side: str) -> np.ndarray:
+        def make():
+            tok = self.tokenizer(side)
+            specials = set(tok.all_special_ids)
+            ids = [i for i in range(len(tok))
+                   if i in specials or tok.decode([i]).strip() in JUNK_STRINGS]
+            return np.asarray(ids, np.int64)
+        return self._memo(("junk", side), make)
+
+    def token_text(self, side: str, ids: np.ndarray) -> np.ndarray:
+        """Decoded text of each token id (object array), for cross-tokenizer comparisons."""
+        tok = self.tokenizer(side)
+        uniq, inv = np.unique(ids, return_inverse=True)
+        text = np.asarray([tok.decode([int(t)]) if t >= 0 else "" for t in uniq], dtype=object)
+        return text[inv].reshape(np.shape(ids))
 
     # -- matching and similarity -------------------------------------------
     def pairs(self) -> list[tuple[int, int]]:
-        return [(la, lb) for la in self.layers("a") for lb in self.layers("b")]
+        la_list, lb_list = self.layers("a"), self.layers("b")
+        if self.cfg.pairs == "depth":
+            return [(la, self.nearest_b(la)) for la in la_list]
+        return [(la, lb) for la in la_list for lb in lb_list]
+
+    def nearest_b(self, la: int) -> int:
+        """The B layer at the relative depth nearest to A layer ``la``."""
+        depth = self.relative_depth("a", la)
+        lb_list = self.layers("b")
+        return lb_list[int(np.argmin([abs(self.relative_depth("b", lb) - depth)
+                                      for lb in lb_list]))]
 
     def matches(self, la: int, lb: int) -> Entry:
         ca, cb = self.all_codes["a"][la], self.all_codes["b"][lb]
@@ -180,8 +280,7 @@ class Pipeline:
 
     def scores(self, la: int, lb: int) -> Entry:
         m = self.matches(la, lb)
-        sae_a, sae_b = self.sae("a", la)[0], self.sae("b", lb)[0]
-        spec = {"matches": m.key, "sae_a": sae_a.key, "sae_b": sae_b.key,
+        spec = {"matches": m.key, "sae_a": self.sae_key("a", la), "sae_b": self.sae_key("b", lb),
                 "similarity": asdict(self.cfg.similarity)}
 
         def build(out: Path) -> dict:
@@ -191,13 +290,15 @@ class Pipeline:
         return entry
 
     def validate(self) -> None:
-        """Cheap checks that fail before any model is trained or run."""
+        """Cheap checks that fail before any model is trained or run: layers in range,
+        SAE sources that exist and fit each model, and the token budget."""
         for side in SIDES:
-            self.layers(side)
+            layers = self.layers(side)
+            check_ref(self.sae_ref(side), self.info(side), layers, side)
         _ = self.windows_entry  # raises when the corpus is smaller than the token budget
 
     def relative_depth(self, side: str, layer: int) -> float:
-        return (layer + 1) / self.member(side).n_layers
+        return (layer + 1) / self.info(side).n_layers
 
 
 def load_matches(entry: Entry) -> matching.Matches:
@@ -218,12 +319,18 @@ def _build_matches(pipe: Pipeline, ca: Entry, cb: Entry, out: Path) -> dict:
     counts["n_threshold"] = m.n
     top_a = matching.top_activations(codes_a, mc.top_k)
     top_b = matching.top_activations(codes_b, mc.top_k)
-    tok_a, tok_b = top_a.tokens(pipe.token_ids), top_b.tokens(pipe.token_ids)
-    if mc.junk_filter:
-        m = matching.junk_filter(m, tok_a, tok_b, pipe.junk_ids())
+    tok_a, tok_b = top_a.tokens(pipe.token_ids("a")), top_b.tokens(pipe.token_ids("b"))
+    if mc.junk_filter:  # each side's own junk tokens, as 0/1 flags per top activation
+        flag_a = np.where(tok_a >= 0, np.isin(tok_a, pipe.junk_ids("a")), -1).astype(np.int64)
+        flag_b = np.where(tok_b >= 0, np.isin(tok_b, pipe.junk_ids("b")), -1).astype(np.int64)
+        m = matching.junk_filter(m, flag_a, flag_b, [1])
     counts["n_junk"] = m.n
-    if mc.shared_token:
-        m = matching.shared_token_filter(m, tok_a, tok_b)
+    if mc.shared_token:  # compare token text, so two tokenizers share one id space
+        text_a, text_b = pipe.token_text("a", tok_a), pipe.token_text("b", tok_b)
+        vocab = {t: i for i, t in enumerate(sorted(set(text_a.ravel()) | set(text_b.ravel())))}
+        ids = lambda text, tok: np.where(tok >= 0, np.vectorize(vocab.get, otypes=[np.int64])(
+            text), -1)
+        m = matching.shared_token_filter(m, ids(text_a, tok_a), ids(text_b, tok_b))
     counts["n_shared_token"] = m.n
     counts["n_pairs"] = m.n
     counts["mean_corr_after"] = m.mean_corr
@@ -290,18 +397,57 @@ def stage_models(pipe: Pipeline) -> None:
         mlflow.log_metrics({f"params_{name}": meta["params"],
                             f"non_embedding_params_{name}": meta["non_embedding_params"]})
         mlflow.set_tag(f"saeuniv.model.{name}", entry.key)
-    a, b = pipe.model_entry("a").meta, pipe.model_entry("b").meta
-    mlflow.log_metrics({"param_ratio": b["params"] / a["params"],
-                        "val_loss_gap": a["val_loss"] - b["val_loss"]})
+    for side in SIDES:
+        info, ref = pipe.info(side), pipe.ref(side)
+        mlflow.log_metrics({f"n_layers_{side}": info.n_layers, f"d_model_{side}": info.d_model})
+        mlflow.set_tags({f"saeuniv.model_{side}": f"{ref.source}:{info.name}",
+                         f"saeuniv.model_{side}.key": pipe.model_key(side),
+                         f"saeuniv.tokenizer_{side}": tokenizer_sha(pipe.tokenizer_entry(side))})
+    if all(pipe.model_entry(s) is not None for s in SIDES):
+        a, b = pipe.model_entry("a").meta, pipe.model_entry("b").meta
+        mlflow.log_metrics({"param_ratio": b["params"] / a["params"],
+                            "val_loss_gap": a["val_loss"] - b["val_loss"]})
     mlflow.set_tag("saeuniv.corpus_hash", pipe.corpus.meta["source_hash"])
 
 
+PREFLIGHT_TOKENS = 256
+BAD_FVU = 0.5
+
+
 def stage_saes(pipe: Pipeline) -> None:
+    """Train or fetch every SAE, check it against its model, and measure it on a few
+    hundred analysis tokens before the long extraction."""
     for side in SIDES:
         for layer in pipe.layers(side):
-            entry, sae = pipe.sae(side, layer)
+            key, sae = pipe.sae(side, layer)
             mlflow.log_metric(f"sae_d_sae_{side}", sae.cfg.d_sae, step=layer)
-            mlflow.set_tag(f"saeuniv.sae.{side}{layer}", entry.key)
+            mlflow.set_tag(f"saeuniv.sae.{side}{layer}", key)
+        for layer, q in preflight(pipe, side).items():
+            mlflow.log_metrics({f"sae_preflight_fvu_{side}": q.fvu,
+                                f"sae_preflight_l0_{side}": q.l0}, step=layer)
+            if q.fvu > BAD_FVU:
+                msg = (f"SAE {side} layer {layer} reconstructs badly on {q.n_tokens} tokens: "
+                       f"FVU {q.fvu:.2f}, variance explained {1 - q.fvu:.2f}"
+                       + (" (NEGATIVE: worse than predicting the mean)" if q.fvu > 1 else "")
+                       + "; check that the SAE belongs to this model, layer and dtype")
+                log.warning(msg)
+                mlflow.set_tag(f"saeuniv.warning.sae_{side}{layer}", msg)
+
+
+@torch.no_grad()
+def preflight(pipe: Pipeline, side: str, n_tokens: int = PREFLIGHT_TOKENS) -> dict:
+    """SAE quality (L0, FVU, dead fraction) per layer on the first analysis tokens."""
+    win = pipe.windows(side)
+    rows = int(np.searchsorted(np.cumsum(win.mask.sum(1)), n_tokens)) + 1
+    model, layers = pipe.model(side), pipe.layers(side)
+    res = model.residuals(torch.as_tensor(win.tokens[:rows], dtype=torch.long), layers)
+    keep = torch.as_tensor(win.mask[:rows]).to(model.device)
+    out = {}
+    for layer in layers:
+        sae = pipe.sae(side, layer)[1].to(model.device)
+        out[layer] = quality(sae, res[layer][keep].float())
+        sae.to("cpu")
+    return out
 
 
 def stage_extract(pipe: Pipeline) -> None:
@@ -340,19 +486,19 @@ def _top_pairs(pipe: Pipeline, la: int, lb: int, entry: Entry, n: int | None) ->
     m = load_matches(entry)
     top = np.load(entry.file("top.npz"))
     order = np.argsort(-m.corr)[:n]
-    tok = pipe.tokenizer
 
-    def words(rows):
-        return " | ".join(repr(tok.decode([int(pipe.token_ids[r])])) for r in rows if r >= 0)
+    def words(side, rows):
+        tok, ids = pipe.tokenizer(side), pipe.token_ids(side)
+        return " | ".join(repr(tok.decode([int(ids[r])])) for r in rows if r >= 0)
 
-    def context(row):
-        return pipe.context(int(row)) if row >= 0 else ""
+    def context(side, row):
+        return pipe.context(int(row), side) if row >= 0 else ""
 
     return [{"layer_a": la, "layer_b": lb, "a": int(m.a[i]), "b": int(m.b[i]),
-             "corr": round(float(m.corr[i]), 4), "top_tokens_a": words(top["rows_a"][m.a[i]]),
-             "top_tokens_b": words(top["rows_b"][m.b[i]]),
-             "context_a": context(top["rows_a"][m.a[i], 0]),
-             "context_b": context(top["rows_b"][m.b[i], 0])} for i in order]
+             "corr": round(float(m.corr[i]), 4), "top_tokens_a": words("a", top["rows_a"][m.a[i]]),
+             "top_tokens_b": words("b", top["rows_b"][m.b[i]]),
+             "context_a": context("a", top["rows_a"][m.a[i], 0]),
+             "context_b": context("b", top["rows_b"][m.b[i], 0])} for i in order]
 
 
 def stage_similarity(pipe: Pipeline) -> None:
@@ -428,15 +574,15 @@ def grids(pipe: Pipeline) -> dict:
     fields = ("observed", "null_mean", "null_sd", "z", "p")
     for name in pipe.cfg.similarity.metrics:
         out["metrics"][name] = {f: np.full((len(la_list), len(lb_list)), np.nan) for f in fields}
-    n_pairs = np.zeros((len(la_list), len(lb_list)), dtype=int)
-    for i, la in enumerate(la_list):
-        for j, lb in enumerate(lb_list):
-            s = load_scores(pipe.scores(la, lb))
-            n_pairs[i, j] = s["n_pairs"]
-            for name, r in s["metrics"].items():
-                for f in fields:
-                    if f in r and r[f] is not None:
-                        out["metrics"][name][f][i, j] = r[f]
+    n_pairs = np.full((len(la_list), len(lb_list)), -1, dtype=int)  # -1: not compared
+    for la, lb in pipe.pairs():
+        i, j = la_list.index(la), lb_list.index(lb)
+        s = load_scores(pipe.scores(la, lb))
+        n_pairs[i, j] = s["n_pairs"]
+        for name, r in s["metrics"].items():
+            for f in fields:
+                if f in r and r[f] is not None:
+                    out["metrics"][name][f][i, j] = r[f]
     out["n_pairs"] = n_pairs
     return out
 
@@ -459,7 +605,7 @@ def report(pipe: Pipeline) -> None:
 
     g = grids(pipe)
     la_list, lb_list = g["layers_a"], g["layers_b"]
-    name_a, name_b = pipe.member("a").name, pipe.member("b").name
+    name_a, name_b = pipe.name("a"), pipe.name("b")
     for la, lb in pipe.pairs():
         _log_scores(load_scores(pipe.scores(la, lb)), _pair_key(la, lb))
     _log_quality(pipe)
@@ -469,8 +615,7 @@ def report(pipe: Pipeline) -> None:
     for name, fields in g["metrics"].items():
         xs, ys, ms, sds = [], [], [], []
         for i, la in enumerate(la_list):
-            j = int(np.argmin([abs(pipe.relative_depth("b", lb) - pipe.relative_depth("a", la))
-                               for lb in lb_list]))
+            j = lb_list.index(pipe.nearest_b(la))
             obs = fields["observed"][i, j]
             if np.isfinite(obs):
                 mlflow.log_metrics({name: obs, f"{name}_null_mean": fields["null_mean"][i, j],
@@ -508,13 +653,28 @@ def _pairs_csv(pipe: Pipeline) -> str:
 
 def _summary(pipe: Pipeline, g: dict) -> str:
     cfg = pipe.cfg
-    a, b = pipe.model_entry("a").meta, pipe.model_entry("b").meta
-    lines = [f"# saeuniv: {a['name']} vs {b['name']}", "",
-             f"- models: {a['name']} ({a['params']:,} params, val loss {a['val_loss']:.3f}) vs "
-             f"{b['name']} ({b['params']:,} params, val loss {b['val_loss']:.3f})",
+
+    def describe_model(side):
+        entry, info = pipe.model_entry(side), pipe.info(side)
+        if entry is not None:
+            return (f"{info.name} ({entry.meta['params']:,} params, val loss "
+                    f"{entry.meta['val_loss']:.3f})")
+        ref = pipe.ref(side)
+        return f"{info.name} ({ref.source}, {info.n_layers} layers x {info.d_model}, {ref.dtype})"
+
+    def describe_saes(side):
+        ref = pipe.sae_ref(side)
+        if ref.source == "train":
+            return f"trained here ({cfg.sae.architecture}, {cfg.sae.expansion}x)"
+        return f"{ref.release} {ref.id}" if ref.source == "release" else ref.path
+
+    shared = ("one tokenizer" if pipe.shared_tokenizer
+              else "two tokenizers, compared on shared token boundaries")
+    lines = [f"# saeuniv: {pipe.name('a')} vs {pipe.name('b')}", "",
+             f"- models: {describe_model('a')} vs {describe_model('b')}",
              f"- corpus: {cfg.corpus.source}, {pipe.windows_entry.meta['n_valid_tokens']:,} "
-             f"analysis tokens (pad/BOS dropped)",
-             f"- SAEs: {cfg.sae.architecture}, {cfg.sae.expansion}x expansion",
+             f"analysis tokens (pad/BOS dropped; {shared})",
+             f"- SAEs: A {describe_saes('a')}; B {describe_saes('b')}",
              f"- matching: {cfg.match.policy}, threshold {cfg.match.threshold}, junk filter "
              f"{cfg.match.junk_filter}",
              f"- null: {cfg.similarity.n_perm} seeded permutations (seed {cfg.similarity.seed}), "
@@ -528,7 +688,8 @@ def _summary(pipe: Pipeline, g: dict) -> str:
         lines.append(f"- **{name}** best at A layer {g['layers_a'][i]} / B layer "
                      f"{g['layers_b'][j]}: {obs[i, j]:.3f} (null {fields['null_mean'][i, j]:.3f}, "
                      f"z {fields['z'][i, j]:.1f}, p {fields['p'][i, j]:.3g}); "
-                     f"{int(np.sum(fields['p'] < 0.05))}/{obs.size} layer pairs have p < 0.05")
+                     f"{int(np.sum(fields['p'] < 0.05))}/{int(np.sum(g['n_pairs'] >= 0))} "
+                     "layer pairs have p < 0.05")
     lines += ["", "## Pairs kept per layer pair", "",
               "| A \\ B | " + " | ".join(str(l) for l in g["layers_b"]) + " |",
               "|---" * (len(g["layers_b"]) + 1) + "|"]

