@@ -82,9 +82,19 @@ def test_mlproject_declares_entry_points_with_typed_params():
     points = mlproject["entry_points"]
     for name in ("main", "extract", "saes", "match", "similarity"):
         params = points[name]["parameters"]
-        assert params["threshold"] == {"type": "float", "default": Config().match.threshold}
-        assert params["policy"]["default"] == Config().match.policy
-        assert params["n_perm"]["default"] == Config().similarity.n_perm
-        assert params["n_tokens"]["default"] == Config().extract.n_tokens
+        assert params["config"] == {"type": "string", "default": "default"}
+        for p in ("policy", "threshold", "n_perm", "seed", "n_tokens"):
+            # the default "config" keeps the config file's value
+            assert params[p] == {"type": "string", "default": "config"}
         for p in params:
             assert "{" + p + "}" in points[name]["command"]
+
+
+def test_cli_shortcut_default_keeps_the_config_value():
+    from saeuniv.cli import _config, build_parser
+
+    args = build_parser().parse_args(["run", "--config", "tiny", "--threshold", "config",
+                                      "--n-perm", "77"])
+    cfg = _config(args)
+    assert cfg.match.threshold == load_config("tiny").match.threshold
+    assert cfg.similarity.n_perm == 77

@@ -46,6 +46,14 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
+def _or_config(typ):
+    """An argparse type that reads ``config`` as "not given" (the MLproject default)."""
+    def parse(value: str):
+        return None if value == "config" else typ(value)
+    parse.__name__ = typ.__name__
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saeuniv", description="Compare the SAE features of two language models, "
@@ -58,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set match.threshold=0.2")
         for name, (_, typ, text) in SHORTCUTS.items():
-            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
-                           help=f"{text} (overrides the config)")
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_or_config(typ),
+                           default=None, help=f"{text} (overrides the config; 'config' "
+                           "keeps the config's value)")
         p.add_argument("--store", default=None,
                        help="artefact store folder (default: $SAEUNIV_HOME or ~/.cache/saeuniv)")
         p.add_argument("--experiment", default=None, help="MLflow experiment name")

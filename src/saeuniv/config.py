@@ -171,12 +171,23 @@ class SAERef:
       ``{layer}`` in place of the layer, e.g. ``layer_{layer}/width_16k/canonical``.
     * ``folder``: a local sae-lens folder (``cfg.json`` + ``sae_weights.safetensors``);
       ``path`` holds ``{layer}``, e.g. ``/data/saes/layer_{layer}``.
+
+    ``layer_offset`` is added to the layer before it fills ``{layer}``: set it to 1
+    for SAEs on ``blocks.{L+1}.hook_resid_pre``, the same stream as
+    ``blocks.L.hook_resid_post``.
     """
 
     source: str = "train"
     release: str = ""
     id: str = ""
     path: str = ""
+    layer_offset: int = 0
+
+    def sae_id(self, layer: int) -> str:
+        return self.id.format(layer=layer + self.layer_offset)
+
+    def folder(self, layer: int) -> str:
+        return self.path.format(layer=layer + self.layer_offset)
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,10 @@ class Pipeline:
                 f"{info.n_layers} layers (valid: 0..{info.n_layers - 1})")
         return layers
 
+    def used_layers(self, side: str) -> list[int]:
+        """The side's layers that enter a compared pair (all of them unless ``pairs: depth``)."""
+        return sorted({pair["ab".index(side)] for pair in self.pairs()})
+
     @cached_property
     def model_entries(self) -> dict[str, Entry]:
         names = sorted({self.ref(s).name for s in SIDES if self.ref(s).source == "family"})
@@ -203,7 +207,8 @@ class Pipeline:
             s = self.cfg.sae
             windows_key = digest([self.corpus.key, tokenizer_sha(self.tokenizer_entry(side)),
                                   self.bos(side), "train-packed"])
-            return train_saes(self.model_key(side), lambda: self.model(side), self.layers(side),
+            return train_saes(self.model_key(side), lambda: self.model(side),
+                              self.used_layers(side),
                               s, lambda: self.train_windows(side, s.train_tokens + 64 * 128),
                               windows_key, self.store, label=f"{side}:{self.name(side)}")
         return self._memo(("saes", side), make)
@@ -229,7 +234,7 @@ class Pipeline:
         e = self.cfg.extract
         return extract_codes(
             lambda: self.model(side), self.model_key(side),
-            {l: self.sae_key(side, l) for l in self.layers(side)},
+            {l: self.sae_key(side, l) for l in self.used_layers(side)},
             lambda l: self.sae(side, l)[1], self.windows(side), self.windows_entry, side,
             self.store, e.batch_size, e.shard_windows, e.layers_per_pass,
             label=f"{side}:{self.name(side)}")
@@ -293,8 +298,7 @@ class Pipeline:
         """Cheap checks that fail before any model is trained or run: layers in range,
         SAE sources that exist and fit each model, and the token budget."""
         for side in SIDES:
-            layers = self.layers(side)
-            check_ref(self.sae_ref(side), self.info(side), layers, side)
+            check_ref(self.sae_ref(side), self.info(side), self.used_layers(side), side)
         _ = self.windows_entry  # raises when the corpus is smaller than the token budget
 
     def relative_depth(self, side: str, layer: int) -> float:
@@ -418,7 +422,7 @@ def stage_saes(pipe: Pipeline) -> None:
     """Train or fetch every SAE, check it against its model, and measure it on a few
     hundred analysis tokens before the long extraction."""
     for side in SIDES:
-        for layer in pipe.layers(side):
+        for layer in pipe.used_layers(side):
             key, sae = pipe.sae(side, layer)
             mlflow.log_metric(f"sae_d_sae_{side}", sae.cfg.d_sae, step=layer)
             mlflow.set_tag(f"saeuniv.sae.{side}{layer}", key)
@@ -439,7 +443,7 @@ def preflight(pipe: Pipeline, side: str, n_tokens: int = PREFLIGHT_TOKENS) -> di
     """SAE quality (L0, FVU, dead fraction) per layer on the first analysis tokens."""
     win = pipe.windows(side)
     rows = int(np.searchsorted(np.cumsum(win.mask.sum(1)), n_tokens)) + 1
-    model, layers = pipe.model(side), pipe.layers(side)
+    model, layers = pipe.model(side), pipe.used_layers(side)
     res = model.residuals(torch.as_tensor(win.tokens[:rows], dtype=torch.long), layers)
     keep = torch.as_tensor(win.mask[:rows]).to(model.device)
     out = {}

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -58,7 +57,7 @@ def _training_sae(cfg: SAEConfig, d_in: int):
                           TopKTrainingSAEConfig)
 
     d_sae = cfg.expansion * d_in
-    common = {"d_in": d_in, "d_sae": d_sae, "normalize_activations": "expected_average_only_in"}
+    common = {"d_in": d_in, "d_sae": d_sae}
     if cfg.architecture == "topk":
         tcfg = TopKTrainingSAEConfig(k=cfg.topk, **common)
     elif cfg.architecture == "jumprelu":
@@ -151,6 +150,12 @@ def _fit(model: LoadedModel, layer: int, cfg: SAEConfig, acts: torch.Tensor, pat
     device = model.device
     torch.manual_seed(cfg.seed)
     sae = _training_sae(cfg, model.d_model)
+    # train on activations scaled to mean norm sqrt(d_in), decoder bias at their mean (real
+    # residual streams carry large constant directions); the scale is folded back afterwards
+    scale = float(model.d_model ** 0.5 / acts.norm(dim=1).mean())
+    acts = acts * scale
+    with torch.no_grad():
+        sae.b_dec.copy_(acts.mean(0))
     steps = cfg.train_tokens // cfg.batch_tokens
     trainer_cfg = SAETrainerConfig(
         total_training_samples=cfg.train_tokens, train_batch_size_samples=cfg.batch_tokens,
@@ -163,6 +168,7 @@ def _fit(model: LoadedModel, layer: int, cfg: SAEConfig, acts: torch.Tensor, pat
                              data_provider=(b.to(device) for b in _batches(acts, cfg.batch_tokens,
                                                                            cfg.seed)))
         sae = trainer.fit()
+        sae.fold_activation_norm_scaling_factor(scale)
     hook = model.hook(layer)
     sae.cfg.metadata.hook_name = hook
     sae.cfg.metadata.model_name = model.name
@@ -170,7 +176,7 @@ def _fit(model: LoadedModel, layer: int, cfg: SAEConfig, acts: torch.Tensor, pat
     sae.save_inference_model(str(path / "sae"))
     return {"model": model.name, "layer": layer, "hook": hook, "d_in": model.d_model,
             "d_sae": cfg.expansion * model.d_model, "architecture": cfg.architecture,
-            "n_train_activations": int(len(acts)), "train_steps": steps}
+            "n_train_activations": int(len(acts)), "train_steps": steps, "input_scale": scale}
 
 
 @contextlib.contextmanager
@@ -212,14 +218,14 @@ def check_ref(ref, info: ModelInfo, layers: list[int], side: str) -> None:
     if ref.source == "release":
         lookup = release_lookup(ref.release)
         for layer in layers:
-            sae_id = ref.id.format(layer=layer)
+            sae_id = ref.sae_id(layer)
             if sae_id not in lookup.saes_map:
                 close = difflib.get_close_matches(sae_id, list(lookup.saes_map), n=3, cutoff=0.3)
                 raise SAEError(f"sae_{side}: release {ref.release!r} has no SAE id {sae_id!r} "
                                f"(layer {layer}); close ids: {close}")
     elif ref.source == "folder":
         for layer in layers:
-            folder = Path(ref.path.format(layer=layer)).expanduser()
+            folder = Path(ref.folder(layer)).expanduser()
             cfg_file = folder / "cfg.json"
             if not cfg_file.exists():
                 raise SAEError(f"sae_{side}: {cfg_file} does not exist; a sae-lens folder holds "
@@ -238,9 +244,9 @@ def sae_key(ref, layer: int, store: Store) -> str:
     import sae_lens
 
     if ref.source == "release":
-        return digest({"release": ref.release, "id": ref.id.format(layer=layer),
+        return digest({"release": ref.release, "id": ref.sae_id(layer),
                        "sae_lens": sae_lens.__version__})
-    folder = Path(ref.path.format(layer=layer)).expanduser()
+    folder = Path(ref.folder(layer)).expanduser()
     return digest({"folder": {p.name: store.file_sha256(p) for p in sorted(folder.iterdir())
                               if p.is_file() and p.suffix in (".json", ".safetensors")}})
 
@@ -252,9 +258,9 @@ def load_pretrained(ref, layer: int, device: str = "cpu"):
     with _quiet():
         try:
             if ref.source == "release":
-                sae = SAE.from_pretrained(ref.release, ref.id.format(layer=layer), device=device)
+                sae = SAE.from_pretrained(ref.release, ref.sae_id(layer), device=device)
             else:
-                sae = SAE.load_from_disk(str(Path(ref.path.format(layer=layer)).expanduser()),
+                sae = SAE.load_from_disk(str(Path(ref.folder(layer)).expanduser()),
                                          device=device)
         except SAEError:
             raise
