@@ -169,3 +169,38 @@ def test_packed_windows_respect_the_token_cap(tiny_run):
     win = make_windows(docs * 5, pipe.tokenizer("a"), context=16, n_tokens=45, pack=True)
     assert win.tokens.shape == (3, 16)  # ceil(45 / 15) windows, no more
     assert (win.tokens[:, 0] == win.bos_id).all() and (win.tokens != win.pad_id).all()
+
+
+def test_interrupted_extraction_resumes_from_its_shards(tiny_run, monkeypatch):
+    import saeuniv.extract as extract
+
+    store = Store(tiny_run["root"] / "store")
+    cfg = tiny_run["cfg"].replace(**{"extract.n_tokens": 1200, "extract.shard_windows": 8})
+    calls = []
+    real = extract._extract_shard
+
+    def dies_on_third(model, saes, windows, lo, hi, *args):
+        calls.append(lo)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(model, saes, windows, lo, hi, *args)
+
+    monkeypatch.setattr(extract, "_extract_shard", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(cfg, store).codes("b")
+    n_shards = -(-len(Pipeline(cfg, store).windows("b").tokens) // 8)
+    assert n_shards > 3
+    calls.clear()
+    monkeypatch.setattr(extract, "_extract_shard", lambda *a: (calls.append(a[3]), real(*a))[1])
+    resumed = Pipeline(cfg, store).codes("b")
+    assert calls == [8 * s for s in range(2, n_shards)]  # the two finished shards are reused
+    pipe = Pipeline(cfg, store)
+    win = pipe.windows("b")
+    res = pipe.model("b").residuals(torch.as_tensor(win.tokens, dtype=torch.long),
+                                    pipe.layers("b"))
+    for layer, entry in resumed.items():
+        with torch.no_grad():
+            direct = pipe.sae("b", layer)[1].encode(res[layer][torch.as_tensor(win.mask)])
+        np.testing.assert_allclose(load_codes(entry).toarray(), direct.numpy(), atol=1e-5)
+        assert entry.meta["quality"]["n_tokens"] == int(win.mask.sum())
+    assert not any((store.root / "partial" / "codes").glob("*/shard-*"))
