@@ -38,10 +38,11 @@ _STATS = ("n", "sumsq", "resid", "active")
 
 def _stats(acts: torch.Tensor, codes: torch.Tensor, recon: torch.Tensor) -> dict:
     """Sufficient statistics of L0, FVU and dead features for one batch (float64)."""
-    a = acts.double()
+    f64 = torch.float64
     nz = codes > 0
-    return {"n": a.shape[0], "sum": a.sum(0).cpu().numpy(), "sumsq": float((a ** 2).sum()),
-            "resid": float(((a - recon.double()) ** 2).sum()), "active": int(nz.sum()),
+    return {"n": acts.shape[0], "sum": acts.sum(0, dtype=f64).cpu().numpy(),
+            "sumsq": float((acts * acts).sum(dtype=f64)),
+            "resid": float(((acts - recon) ** 2).sum(dtype=f64)), "active": int(nz.sum()),
             "alive": nz.any(0).cpu().numpy()}
 
 
@@ -142,7 +143,7 @@ def _extract_shard(model: LoadedModel, saes: dict[int, object], windows: Windows
         res = model.residuals(toks, layers)
         for layer in layers:
             acts = res[layer][keep].float()
-            if not torch.isfinite(acts).all():
+            if not torch.isfinite(acts.sum(dtype=torch.float64)):  # one reduction per batch
                 bad = int((~torch.isfinite(acts)).any(1).sum())
                 raise ExtractionError(
                     f"{label} layer {layer}: {bad} token(s) have NaN/inf activations (windows "

@@ -31,8 +31,8 @@ from .extract import extract_codes, load_codes
 from .models import (LoadedModel, ModelError, ModelInfo, describe, load_family_model,
                      load_outside_model, model_identity, outside_tokenizer, resolve_device,
                      train_family)
-from .saes import (check_compatible, check_ref, load_pretrained, load_sae, quality, sae_key,
-                   train_saes)
+from .saes import (Quality, check_compatible, check_ref, load_pretrained, load_sae, quality,
+                   sae_key, train_saes)
 from .store import Entry, Store
 from .tokens import (analysis_windows, load_tokenizer, load_windows, make_windows,
                      tokenizer_sha, train_tokenizer)
@@ -114,8 +114,16 @@ class Pipeline:
         """(window, position) of every code row of ``side``."""
         return self._memo(("pos", side), lambda: np.argwhere(self.windows(side).mask))
 
+    def row_text(self, side: str) -> np.ndarray:
+        """Decoded text of the token at every code row of ``side`` (object array)."""
+        return self._memo(("rowtext", side), lambda: self.token_text(side, self.token_ids(side)))
+
     def context(self, row: int, side: str = "a", before: int = 6, after: int = 2) -> str:
         """Text around code row ``row`` as ``side`` tokenized it, the token in [[brackets]]."""
+        return self._memo(("ctx", side, int(row), before, after),
+                          lambda: self._context(int(row), side, before, after))
+
+    def _context(self, row: int, side: str, before: int, after: int) -> str:
         win = self.windows(side)
         w, pos = self.positions(side)[row]
         toks = win.tokens[w]
@@ -146,7 +154,13 @@ class Pipeline:
         if ref.source == "family":
             m = self.member(side)
             return ModelInfo(m.name, m.n_layers, m.d_model)
-        return self._memo(("info", side), lambda: describe(ref, self.store))
+
+        def make():  # reading a GGUF header takes seconds: keep the answer in the store
+            entry, _ = self.store.get_or_create(
+                "info", {"model": self.identity(side), "name": ref.name},
+                lambda out: asdict(describe(ref, self.store)))
+            return ModelInfo(**entry.meta)
+        return self._memo(("info", side), make)
 
     def name(self, side: str) -> str:
         return self.info(side).name
@@ -438,20 +452,29 @@ def stage_saes(pipe: Pipeline) -> None:
                 mlflow.set_tag(f"saeuniv.warning.sae_{side}{layer}", msg)
 
 
-@torch.no_grad()
 def preflight(pipe: Pipeline, side: str, n_tokens: int = PREFLIGHT_TOKENS) -> dict:
-    """SAE quality (L0, FVU, dead fraction) per layer on the first analysis tokens."""
-    win = pipe.windows(side)
-    rows = int(np.searchsorted(np.cumsum(win.mask.sum(1)), n_tokens)) + 1
-    model, layers = pipe.model(side), pipe.used_layers(side)
-    res = model.residuals(torch.as_tensor(win.tokens[:rows], dtype=torch.long), layers)
-    keep = torch.as_tensor(win.mask[:rows]).to(model.device)
-    out = {}
-    for layer in layers:
-        sae = pipe.sae(side, layer)[1].to(model.device)
-        out[layer] = quality(sae, res[layer][keep].float())
-        sae.to("cpu")
-    return out
+    """SAE quality (L0, FVU, dead fraction) per layer on the first analysis tokens,
+    cached in the store so a warm run loads no model."""
+    layers = pipe.used_layers(side)
+    spec = {"model": pipe.model_key(side), "windows": pipe.windows_entry.key, "side": side,
+            "saes": {str(l): pipe.sae_key(side, l) for l in layers}, "n_tokens": n_tokens}
+
+    @torch.no_grad()
+    def build(out: Path) -> dict:
+        win = pipe.windows(side)
+        rows = int(np.searchsorted(np.cumsum(win.mask.sum(1)), n_tokens)) + 1
+        model = pipe.model(side)
+        res = model.residuals(torch.as_tensor(win.tokens[:rows], dtype=torch.long), layers)
+        keep = torch.as_tensor(win.mask[:rows]).to(model.device)
+        result = {}
+        for layer in layers:
+            sae = pipe.sae(side, layer)[1].to(model.device)
+            result[str(layer)] = asdict(quality(sae, res[layer][keep].float()))
+            sae.to("cpu")
+        return result
+
+    entry, _ = pipe.store.get_or_create("preflight", spec, build)
+    return {int(l): Quality(**q) for l, q in entry.meta.items()}
 
 
 def stage_extract(pipe: Pipeline) -> None:
@@ -488,12 +511,13 @@ def stage_match(pipe: Pipeline) -> None:
 
 def _top_pairs(pipe: Pipeline, la: int, lb: int, entry: Entry, n: int | None) -> list[dict]:
     m = load_matches(entry)
-    top = np.load(entry.file("top.npz"))
+    with np.load(entry.file("top.npz")) as npz:  # read each array once, not per pair
+        top = dict(npz)
     order = np.argsort(-m.corr)[:n]
 
     def words(side, rows):
-        tok, ids = pipe.tokenizer(side), pipe.token_ids(side)
-        return " | ".join(repr(tok.decode([int(ids[r])])) for r in rows if r >= 0)
+        text = pipe.row_text(side)
+        return " | ".join(repr(text[r]) for r in rows if r >= 0)
 
     def context(side, row):
         return pipe.context(int(row), side) if row >= 0 else ""
@@ -694,6 +718,13 @@ def _summary(pipe: Pipeline, g: dict) -> str:
                      f"z {fields['z'][i, j]:.1f}, p {fields['p'][i, j]:.3g}); "
                      f"{int(np.sum(fields['p'] < 0.05))}/{int(np.sum(g['n_pairs'] >= 0))} "
                      "layer pairs have p < 0.05")
+        z = fields["z"]
+        if np.any(np.isfinite(z)):
+            i, j = np.unravel_index(np.nanargmax(np.where(np.isfinite(z), z, -np.inf)), z.shape)
+            la, lb = g["layers_a"][i], g["layers_b"][j]
+            lines.append(f"  - highest z at A layer {la} / B layer {lb} (relative depth "
+                         f"{pipe.relative_depth('a', la):.2f} / {pipe.relative_depth('b', lb):.2f})"
+                         f": {obs[i, j]:.3f}, z {z[i, j]:.1f}")
     lines += ["", "## Pairs kept per layer pair", "",
               "| A \\ B | " + " | ".join(str(l) for l in g["layers_b"]) + " |",
               "|---" * (len(g["layers_b"]) + 1) + "|"]
