@@ -79,22 +79,36 @@ def warm(tmp_path_factory, corpus_dir):
     return {"root": root, "store": root / "store", "cfg": cfg, "corpus": str(corpus_dir)}
 
 
+@pytest.fixture(scope="module")
+def tracking_db(tmp_path_factory):
+    """One MLflow SQLite database for the module (made once: its migrations take seconds);
+    each test logs into its own experiment."""
+    folder = tmp_path_factory.mktemp("tracking")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.MlflowClient().search_experiments()
+    return {"uri": uri, "optuna": f"sqlite:///{folder / 'optuna.db'}", "folder": folder}
+
+
 @pytest.fixture()
-def env(warm, tmp_path, monkeypatch):
-    """A private MLflow database (and so Optuna database) on the shared artefact store."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+def env(warm, tracking_db, tmp_path, monkeypatch, request):
+    """The module's MLflow database (so Optuna's default database beside it), a fresh
+    experiment, the shared artefact store, and a private working folder."""
+    experiment = f"{request.node.name[:60]}-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_db["uri"])
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
     monkeypatch.setenv("SAEUNIV_HOME", str(warm["store"]))
     monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    yield {"uri": uri, "dir": tmp_path, "optuna": f"sqlite:///{tmp_path / 'optuna.db'}"}
+    mlflow.set_tracking_uri(tracking_db["uri"])
+    mlflow.set_experiment(experiment)  # made here, so concurrent workers find it
+    yield {**tracking_db, "dir": tmp_path, "experiment": experiment}
     while mlflow.active_run():
         mlflow.end_run()
 
 
-def runs(uri: str):
-    mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(search_all_experiments=True)
+def runs(env: dict):
+    mlflow.set_tracking_uri(env["uri"])
+    return mlflow.search_runs(experiment_names=[env["experiment"]])
 
 
 def trials(storage: str, study: str):
@@ -231,14 +245,15 @@ def test_small_sweep_end_to_end(warm, env, capsys):
     assert count_entries(warm["store"]) == before  # trials made no codes, models or SAEs
     made = count_entries(warm["store"], ("matches", "scores"))
     assert made["scores"] > scored_before["scores"]
-    assert (env["dir"] / "optuna.db").exists()  # beside mlflow.db, a separate file
+    assert (env["folder"] / "optuna.db").exists()  # beside mlflow.db, a separate file
 
-    r = runs(env["uri"])
+    r = runs(env)
     parents = r[r["tags.saeuniv.stage"] == "sweep"]
     assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
     parent = parents.iloc[0]
-    assert parent["params.seed"] == "0" and parent["params.sampler"] == "tpe"
-    assert parent["params.n_trials"] == "3" and parent["params.storage"] == "sqlite"
+    assert parent["params.sweep.seed"] == "0" and parent["params.sweep.sampler"] == "tpe"
+    assert parent["params.sweep.n_trials"] == "3" and parent["params.sweep.storage"] == "sqlite"
+    assert parent["params.sweep.spec"] == "spec" and parent["tags.saeuniv.n_trials"] == "3"
     children = r[r["tags.mlflow.parentRunId"] == parent.run_id]
     trial_runs = children[children["tags.saeuniv.stage"] == "trial"]
     assert len(trial_runs) == 3 and set(trial_runs["status"]) == {"FINISHED"}
@@ -275,14 +290,14 @@ def test_small_sweep_end_to_end(warm, env, capsys):
 
     # the same command again: the study is complete, nothing runs, the parent is reused
     assert cli.main(args) == 0
-    r = runs(env["uri"])
+    r = runs(env)
     assert len(r) == len(children) + 1 and set(r["status"]) == {"FINISHED"}
     # another search space on the same study is refused, and the parent is left as it was
     other = write_spec(env["dir"], "other", params={
         "match.threshold": {"type": "float", "low": 0.0, "high": 0.2}})
     assert cli.main(["sweep", str(other), "--set", f"corpus.source={warm['corpus']}"]) == 2
     assert "was started from a different spec" in capsys.readouterr().err
-    assert set(runs(env["uri"])["status"]) == {"FINISHED"}
+    assert set(runs(env)["status"]) == {"FINISHED"}
 
 
 def test_pareto_sweep_on_a_journal_file(warm, env):
@@ -297,9 +312,9 @@ def test_pareto_sweep_on_a_journal_file(warm, env):
     study = optuna.load_study(study_name="tiny-pareto", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(journal))))
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 2
-    r = runs(env["uri"])
+    r = runs(env)
     parent = r[r["tags.saeuniv.stage"] == "sweep"].iloc[0]
-    assert parent["status"] == "FINISHED" and parent["params.storage"] == "journal"
+    assert parent["status"] == "FINISHED" and parent["params.sweep.storage"] == "journal"
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.run_id)}
     assert {"pareto_front.png", "optimization_history_svcca_observed_all.png",
             "optimization_history_n_pairs_middle.png",
@@ -346,7 +361,7 @@ def test_killed_sweep_resumes_without_duplicated_or_lost_trials(warm, env):
     args = [sys.executable, "-c", WORKER, "sweep", str(spec), "--set",
             f"corpus.source={warm['corpus']}"]
     log = open(env["dir"] / "first.log", "w")
-    first = subprocess.Popen(args, cwd=env["dir"], env=_worker_env(SWEEP_TEST_DELAY=4),
+    first = subprocess.Popen(args, cwd=env["dir"], env=_worker_env(SWEEP_TEST_DELAY=3),
                              stdout=log, stderr=subprocess.STDOUT)
 
     def second_trial_running():
@@ -365,7 +380,7 @@ def test_killed_sweep_resumes_without_duplicated_or_lost_trials(warm, env):
         first.wait()
         log.close()
     assert killed.number == 1 and killed.params
-    r = runs(env["uri"])
+    r = runs(env)
     assert set(r[r["tags.saeuniv.stage"].isin(["sweep", "trial"])]["status"]) >= {"RUNNING"}
 
     second = subprocess.run(args, cwd=env["dir"], env=_worker_env(), capture_output=True,
@@ -385,7 +400,7 @@ def test_killed_sweep_resumes_without_duplicated_or_lost_trials(warm, env):
     assert {t.state for t in ts} <= {TrialState.COMPLETE, TrialState.FAIL}
     assert len({t.user_attrs[WORKER_ATTR] for t in complete}) == 2  # both runs did trials
 
-    r = runs(env["uri"])
+    r = runs(env)
     assert "RUNNING" not in set(r["status"])
     parents = r[r["tags.saeuniv.stage"] == "sweep"]
     assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
@@ -472,7 +487,6 @@ def test_two_workers_share_one_study_on_postgresql(warm, env, postgres_url):
     study = f"tiny-distributed-{uuid.uuid4().hex[:8]}"
     n_trials = 6
     spec = write_spec(env["dir"], study=study, n_trials=n_trials)
-    mlflow.set_experiment("saeuniv")  # the tracking database exists before the workers start
     args = [sys.executable, "-c", WORKER, "sweep", str(spec), "--set",
             f"corpus.source={warm['corpus']}", "--storage", postgres_url]
     logs = [open(env["dir"] / f"worker{i}.log", "w") for i in range(2)]
@@ -497,7 +511,7 @@ def test_two_workers_share_one_study_on_postgresql(warm, env, postgres_url):
     assert {t.state for t in ts} <= {TrialState.COMPLETE, TrialState.PRUNED}  # PRUNED: not needed
     assert len({t.user_attrs[WORKER_ATTR] for t in complete}) == 2, "both workers ran trials"
 
-    r = runs(env["uri"])
+    r = runs(env)
     assert "RUNNING" not in set(r["status"])
     parents = r[r["tags.saeuniv.stage"] == "sweep"]
     assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
@@ -505,4 +519,4 @@ def test_two_workers_share_one_study_on_postgresql(warm, env, postgres_url):
     assert len(trial_runs) == n_trials and set(trial_runs["status"]) == {"FINISHED"}
     assert sorted(trial_runs["tags.saeuniv.trial_number"].astype(int)) == \
         sorted(t.number for t in complete)
-    assert parents.iloc[0]["params.storage"] == "postgresql"
+    assert parents.iloc[0]["params.sweep.storage"] == "postgresql"

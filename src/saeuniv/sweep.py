@@ -812,13 +812,15 @@ class _Sweep:
                              "saeuniv.spec": self.spec.name, "saeuniv.storage": self.info.url,
                              **lineage_tags(self.cfg.hash())})
             s = self.spec
-            mlflow.log_params({
+            # prefixed: under `mlflow run` this is the project run, which already holds the
+            # entry point's own spec, storage and n_trials parameters
+            mlflow.log_params({f"sweep.{k}": v for k, v in {
                 "spec": s.name, "study": self.study_name, "storage": self.info.kind,
                 "n_trials": self.n_trials, "sampler": s.sampler.name, "seed": s.sampler.seed,
                 "sampler_options": json.dumps(dict(s.sampler.options)),
                 "objectives": ", ".join(f"{o.name} ({o.direction})" for o in s.objectives),
-                "params": ", ".join(p.path for p in s.params), "config_name": self.cfg.name,
-                "config_hash": self.cfg.hash()})
+                "params": ", ".join(p.path for p in s.params)}.items()})
+            mlflow.log_params({"config_name": self.cfg.name, "config_hash": self.cfg.hash()})
             mlflow.log_dict(s.to_dict(), "sweep.yaml")
             mlflow.log_dict(self.cfg.to_dict(), "config.yaml")
             mlflow.set_tag("mlflow.note.content",
@@ -834,14 +836,15 @@ class _Sweep:
                     "with --study NAME") from None
             project_run = os.environ.pop("MLFLOW_RUN_ID", None)
             if project_run and project_run != parent_id:  # launched by `mlflow run`
-                client.set_tags(project_run, {"saeuniv.stage": "sweep-worker",
-                                              "saeuniv.sweep.parent": parent_id})
+                client.set_tag(project_run, "saeuniv.stage", "sweep-worker")
+                client.set_tag(project_run, "saeuniv.sweep.parent", parent_id)
             mlflow.set_experiment(experiment_id=parent.info.experiment_id)
             self.parent_status = parent.info.status
             run = mlflow.start_run(run_id=parent_id)
-            if int(parent.data.params.get("n_trials", self.n_trials)) != self.n_trials:
+            started = parent.data.params.get("sweep.n_trials", str(self.n_trials))
+            if started != str(self.n_trials):
                 log.warning("study %r: n_trials is now %d (it was started with %s)",
-                            self.study_name, self.n_trials, parent.data.params["n_trials"])
+                            self.study_name, self.n_trials, started)
         mlflow.set_tag("saeuniv.n_trials", self.n_trials)
         self.parent_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         return run
@@ -1131,6 +1134,9 @@ class _Sweep:
                            f"only {complete} of {self.n_trials} trials completed")
             mlflow.end_run("FAILED")
         else:
+            tags = mlflow.MlflowClient().get_run(self.parent_id).data.tags
+            if "saeuniv.error" in tags:  # left by an earlier, interrupted attempt
+                mlflow.MlflowClient().delete_tag(self.parent_id, "saeuniv.error")
             mlflow.end_run("FINISHED")
         return True
 
