@@ -1018,7 +1018,8 @@ class _Sweep:
                          key: (best[0] if best else None) if len(names) == 1 else best},
                         "best.json")
         mlflow.log_text(self.study.trials_dataframe().to_csv(index=False), "trials.csv")
-        mlflow.log_metrics({f"n_{state.lower()}": n for state, n in counts.items()})
+        mlflow.log_metrics({f"n_{state.lower()}": counts.get(state, 0) for state in
+                            ("COMPLETE", "FAIL", "PRUNED", "RUNNING", "WAITING")})
         if len(names) == 1 and best:
             mlflow.log_metrics({f"best_{names[0]}": best[0]["values"][names[0]],
                                 "best_trial": best[0]["number"]})
