@@ -461,7 +461,11 @@ def postgres_url():
             user = "nobody"
         entry = pwd.getpwnam(user)
         os.chown(folder, entry.pw_uid, entry.pw_gid)
-        run_as = ["runuser", "-u", user, "--"]
+        runuser = shutil.which("runuser", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+        if runuser is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            unavailable("running as root and runuser is missing (initdb refuses root)")
+        run_as = [runuser, "-u", user, "--"]
     data, port = folder / "data", _free_port()
     pg_ctl = run_as + [str(bin_dir / "pg_ctl"), "-D", str(data)]
     try:

@@ -179,19 +179,21 @@ def sweep_main(args) -> int:
     stopped short (e.g. too many failed trials), 2 on bad input."""
     try:
         from .store import Store
-        from .sweep import load_spec, run_sweep
-        from .tracking import install_signal_handlers, setup_tracking
+        from .sweep import load_spec, open_storage, run_sweep
+        from .tracking import DEFAULT_URI, install_signal_handlers, setup_tracking
 
         spec = load_spec(args.spec)
         cfg = spec.config(_parse_set(args.set))
         store = Store(args.store)
-    except (ConfigError, OSError, RuntimeError) as err:
+        # the storage before MLflow's database is touched: a bad --storage changes nothing
+        storage = open_storage(args.storage, os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    except (ConfigError, OSError, RuntimeError, ValueError) as err:
         print(f"saeuniv: error: {err}", file=sys.stderr)
         return 2
     install_signal_handlers()
     uri = setup_tracking(args.experiment)
     try:
-        result = run_sweep(spec, cfg, store, storage=args.storage, study_name=args.study,
+        result = run_sweep(spec, cfg, store, storage=storage, study_name=args.study,
                            n_trials=args.n_trials)
     except ValueError as err:  # bad input found on the way: one clear line
         print(f"saeuniv: error: {err}", file=sys.stderr)

@@ -633,7 +633,7 @@ class SweepResult:
 class _Sweep:
     """One worker of a sweep: the study, the parent run, the objective and the summary."""
 
-    def __init__(self, spec: SweepSpec, cfg: Config, store, storage: str | None,
+    def __init__(self, spec: SweepSpec, cfg: Config, store, storage: str | StorageInfo | None,
                  study_name: str | None, n_trials: int | None):
         import mlflow
 
@@ -644,7 +644,8 @@ class _Sweep:
         self.n_trials = int(n_trials or spec.n_trials)
         if self.n_trials < 1:
             raise SpecError(f"--n-trials must be >= 1, got {self.n_trials}")
-        self.info = open_storage(storage, mlflow.get_tracking_uri())
+        self.info = storage if isinstance(storage, StorageInfo) else \
+            open_storage(storage, mlflow.get_tracking_uri())
         self.pipe = Pipeline(cfg, store)
         self.worker = worker_id()
         self.failures = 0
@@ -1146,16 +1147,17 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def run_sweep(spec: SweepSpec, cfg: Config, store=None, storage: str | None = None,
-              study_name: str | None = None, n_trials: int | None = None) -> SweepResult:
+def run_sweep(spec: SweepSpec, cfg: Config, store=None,
+              storage: str | StorageInfo | None = None, study_name: str | None = None,
+              n_trials: int | None = None) -> SweepResult:
     """Run (or resume, or join) the sweep ``spec`` on the base config ``cfg``.
 
     ``storage``: an Optuna storage URL or ``.log`` journal path (default: ``optuna.db``
-    beside the MLflow SQLite database). ``study_name`` defaults to the spec's study;
-    ``n_trials`` (the COMPLETE trials wanted over all workers) to the spec's. MLflow must
-    already point at the tracking store and experiment (``tracking.setup_tracking``).
+    beside the MLflow SQLite database), or what ``open_storage`` returned. ``study_name``
+    defaults to the spec's study; ``n_trials`` (the COMPLETE trials wanted over all
+    workers) to the spec's. MLflow must already point at the tracking store and
+    experiment (``tracking.setup_tracking``).
     """
-    from .pipeline import STAGES  # noqa: F401 - import the pipeline before any run opens
     from .store import Store
 
     sweep = _Sweep(spec, cfg, store or Store(), storage, study_name, n_trials)
