@@ -86,7 +86,12 @@ def tracking_db(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tracking")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    mlflow.MlflowClient().search_experiments()
+    cwd = os.getcwd()
+    os.chdir(folder)  # the store's default artefact root (./mlruns) is fixed when it is made
+    try:
+        mlflow.MlflowClient().search_experiments()
+    finally:
+        os.chdir(cwd)
     return {"uri": uri, "optuna": f"sqlite:///{folder / 'optuna.db'}", "folder": folder}
 
 
