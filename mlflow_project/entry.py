@@ -1,7 +1,8 @@
-"""Thin MLflow Projects entry point: ``python mlflow_project/entry.py STAGE [options]``.
+"""Thin MLflow Projects entry point: ``python mlflow_project/entry.py COMMAND [options]``.
 
-STAGE is ``run`` (the ``main`` entry point) or one of the stage names; all the work
-is in ``saeuniv.cli``. Passing the project folder lets ``main`` launch each stage as
+COMMAND is ``run`` (the ``main`` entry point), one of the stage names, or ``sweep`` (the
+``sweep`` entry point: ``sweep SPEC --storage URL --n-trials N``); all the work is in
+``saeuniv.cli``. Passing the project folder lets ``main`` launch each stage as
 its own project run with the same env manager when it runs under ``mlflow run``.
 """
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from saeuniv import cli
+from saeuniv import cli, matching
 from saeuniv.alignment import valid_positions
-from saeuniv.config import load_config
+from saeuniv.config import ConfigError, load_config
 from saeuniv.extract import load_codes
-from saeuniv.pipeline import STAGES, Pipeline
+from saeuniv.pipeline import STAGES, Pipeline, load_matches
 from saeuniv.store import Store
 from saeuniv.tokens import make_windows
 
@@ -204,3 +204,49 @@ def test_interrupted_extraction_resumes_from_its_shards(tiny_run, monkeypatch):
         np.testing.assert_allclose(load_codes(entry).toarray(), direct.numpy(), atol=1e-5)
         assert entry.meta["quality"]["n_tokens"] == int(win.mask.sum())
     assert not any((store.root / "partial" / "codes").glob("*/shard-*"))
+
+
+def _entries(store, kinds=("corpus", "tokenizer", "windows", "model", "sae", "codes")):
+    return {k: len(list((store / k).glob("*/manifest.json"))) for k in kinds}
+
+
+def test_match_n_tokens_matches_on_a_prefix_of_one_extraction(tiny_run):
+    store = tiny_run["root"] / "store"
+    cfg = tiny_run["cfg"].replace(**{"match.junk_filter": False, "match.n_tokens": 700})
+    before = _entries(store)
+    pipe = Pipeline(cfg, Store(store))
+    la, lb = pipe.pairs()[-1]
+    entry = pipe.matches(la, lb)
+    assert _entries(store) == before  # no new codes (nor models, SAEs, windows)
+    assert entry.meta["n_tokens"] == 700
+    codes_a = load_codes(pipe.all_codes["a"][la])
+    codes_b = load_codes(pipe.all_codes["b"][lb])
+    assert codes_a.shape[0] >= 1500
+    direct = matching.match(matching.correlation(codes_a[:700], codes_b[:700]),
+                            policy=cfg.match.policy, threshold=-1.0)
+    direct = direct.take(direct.corr > cfg.match.threshold)
+    got = load_matches(entry)
+    np.testing.assert_array_equal(got.a, direct.a)
+    np.testing.assert_array_equal(got.b, direct.b)
+    np.testing.assert_allclose(got.corr, direct.corr, rtol=1e-6)
+    every_row = load_matches(pipe.with_analysis(cfg.replace(**{"match.n_tokens": 0}))
+                             .matches(la, lb))
+    assert not np.array_equal(every_row.corr, got.corr)  # the prefix is what was matched
+    # the premise: the windows of a smaller budget are a prefix of a larger budget's
+    small = Pipeline(tiny_run["cfg"].replace(**{"extract.n_tokens": 700}), Store(store))
+    rows = load_codes(small.all_codes["a"][la])
+    assert rows.shape[0] >= 700
+    np.testing.assert_allclose(rows.toarray(), codes_a[:rows.shape[0]].toarray(), atol=1e-5)
+    with pytest.raises(ConfigError, match=r"match.n_tokens=2000 exceeds extract.n_tokens=1500; "
+                       r"raise extract.n_tokens"):
+        tiny_run["cfg"].replace(**{"match.n_tokens": 2000})
+
+
+def test_with_analysis_shares_the_artefacts_and_refuses_upstream_changes(tiny_run):
+    cfg = tiny_run["cfg"]
+    pipe = Pipeline(cfg, Store(tiny_run["root"] / "store"))
+    codes = pipe.all_codes
+    other = pipe.with_analysis(cfg.replace(**{"match.threshold": 0.3, "similarity.n_perm": 9}))
+    assert other.all_codes is codes and other.cfg.match.threshold == 0.3
+    with pytest.raises(ValueError, match=r"differs upstream of matching in \['extract'\]"):
+        pipe.with_analysis(cfg.replace(**{"extract.n_tokens": 700}))

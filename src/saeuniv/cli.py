@@ -46,12 +46,13 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def _or_config(typ):
-    """An argparse type that reads ``config`` as "not given" (the MLproject default)."""
+def _or_word(typ, word: str = "config"):
+    """An argparse type that reads ``word`` as "not given" (the MLproject default)."""
     def parse(value: str):
-        return None if value == "config" else typ(value)
+        return None if value == word else typ(value)
     parse.__name__ = typ.__name__
     return parse
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set match.threshold=0.2")
         for name, (_, typ, text) in SHORTCUTS.items():
-            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_or_config(typ),
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_or_word(typ),
                            default=None, help=f"{text} (overrides the config; 'config' "
                            "keeps the config's value)")
         p.add_argument("--store", default=None,
@@ -76,6 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     common(sub.add_parser("run", help="run the whole pipeline (main)"))
     for stage, text in STAGE_HELP.items():
         common(sub.add_parser(stage, help=text))
+    sweep = sub.add_parser(
+        "sweep", help="Optuna sweep over the analysis settings (a spec in sweeps/); resumes "
+        "a study that exists, and joins it when other workers run it",
+        description="Run, resume or join the Optuna sweep described by SPEC. Rerunning the "
+        "same command continues the study; the same command on another machine with a "
+        "shared --storage adds a worker.")
+    sweep.add_argument("spec", help="sweep spec (YAML), e.g. sweeps/thresholds.yaml")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a value of the spec's base config, e.g. "
+                       "--set corpus.source=/data/texts")
+    sweep.add_argument("--storage", default=None,
+                       help="Optuna storage: a database URL (sqlite:///optuna.db, "
+                       "postgresql://user@host/db) or a journal file ending in .log "
+                       "(default: optuna.db beside the MLflow SQLite database)")
+    sweep.add_argument("--study", default=None, help="study name (default: the spec's)")
+    sweep.add_argument("--n-trials", dest="n_trials", type=_or_word(int, "spec"), default=None,
+                       help="COMPLETE trials wanted, over all workers (default: the spec's)")
+    sweep.add_argument("--store", default=None,
+                       help="artefact store folder (default: $SAEUNIV_HOME or ~/.cache/saeuniv)")
+    sweep.add_argument("--experiment", default=None, help="MLflow experiment name")
     return parser
 
 
@@ -123,6 +144,8 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("sae_lens", "transformer_lens", "alembic", "httpx", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "sweep":
+        return sweep_main(args)
     try:
         cfg = _config(args)
         from .pipeline import Pipeline, run_main, run_stage
@@ -148,6 +171,43 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
     except ValueError as err:  # bad input found by a stage: one clear line
         print(f"saeuniv: error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def sweep_main(args) -> int:
+    """``saeuniv sweep``: exit 0 when the study holds its trials, 1 when this worker
+    stopped short (e.g. too many failed trials), 2 on bad input."""
+    try:
+        from .store import Store
+        from .sweep import load_spec, open_storage, run_sweep
+        from .tracking import DEFAULT_URI, install_signal_handlers, setup_tracking
+
+        spec = load_spec(args.spec)
+        cfg = spec.config(_parse_set(args.set))
+        store = Store(args.store)
+        # the storage before MLflow's database is touched: a bad --storage changes nothing
+        storage = open_storage(args.storage, os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    except (ConfigError, OSError, RuntimeError, ValueError) as err:
+        print(f"saeuniv: error: {err}", file=sys.stderr)
+        return 2
+    install_signal_handlers()
+    uri = setup_tracking(args.experiment)
+    try:
+        result = run_sweep(spec, cfg, store, storage=storage, study_name=args.study,
+                           n_trials=args.n_trials)
+    except ValueError as err:  # bad input found on the way: one clear line
+        print(f"saeuniv: error: {err}", file=sys.stderr)
+        return 2
+    print(f"saeuniv: study {result.study!r} ({result.storage}): {result.n_complete} of "
+          f"{result.n_trials} trials complete"
+          + ("" if result.finished or not result.handed_off else
+             ", the rest running on other workers")
+          + f"; parent run {result.parent_run_id}; browse with\n"
+          f"  mlflow ui --backend-store-uri {uri}")
+    if not (result.finished or result.handed_off):
+        print(f"saeuniv: this worker stopped short: {result.stop_reason or 'see the log'}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -112,13 +112,21 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class MatchConfig:
-    """How SAE features of A and B are paired (see ``saeuniv.matching``)."""
+    """How SAE features of A and B are paired (see ``saeuniv.matching``).
+
+    ``n_tokens`` matches on the first ``n_tokens`` code rows only (0: every
+    extracted row). The analysis windows of a smaller token budget are a prefix
+    of those of a larger one, so this equals a smaller ``extract.n_tokens``
+    without a new extraction: one extraction at the largest budget serves a
+    whole corpus-size sweep.
+    """
 
     policy: str = "one_to_one"
     threshold: float = 0.1
     junk_filter: bool = True
     shared_token: bool = False
     top_k: int = 5
+    n_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -376,6 +384,12 @@ def validate(cfg: Config) -> None:
            f"match.policy {m.policy!r} is unknown; choose one of {MATCH_POLICIES}")
     _check(-1.0 <= m.threshold <= 1.0, f"match.threshold must be in [-1, 1], got {m.threshold}")
     _check(m.top_k >= 1, f"match.top_k must be >= 1, got {m.top_k}")
+    _check(m.n_tokens >= 0, f"match.n_tokens must be >= 0 (0: every extracted token), got "
+           f"{m.n_tokens}")
+    _check(m.n_tokens <= e.n_tokens,
+           f"match.n_tokens={m.n_tokens} exceeds extract.n_tokens={e.n_tokens}; raise "
+           "extract.n_tokens (one extraction at the largest budget serves every smaller "
+           "match.n_tokens)")
     sim = cfg.similarity
     bad = [x for x in sim.metrics if x not in METRICS]
     _check(not bad and sim.metrics, f"similarity.metrics has unknown name(s) {bad}; choose from {METRICS}")

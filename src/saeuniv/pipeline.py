@@ -41,6 +41,9 @@ from .tracking import lineage_tags, stage_run
 log = logging.getLogger(__name__)
 
 STAGES = ("models", "saes", "extract", "match", "similarity")
+# Config sections that decide nothing upstream of matching: a pipeline that differs only
+# in these shares every model, SAE and code entry (see Pipeline.with_analysis).
+ANALYSIS_SECTIONS = ("match", "similarity")
 SIDES = ("a", "b")
 JUNK_STRINGS = {"", ".", ",", "!", "?", "-", ";", ":", '"', "'", "(", ")"}
 
@@ -289,7 +292,10 @@ class Pipeline:
 
     def matches(self, la: int, lb: int) -> Entry:
         ca, cb = self.all_codes["a"][la], self.all_codes["b"][lb]
-        spec = {"codes_a": ca.key, "codes_b": cb.key, "match": asdict(self.cfg.match)}
+        match = asdict(self.cfg.match)
+        if not match["n_tokens"]:  # every row: the key of entries made before n_tokens existed
+            del match["n_tokens"]
+        spec = {"codes_a": ca.key, "codes_b": cb.key, "match": match}
 
         def build(out: Path) -> dict:
             return _build_matches(self, ca, cb, out)
@@ -318,6 +324,28 @@ class Pipeline:
     def relative_depth(self, side: str, layer: int) -> float:
         return (layer + 1) / self.info(side).n_layers
 
+    def with_analysis(self, cfg: Config) -> "Pipeline":
+        """A pipeline for ``cfg`` that shares this one's resolved artefacts (corpus to codes).
+
+        ``cfg`` may differ from this pipeline's config only in the analysis sections
+        (``match``, ``similarity``), so the models, SAEs and codes already resolved here
+        are reused as they are: no store lookup, checksum or model load is repeated.
+        """
+        def upstream(c: Config) -> dict:
+            return {k: v for k, v in c.to_dict().items() if k not in ANALYSIS_SECTIONS}
+
+        mine, theirs = upstream(self.cfg), upstream(cfg)
+        if mine != theirs:
+            keys = sorted(k for k in mine if mine[k] != theirs.get(k))
+            raise ValueError(f"config differs upstream of matching in {keys}; only "
+                             f"{list(ANALYSIS_SECTIONS)} may differ")
+        other = Pipeline(cfg, self.store)
+        other._models, other._saes, other._cache = self._models, self._saes, self._cache
+        for name, value in self.__dict__.items():
+            if isinstance(getattr(type(self), name, None), cached_property):
+                other.__dict__[name] = value
+        return other
+
 
 def load_matches(entry: Entry) -> matching.Matches:
     data = np.load(entry.file("pairs.npz"))
@@ -327,9 +355,17 @@ def load_matches(entry: Entry) -> matching.Matches:
 def _build_matches(pipe: Pipeline, ca: Entry, cb: Entry, out: Path) -> dict:
     mc = pipe.cfg.match
     codes_a, codes_b = load_codes(ca), load_codes(cb)
+    if mc.n_tokens:  # a prefix of the rows: the windows of a smaller token budget
+        rows = min(codes_a.shape[0], codes_b.shape[0])
+        if mc.n_tokens > rows:
+            raise ValueError(
+                f"match.n_tokens={mc.n_tokens} exceeds the {rows} code rows extracted; raise "
+                f"extract.n_tokens to at least {mc.n_tokens} (or lower match.n_tokens)")
+        codes_a, codes_b = codes_a[:mc.n_tokens], codes_b[:mc.n_tokens]
     corr = matching.correlation(codes_a, codes_b)
     alive = np.isfinite(corr)
-    counts = {"n_dead_a": int((~alive.any(1)).sum()), "n_dead_b": int((~alive.any(0)).sum())}
+    counts = {"n_tokens": int(codes_a.shape[0]), "n_dead_a": int((~alive.any(1)).sum()),
+              "n_dead_b": int((~alive.any(0)).sum())}
     m = matching.match(corr, policy=mc.policy, threshold=-1.0)
     counts["n_policy"] = m.n
     counts["mean_corr_before"] = m.mean_corr
@@ -704,7 +740,8 @@ def _summary(pipe: Pipeline, g: dict) -> str:
              f"analysis tokens (pad/BOS dropped; {shared})",
              f"- SAEs: A {describe_saes('a')}; B {describe_saes('b')}",
              f"- matching: {cfg.match.policy}, threshold {cfg.match.threshold}, junk filter "
-             f"{cfg.match.junk_filter}",
+             f"{cfg.match.junk_filter}"
+             + (f", on the first {cfg.match.n_tokens:,} tokens" if cfg.match.n_tokens else ""),
              f"- null: {cfg.similarity.n_perm} seeded permutations (seed {cfg.similarity.seed}), "
              "p = (1 + #null >= observed) / (1 + n_perm)", ""]
     for name, fields in g["metrics"].items():
