@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from saeuniv.config import Config, ConfigError, load_config
+from saeuniv.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
