@@ -250,3 +250,38 @@ def test_with_analysis_shares_the_artefacts_and_refuses_upstream_changes(tiny_ru
     assert other.all_codes is codes and other.cfg.match.threshold == 0.3
     with pytest.raises(ValueError, match=r"differs upstream of matching in \['extract'\]"):
         pipe.with_analysis(cfg.replace(**{"extract.n_tokens": 700}))
+
+
+def test_lineage_tags_are_on_every_run_and_searchable(tiny_run):
+    runs = _runs(tiny_run["uri"])
+    main = runs[(runs["tags.saeuniv.stage"] == "main") & (runs.status == "FINISHED")].iloc[0]
+    corpus_hash = main["tags.saeuniv.corpus_hash"]
+    assert len(corpus_hash) == 64
+    found = mlflow.search_runs(search_all_experiments=True,
+                               filter_string=f"tags.saeuniv.corpus_hash = '{corpus_hash}'")
+    mine = found[(found.run_id == main.run_id) | (found["tags.mlflow.parentRunId"] == main.run_id)]
+    assert sorted(mine["tags.saeuniv.stage"]) == sorted(("main",) + STAGES)
+    cfg = tiny_run["cfg"]
+    pipe = Pipeline(cfg, Store(tiny_run["root"] / "store"))
+    expected = {"saeuniv.config_hash": cfg.hash(), "saeuniv.seed.corpus": str(cfg.corpus.seed),
+                "saeuniv.seed.family": str(cfg.family.seed),
+                "saeuniv.seed.sae": str(cfg.sae.seed),
+                "saeuniv.seed.similarity": str(cfg.similarity.seed),
+                "saeuniv.n_tokens": str(pipe.windows_entry.meta["n_valid_tokens"]),
+                "saeuniv.model_a.key": pipe.model_key("a"),
+                "saeuniv.model_b.key": pipe.model_key("b"),
+                "saeuniv.sae.a0": pipe.sae_key("a", 0),
+                f"saeuniv.sae.b{pipe.layers('b')[-1]}": pipe.sae_key("b", pipe.layers("b")[-1])}
+    for _, run in mine.iterrows():  # every key on every run that resolved it, the same value
+        for tag, value in expected.items():
+            if run["tags.saeuniv.stage"] == "models" and tag.startswith("saeuniv.sae."):
+                assert run[f"tags.{tag}"] != run[f"tags.{tag}"]  # SAEs are not trained to tag
+            else:
+                assert run[f"tags.{tag}"] == value, (run["tags.saeuniv.stage"], tag)
+        for lib in ("torch", "mlflow", "sae_lens", "transformer_lens", "optuna", "numpy"):
+            assert run[f"tags.saeuniv.{lib}"] not in (None, "", "unknown"), lib
+        assert run["tags.saeuniv.version"] and run["tags.saeuniv.git_dirty"] in ("true", "false")
+    by_key = mlflow.search_runs(search_all_experiments=True, filter_string=(
+        f"tags.saeuniv.model_b.key = '{pipe.model_key('b')}' and tags.saeuniv.stage = 'main'"))
+    assert main.run_id in set(by_key.run_id)
+

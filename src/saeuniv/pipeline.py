@@ -347,6 +347,43 @@ class Pipeline:
         return other
 
 
+def pipeline_lineage(pipe: Pipeline) -> dict[str, str]:
+    """The lineage tags of a pipeline: what makes its runs reproducible.
+
+    Code and environment (``lineage_tags``: saeuniv version, git commit and dirty flag,
+    library versions), the config hash, the seeds, and what is already resolved of the
+    inputs: the corpus hash (``saeuniv.corpus_hash``), the analysis token count
+    (``saeuniv.n_tokens``), each side's model key (``saeuniv.model_a.key``) and SAE keys
+    (``saeuniv.sae.a0``: side and layer). Nothing is computed to tag it: a key that is not
+    resolved yet is left out, and the stages set these tags again when they end, so every
+    key a stage resolved is on its run, with the same value on every run of the pipeline.
+    """
+    cfg = pipe.cfg
+    tags = lineage_tags(cfg.hash())
+    tags.update({"saeuniv.config_name": cfg.name,
+                 "saeuniv.seed.corpus": str(cfg.corpus.seed),
+                 "saeuniv.seed.family": str(cfg.family.seed),
+                 "saeuniv.seed.sae": str(cfg.sae.seed),
+                 "saeuniv.seed.similarity": str(cfg.similarity.seed)})
+    resolved = pipe.__dict__
+    if "corpus" in resolved:
+        tags["saeuniv.corpus_hash"] = pipe.corpus.meta["source_hash"]
+    if "windows_entry" in resolved:
+        tags["saeuniv.n_tokens"] = str(pipe.windows_entry.meta["n_valid_tokens"])
+    for side in SIDES:
+        family = pipe.ref(side).source == "family"
+        if ("model_entries" in resolved) if family else (("id", side) in pipe._cache):
+            tags[f"saeuniv.model_{side}.key"] = pipe.model_key(side)
+        trained = pipe.sae_ref(side).source == "train"
+        if trained and ("saes", side) in pipe._cache:
+            layers = pipe._cache[("saes", side)]
+        else:
+            layers = [k[2] for k in pipe._cache if k[:2] == ("saekey", side)]
+        for layer in sorted(layers):
+            tags[f"saeuniv.sae.{side}{layer}"] = pipe.sae_key(side, layer)
+    return tags
+
+
 def load_matches(entry: Entry) -> matching.Matches:
     data = np.load(entry.file("pairs.npz"))
     return matching.Matches(data["a"], data["b"], data["corr"])
@@ -592,9 +629,10 @@ STAGE_FUNCS: dict[str, Callable[[Pipeline], None]] = {
 
 def run_stage(stage: str, pipe: Pipeline) -> None:
     """Run one stage inside its own MLflow run (nested when a parent is active)."""
-    with stage_run(stage, tags=lineage_tags(pipe.cfg.hash())):
+    with stage_run(stage, tags=pipeline_lineage(pipe)):
         mlflow.log_params({"config_name": pipe.cfg.name, "config_hash": pipe.cfg.hash()})
         STAGE_FUNCS[stage](pipe)
+        mlflow.set_tags(pipeline_lineage(pipe))  # the keys this stage resolved
 
 
 def flat_params(cfg: Config) -> dict[str, str]:
@@ -619,13 +657,15 @@ def run_main(cfg: Config, store: Store | None = None, launcher: Callable | None 
     """
     pipe = Pipeline(cfg, store)
     launch = launcher or run_stage
-    with stage_run("main", run_name=f"main:{cfg.name}", tags=lineage_tags(cfg.hash())) as run:
+    with stage_run("main", run_name=f"main:{cfg.name}", tags=pipeline_lineage(pipe)) as run:
         mlflow.log_params(flat_params(cfg))
         mlflow.log_dict(cfg.to_dict(), "config.yaml")
         pipe.validate()
+        mlflow.set_tags(pipeline_lineage(pipe))
         for stage in STAGES:
             launch(stage, pipe)
         report(pipe)
+        mlflow.set_tags(pipeline_lineage(pipe))
         return run.info.run_id
 
 
