@@ -285,3 +285,57 @@ def test_lineage_tags_are_on_every_run_and_searchable(tiny_run):
         f"tags.saeuniv.model_b.key = '{pipe.model_key('b')}' and tags.saeuniv.stage = 'main'"))
     assert main.run_id in set(by_key.run_id)
 
+
+def _finished(runs, stage):
+    return runs[(runs["tags.saeuniv.stage"] == stage) & (runs.status == "FINISHED")]
+
+
+def _artifact_dir(run_id) -> "Path":
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    uri = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+    return Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
+
+
+def test_audit_prints_provenance_and_finds_the_artifacts_intact(tiny_run, capsys):
+    from saeuniv.tracking import sha256_file
+
+    os.environ["MLFLOW_TRACKING_URI"] = tiny_run["uri"]
+    runs = _runs(tiny_run["uri"])
+    main = _finished(runs, "main").iloc[0]
+    assert cli.main(["audit", main.run_id]) == 0
+    out = capsys.readouterr().out
+    assert "audit: intact: 0 problem(s)" in out
+    assert f"saeuniv.corpus_hash = {main['tags.saeuniv.corpus_hash']}" in out
+    assert "match.threshold = " in out and "none (a top-level run)" in out
+    children = out.split("## children")[1].split("## artifacts")[0]
+    assert sorted(l.split()[2] for l in children.strip().splitlines()) == sorted(STAGES)
+    assert children.count("FINISHED") == len(STAGES)
+    heatmap = _artifact_dir(main.run_id) / "heatmap_svcca.png"
+    assert f"heatmap_svcca.png  {heatmap.stat().st_size:>10}  {sha256_file(heatmap)}  ok" in out
+    child = _finished(runs, "match")
+    child = child[child["tags.mlflow.parentRunId"] == main.run_id].iloc[0]
+    assert cli.main(["audit", child.run_id]) == 0
+    assert main.run_id in capsys.readouterr().out.split("## parent")[1].split("## children")[0]
+    assert cli.main(["audit", "0" * 32]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_audit_fails_naming_a_changed_or_missing_artifact(tiny_run, capsys):
+    os.environ["MLFLOW_TRACKING_URI"] = tiny_run["uri"]
+    run_id = _finished(_runs(tiny_run["uri"]), "match").iloc[0].run_id
+    path = _artifact_dir(run_id) / "top_pairs.json"
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original.replace(b"0", b"1", 1))
+        assert cli.main(["audit", run_id]) == 1
+        out = capsys.readouterr().out
+        assert "CHANGED top_pairs.json: sha256 " in out and "NOT intact: 1 problem(s)" in out
+        path.unlink()
+        assert cli.main(["audit", run_id]) == 1
+        assert "\nMISSING top_pairs.json\n" in capsys.readouterr().out
+    finally:
+        path.write_bytes(original)
+    assert cli.main(["audit", run_id]) == 0
+

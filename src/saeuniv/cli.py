@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--store", default=None,
                        help="artefact store folder (default: $SAEUNIV_HOME or ~/.cache/saeuniv)")
     sweep.add_argument("--experiment", default=None, help="MLflow experiment name")
+    audit = sub.add_parser(
+        "audit", help="print a run's provenance and check that its artefacts are intact",
+        description="Print RUN_ID's inputs (params, lineage tags), parent and children, and "
+        "each artefact with its size and SHA-256, checked against the run's "
+        "artifacts.sha256.json. Exit status 0 when intact, 1 when an artefact is missing or "
+        "changed (named on its own line).")
+    audit.add_argument("run_id", help="MLflow run id")
     return parser
 
 
@@ -146,6 +153,8 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "sweep":
         return sweep_main(args)
+    if args.command == "audit":
+        return audit_main(args)
     try:
         cfg = _config(args)
         from .pipeline import Pipeline, run_main, run_stage
@@ -172,6 +181,33 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         print(f"saeuniv: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _tracking_uri() -> str:
+    """Point MLflow at the tracking store without choosing (or creating) an experiment."""
+    import mlflow
+
+    from .tracking import DEFAULT_URI
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def audit_main(args) -> int:
+    """``saeuniv audit RUN_ID``: 0 when intact, 1 when not, 2 when the run is unknown."""
+    from mlflow.exceptions import MlflowException
+
+    from .audit import main as audit
+
+    uri = _tracking_uri()
+    try:
+        return audit(args.run_id)
+    except MlflowException as err:
+        print(f"saeuniv: error: run {args.run_id!r} not found in {uri}: {err.message}",
+              file=sys.stderr)
+        return 2
 
 
 def sweep_main(args) -> int:
