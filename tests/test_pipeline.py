@@ -339,3 +339,57 @@ def test_audit_fails_naming_a_changed_or_missing_artifact(tiny_run, capsys):
         path.write_bytes(original)
     assert cli.main(["audit", run_id]) == 0
 
+
+def test_compare_lines_up_two_main_runs(tiny_run, tmp_path, monkeypatch, capsys):
+    """Two main runs differing in match.threshold (warm store, own MLflow database)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("SAEUNIV_HOME", str(tiny_run["root"] / "store"))
+    base = ["run", "--config", "tiny", "--set", f"corpus.source={tiny_run['cfg'].corpus.source}"]
+    assert cli.main(base) == 0
+    assert cli.main(base + ["--threshold", "0.3"]) == 0
+    capsys.readouterr()
+    runs = _finished(_runs(f"sqlite:///{tmp_path / 'mlflow.db'}"), "main")
+    ids = list(runs.sort_values("start_time").run_id)
+    assert cli.main(["compare", f"{ids[0]},{ids[1]}"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["param", ids[0][:12], ids[1][:12]]
+    t0 = str(tiny_run["cfg"].match.threshold)
+    assert out.splitlines()[2].split() == ["match.threshold", t0, "0.3"]
+    client = mlflow.MlflowClient()
+    comp = mlflow.search_runs(filter_string="tags.saeuniv.stage = 'compare'",
+                              search_all_experiments=True)
+    assert len(comp) == 1 and comp.iloc[0]["tags.saeuniv.compared"] == f"{ids[0]},{ids[1]}"
+    arts = {a.path for a in client.list_artifacts(comp.iloc[0].run_id)}
+    assert {"compare_depth_curves.png", "diff_heatmap_svcca.png", "diff_heatmap_rsa.png",
+            "params_diff.csv", "artifacts.sha256.json"} <= arts
+    table = mlflow.artifacts.load_text(f"runs:/{comp.iloc[0].run_id}/params_diff.csv")
+    assert table.splitlines() == [f"param,{ids[0]},{ids[1]}", f"match.threshold,{t0},0.3"]
+    # the curve is the runs' per-layer svcca metric against relative depth
+    from saeuniv.compare import depth_curve, diff_grid, load_run
+
+    r0, r1 = load_run(client, ids[0]), load_run(client, ids[1])
+    x, y = depth_curve(r0, "svcca")
+    cfg = tiny_run["cfg"]
+    pipe = Pipeline(cfg, Store(tiny_run["root"] / "store"))
+    assert list(x) == [pipe.relative_depth("a", la) for la in pipe.layers("a")]
+    hist = {m.step: m.value for m in client.get_metric_history(ids[0], "svcca")}
+    np.testing.assert_allclose([hist.get(la, np.nan) for la in pipe.layers("a")], y)
+    assert r0["n_layers"] == {side: pipe.info(side).n_layers for side in "ab"}
+    d = diff_grid(r0, r1, "rsa")
+    np.testing.assert_allclose(d, np.asarray(r1["grids"]["metrics"]["rsa"]["observed"], float)
+                               - np.asarray(r0["grids"]["metrics"]["rsa"]["observed"], float))
+    # different layer grids: a clear error, no compare run
+    assert cli.main(base + ["--set", "layers_b=[0, 2]"]) == 0
+    other = _finished(_runs(f"sqlite:///{tmp_path / 'mlflow.db'}"), "main")
+    third = (set(other.run_id) - set(ids)).pop()
+    capsys.readouterr()
+    assert cli.main(["compare", ids[0], third]) == 2
+    assert "needs one layer grid" in capsys.readouterr().err
+    assert cli.main(["compare", ids[0]]) == 2
+    assert "at least two run ids" in capsys.readouterr().err
+    assert cli.main(["compare", ids[0], comp.iloc[0].run_id]) == 2
+    assert "compare takes main runs" in capsys.readouterr().err
+    assert len(mlflow.search_runs(filter_string="tags.saeuniv.stage = 'compare'",
+                                  search_all_experiments=True)) == 1
+

@@ -104,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
         "artifacts.sha256.json. Exit status 0 when intact, 1 when an artefact is missing or "
         "changed (named on its own line).")
     audit.add_argument("run_id", help="MLflow run id")
+    comp = sub.add_parser(
+        "compare", help="line up two or more main runs: depth curves, difference heatmap, "
+        "params that differ", description="Compare main runs in a new MLflow run (tag "
+        "saeuniv.stage=compare): per-layer SVCCA and RSA against relative depth, the "
+        "difference heatmap of the first two runs, and the table of params that differ "
+        "(printed, and logged as params_diff.csv).")
+    comp.add_argument("runs", nargs="+", metavar="RUN_ID",
+                      help="main run ids (an argument may hold several, split by spaces or "
+                      "commas)")
+    comp.add_argument("--experiment", default=None, help="MLflow experiment name")
     return parser
 
 
@@ -155,6 +165,8 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         return sweep_main(args)
     if args.command == "audit":
         return audit_main(args)
+    if args.command == "compare":
+        return compare_main(args)
     try:
         cfg = _config(args)
         from .pipeline import Pipeline, run_main, run_stage
@@ -208,6 +220,29 @@ def audit_main(args) -> int:
         print(f"saeuniv: error: run {args.run_id!r} not found in {uri}: {err.message}",
               file=sys.stderr)
         return 2
+
+
+def compare_main(args) -> int:
+    """``saeuniv compare``: 0 when the comparison run is logged, 2 on bad input."""
+    from .compare import CompareError, compare, parse_run_ids
+    from .tracking import install_signal_handlers, setup_tracking
+
+    try:
+        ids = parse_run_ids(args.runs)
+    except CompareError as err:
+        print(f"saeuniv: error: {err}", file=sys.stderr)
+        return 2
+    install_signal_handlers()
+    uri = setup_tracking(args.experiment)
+    try:
+        run_id, text = compare(ids)
+    except CompareError as err:
+        print(f"saeuniv: error: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"saeuniv: compare run {run_id} logged; browse it with\n"
+          f"  mlflow ui --backend-store-uri {uri}")
+    return 0
 
 
 def sweep_main(args) -> int:
