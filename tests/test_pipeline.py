@@ -17,6 +17,7 @@ from saeuniv.extract import load_codes
 from saeuniv.pipeline import STAGES, Pipeline, load_matches
 from saeuniv.store import Store
 from saeuniv.tokens import make_windows
+from saeuniv.tracking import git_info
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +281,9 @@ def test_lineage_tags_are_on_every_run_and_searchable(tiny_run):
                 assert run[f"tags.{tag}"] == value, (run["tags.saeuniv.stage"], tag)
         for lib in ("torch", "mlflow", "sae_lens", "transformer_lens", "optuna", "numpy"):
             assert run[f"tags.saeuniv.{lib}"] not in (None, "", "unknown"), lib
-        assert run["tags.saeuniv.version"] and run["tags.saeuniv.git_dirty"] in ("true", "false")
+        assert run["tags.saeuniv.version"]
+        if git_info():  # a git checkout (not, e.g., an unpacked source archive)
+            assert run["tags.saeuniv.git_dirty"] in ("true", "false")
     by_key = mlflow.search_runs(search_all_experiments=True, filter_string=(
         f"tags.saeuniv.model_b.key = '{pipe.model_key('b')}' and tags.saeuniv.stage = 'main'"))
     assert main.run_id in set(by_key.run_id)
@@ -392,4 +395,35 @@ def test_compare_lines_up_two_main_runs(tiny_run, tmp_path, monkeypatch, capsys)
     assert "compare takes main runs" in capsys.readouterr().err
     assert len(mlflow.search_runs(filter_string="tags.saeuniv.stage = 'compare'",
                                   search_all_experiments=True)) == 1
+
+
+def test_main_run_logs_a_self_contained_html_report(tiny_run):
+    runs = _runs(tiny_run["uri"])
+    main = _finished(runs, "main").iloc[0]
+    html = mlflow.artifacts.load_text(f"runs:/{main.run_id}/report.html")
+    for section in ('id="summary"', 'id="heatmaps"', 'id="curves"', 'id="quality"',
+                    'id="pairs"'):
+        assert section in html
+    cfg = tiny_run["cfg"]
+    assert html.count("data:image/png;base64,") == len(cfg.similarity.metrics) + 1
+    assert "src=\"http" not in html and "<script" not in html  # nothing fetched, nothing run
+    pipe = Pipeline(cfg, Store(tiny_run["root"] / "store"))
+    q = pipe.all_codes["b"][pipe.layers("b")[-1]].meta["quality"]
+    assert f'<td class="num">{float(q["fvu"]):.4g}</td>' in html
+    assert "[[" in html and "sae_dead" in html and "top_tokens_a" in html
+
+
+def test_html_report_escapes_text_from_the_data():
+    from saeuniv.htmlreport import render
+
+    pair = {"layer_a": 0, "layer_b": 1, "a": 3, "b": 4, "corr": 0.5,
+            "top_tokens_a": "'<b>'", "top_tokens_b": "'&'",
+            "context_a": "x <script>alert(1)</script> [[y]]", "context_b": '"q"'}
+    html = render("A <i> vs B", "# s & t", {"svcca": "AAAA"}, "BBBB",
+                  [("a", 0, {"l0": 3.0, "fvu": 0.25, "dead_fraction": 0.0})], [pair])
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt; [[y]]" in html
+    assert "&#x27;&lt;b&gt;&#x27;" in html and "&#x27;&amp;&#x27;" in html
+    assert "A &lt;i&gt; vs B" in html and "# s &amp; t" in html
+    assert 'src="data:image/png;base64,AAAA"' in html and "&quot;q&quot;" in html
+    assert '<td class="num">0.25</td>' in html
 

@@ -703,17 +703,23 @@ def _nan_to_none(x):
     return x
 
 
+REPORT_PAIRS = 5  # top matched pairs per layer pair in report.html
+
+
 def report(pipe: Pipeline) -> None:
-    """Log the grids, heatmaps, per-layer curves, pairs table and summary on the active run."""
-    from .plots import depth_curves, heatmap
+    """Log the grids, heatmaps, per-layer curves, pairs table, summary and the
+    self-contained ``report.html`` on the active run."""
+    from .htmlreport import png_base64, render
+    from .plots import depth_curves, heatmap, plt
 
     g = grids(pipe)
     la_list, lb_list = g["layers_a"], g["layers_b"]
     name_a, name_b = pipe.name("a"), pipe.name("b")
     for la, lb in pipe.pairs():
         _log_scores(load_scores(pipe.scores(la, lb)), _pair_key(la, lb))
-    _log_quality(pipe)
+    quality = _log_quality(pipe)
     mlflow.log_dict(_nan_to_none(g), "grids.json")
+    images = {}
     # per-layer curves: each A layer against the B layer at the nearest relative depth
     curves = {}
     for name, fields in g["metrics"].items():
@@ -734,13 +740,20 @@ def report(pipe: Pipeline) -> None:
                       f"{name}: {name_a} vs {name_b} (n_perm={pipe.cfg.similarity.n_perm})",
                       name_a, name_b, pvalues=fields["p"])
         mlflow.log_figure(fig, f"heatmap_{name}.png")
-        fig.clf()
+        images[name] = png_base64(fig)
+        plt.close(fig)
     fig = depth_curves(curves, f"{name_a} vs {name_b}, B layer at matching relative depth")
     mlflow.log_figure(fig, "depth_curves.png")
+    curves_png = png_base64(fig)
+    plt.close(fig)
     mlflow.log_text(_pairs_csv(pipe), "matched_pairs.csv")
     summary = _summary(pipe, g)
     mlflow.log_text(summary, "summary.md")
     mlflow.set_tag("mlflow.note.content", summary)
+    top = [row for la, lb in pipe.pairs()
+           for row in _top_pairs(pipe, la, lb, pipe.matches(la, lb), REPORT_PAIRS)]
+    mlflow.log_text(render(f"saeuniv: {name_a} vs {name_b}", summary, images, curves_png,
+                           quality, top), "report.html")
 
 
 def _pairs_csv(pipe: Pipeline) -> str:
