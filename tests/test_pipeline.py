@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -281,7 +282,7 @@ def test_lineage_tags_are_on_every_run_and_searchable(tiny_run):
                 assert run[f"tags.{tag}"] == value, (run["tags.saeuniv.stage"], tag)
         for lib in ("torch", "mlflow", "sae_lens", "transformer_lens", "optuna", "numpy"):
             assert run[f"tags.saeuniv.{lib}"] not in (None, "", "unknown"), lib
-        assert run["tags.saeuniv.version"]
+        assert run["tags.saeuniv.version"] and len(run["tags.saeuniv.code_version"]) == 64
         if git_info():  # a git checkout (not, e.g., an unpacked source archive)
             assert run["tags.saeuniv.git_dirty"] in ("true", "false")
     by_key = mlflow.search_runs(search_all_experiments=True, filter_string=(
@@ -427,3 +428,66 @@ def test_html_report_escapes_text_from_the_data():
     assert 'src="data:image/png;base64,AAAA"' in html and "&quot;q&quot;" in html
     assert '<td class="num">0.25</td>' in html
 
+
+def test_warm_run_reuses_the_finished_stage_runs(tiny_run, capsys):
+    os.environ["MLFLOW_TRACKING_URI"] = tiny_run["uri"]
+    runs = _runs(tiny_run["uri"])
+    first, second = _finished(runs, "main").sort_values("start_time").run_id[:2]
+    kids = lambda main: runs[runs["tags.mlflow.parentRunId"] == main].set_index(
+        "tags.saeuniv.stage")
+    cold, warm = kids(first), kids(second)
+    for stage in STAGES:
+        assert cold.loc[stage, "tags.saeuniv.reused_from"] != cold.loc[stage,
+                                                                        "tags.saeuniv.reused_from"]
+        assert warm.loc[stage, "tags.saeuniv.reused_from"] == cold.loc[stage, "run_id"]
+        assert warm.loc[stage, "tags.saeuniv.inputs_hash"] == cold.loc[stage,
+                                                                       "tags.saeuniv.inputs_hash"]
+        metrics = [c for c in runs.columns if c.startswith("metrics.")
+                   and cold.loc[stage, c] == cold.loc[stage, c]]
+        assert metrics and all(warm.loc[stage, c] == cold.loc[stage, c] for c in metrics)
+        assert cli.main(["audit", warm.loc[stage, "run_id"]]) == 0
+    client = mlflow.MlflowClient()
+    hist = lambda run, key: [(m.step, m.value) for m in client.get_metric_history(run, key)]
+    assert hist(warm.loc["extract", "run_id"], "sae_fvu_b") == hist(cold.loc["extract", "run_id"],
+                                                                    "sae_fvu_b")
+    arts = {a.path for a in client.list_artifacts(warm.loc["match", "run_id"])}
+    assert {"top_pairs.json", "artifacts.sha256.json"} <= arts
+
+
+def test_changed_artifacts_are_not_reused_and_force_recomputes(tiny_run, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    store = tiny_run["root"] / "store"
+    monkeypatch.setenv("SAEUNIV_HOME", str(store))
+    args = ["match", "--config", "tiny", "--set", f"corpus.source={tiny_run['cfg'].corpus.source}"]
+
+    def latest():
+        runs = _runs(uri).sort_values("start_time")
+        return runs.iloc[-1]
+
+    assert cli.main(args) == 0
+    r1 = latest()
+    reused = lambda row: row.get("tags.saeuniv.reused_from") \
+        if isinstance(row.get("tags.saeuniv.reused_from"), str) else None
+    assert reused(r1) is None  # computed
+    assert cli.main(args) == 0
+    r2 = latest()
+    assert reused(r2) == r1.run_id
+    changed = _artifact_dir(r2.run_id) / "top_pairs.json"
+    changed.write_text(changed.read_text() + " ")
+    assert cli.main(args) == 0  # r2's copy no longer matches its checksum: not trusted
+    r3 = latest()
+    assert reused(r3) == r1.run_id
+    created = lambda kind: sorted(json.loads(p.read_text())["created"]
+                                  for p in (store / kind).glob("*/manifest.json"))
+    matches, scores = created("matches"), created("scores")
+    assert cli.main(args + ["--force"]) == 0
+    r4 = latest()
+    assert reused(r4) is None
+    assert r4["tags.saeuniv.stage"] == "match" and r4.status == "FINISHED"
+    n = len(Pipeline(tiny_run["cfg"]).pairs())
+    rebuilt = [t for t in created("matches") if t > r3.end_time.timestamp()]
+    assert len(rebuilt) == n and len(created("matches")) == len(matches)  # overwritten
+    assert created("scores") == scores  # other stages' entries untouched

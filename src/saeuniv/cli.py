@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--store", default=None,
                        help="artefact store folder (default: $SAEUNIV_HOME or ~/.cache/saeuniv)")
         p.add_argument("--experiment", default=None, help="MLflow experiment name")
+        p.add_argument("--force", action="store_true",
+                       help="recompute: reuse no finished run with the same inputs, and "
+                       "rebuild (overwrite) the stage's store entries")
 
     common(sub.add_parser("run", help="run the whole pipeline (main)"))
     for stage, text in STAGE_HELP.items():
@@ -184,11 +187,11 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         if args.command == "run":
             with tempfile.TemporaryDirectory() as tmp:
                 launcher = project_launcher(project_dir, Path(tmp)) if launched_by_project else None
-                run_id = run_main(cfg, store, launcher)
+                run_id = run_main(cfg, store, launcher, force=args.force)
             print(f"saeuniv: main run {run_id} finished; browse it with\n"
                   f"  mlflow ui --backend-store-uri {uri}")
         else:
-            run_stage(args.command, Pipeline(cfg, store))
+            run_stage(args.command, Pipeline(cfg, store), force=args.force)
     except ValueError as err:  # bad input found by a stage: one clear line
         print(f"saeuniv: error: {err}", file=sys.stderr)
         return 2

@@ -36,7 +36,7 @@ from .saes import (Quality, check_compatible, check_ref, load_pretrained, load_s
 from .store import Entry, Store
 from .tokens import (analysis_windows, load_tokenizer, load_windows, make_windows,
                      tokenizer_sha, train_tokenizer)
-from .tracking import lineage_tags, stage_run
+from .tracking import CHECKSUMS, code_version, lineage_tags, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -627,10 +627,91 @@ STAGE_FUNCS: dict[str, Callable[[Pipeline], None]] = {
 }
 
 
-def run_stage(stage: str, pipe: Pipeline) -> None:
-    """Run one stage inside its own MLflow run (nested when a parent is active)."""
-    with stage_run(stage, tags=pipeline_lineage(pipe)):
+# What each stage depends on: the config sections that decide its output, and the store
+# kinds it builds (recomputed under --force).
+_UPSTREAM = ("corpus", "tokenizer", "family", "model_a", "model_b")
+_SAES = _UPSTREAM + ("layers_a", "layers_b", "pairs", "sae_a", "sae_b", "sae", "extract")
+STAGE_SECTIONS = {"models": _UPSTREAM, "saes": _SAES, "extract": _SAES,
+                  "match": _SAES + ("match",), "similarity": _SAES + ("match", "similarity")}
+STAGE_KINDS = {"models": {"corpus", "tokenizer", "model"}, "saes": {"sae", "preflight"},
+               "extract": {"windows", "codes"}, "match": {"matches"},
+               "similarity": {"scores"}}
+
+
+def inputs_hash(cfg: Config, stage: str) -> str:
+    """Digest of what a stage's result depends on: its config sections and the code."""
+    data = cfg.to_dict()
+    return digest({"stage": stage, "config": {k: data[k] for k in STAGE_SECTIONS[stage]},
+                   "code": code_version()})
+
+
+def reusable_run(stage: str, inputs: str):
+    """The latest FINISHED run of ``stage`` with these inputs whose artefacts are intact
+    (checked against its ``artifacts.sha256.json``), in the active run's experiment."""
+    from .audit import audit
+
+    client = mlflow.MlflowClient()
+    active = mlflow.active_run()
+    found = client.search_runs(
+        [active.info.experiment_id],
+        filter_string=(f"tags.saeuniv.inputs_hash = '{inputs}' and tags.saeuniv.stage = "
+                       f"'{stage}' and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=20)
+    for run in found:
+        if run.info.run_id == active.info.run_id:
+            continue
+        result = audit(run.info.run_id)
+        if result.intact:
+            return run
+        log.warning("not reusing %s run %s: %s", stage, run.info.run_id,
+                    "; ".join(result.problems))
+    return None
+
+
+def reuse_run(source) -> None:
+    """Copy a finished run's metrics (every step), artefacts and stage tags into the
+    active run and tag ``saeuniv.reused_from``."""
+    import tempfile
+
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    history = [Metric(m.key, m.value, m.timestamp, m.step) for key in source.data.metrics
+               for m in client.get_metric_history(source.info.run_id, key)]
+    for i in range(0, len(history), 1000):
+        client.log_batch(run_id, metrics=history[i:i + 1000])
+    own = mlflow.get_run(run_id).data.tags
+    mlflow.set_tags({k: v for k, v in source.data.tags.items()
+                     if k.startswith("saeuniv.") and k not in own
+                     and k not in ("saeuniv.reused_from", "saeuniv.error")})
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(source.info.run_id, "", tmp))
+        (local / CHECKSUMS).unlink(missing_ok=True)
+        if any(local.iterdir()):
+            mlflow.log_artifacts(str(local))
+    mlflow.set_tag("saeuniv.reused_from", source.info.run_id)
+
+
+def run_stage(stage: str, pipe: Pipeline, force: bool = False) -> None:
+    """Run one stage inside its own MLflow run (nested when a parent is active).
+
+    A FINISHED run of the same stage with the same ``saeuniv.inputs_hash`` and intact
+    artefacts is reused (its metrics, artefacts and tags copied, ``saeuniv.reused_from``
+    set) instead of recomputing. ``force`` recomputes: no reuse, and the stage's store
+    entries are rebuilt and overwritten.
+    """
+    inputs = inputs_hash(pipe.cfg, stage)
+    with stage_run(stage, tags={**pipeline_lineage(pipe), "saeuniv.inputs_hash": inputs}):
         mlflow.log_params({"config_name": pipe.cfg.name, "config_hash": pipe.cfg.hash()})
+        source = None if force else reusable_run(stage, inputs)
+        if source is not None:
+            log.info("stage %s: reusing run %s (same inputs and code)", stage,
+                     source.info.run_id)
+            reuse_run(source)
+            return
+        if force:
+            pipe.store.force |= STAGE_KINDS[stage]
         STAGE_FUNCS[stage](pipe)
         mlflow.set_tags(pipeline_lineage(pipe))  # the keys this stage resolved
 
@@ -649,14 +730,18 @@ def flat_params(cfg: Config) -> dict[str, str]:
     return out
 
 
-def run_main(cfg: Config, store: Store | None = None, launcher: Callable | None = None) -> str:
+def run_main(cfg: Config, store: Store | None = None, launcher: Callable | None = None,
+             force: bool = False) -> str:
     """The whole pipeline as one parent run with a nested child run per stage.
 
-    ``launcher(stage, pipe)`` runs a stage; by default in this process. Returns the
+    ``launcher(stage, pipe)`` runs a stage; by default in this process (``run_stage``,
+    reusing a finished stage run with the same inputs unless ``force``). Returns the
     parent run id.
     """
     pipe = Pipeline(cfg, store)
-    launch = launcher or run_stage
+    if force:  # every entry recomputed once, from the corpus on
+        pipe.store.force |= set().union(*STAGE_KINDS.values())
+    launch = launcher or (lambda stage, p: run_stage(stage, p, force=force))
     with stage_run("main", run_name=f"main:{cfg.name}", tags=pipeline_lineage(pipe)) as run:
         mlflow.log_params(flat_params(cfg))
         mlflow.log_dict(cfg.to_dict(), "config.yaml")

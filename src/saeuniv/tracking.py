@@ -80,10 +80,23 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def code_version() -> str:
+    """SHA-256 over the saeuniv package's source files: the code that made a result,
+    with or without a git checkout, uncommitted changes included."""
+    import hashlib
+
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for path in sorted(pkg.rglob("*.py")):
+        h.update(str(path.relative_to(pkg)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def lineage_tags(config_hash: str | None = None) -> dict[str, str]:
     """Code and environment lineage: saeuniv version, git commit and dirty flag, Python and
     library versions (``saeuniv.<library>``), and the config hash when given."""
     tags = {"saeuniv.version": __version__, "saeuniv.python": platform.python_version(),
+            "saeuniv.code_version": code_version(),
             **{f"saeuniv.{lib}": v for lib, v in library_versions().items()}, **git_info()}
     if config_hash:
         tags["saeuniv.config_hash"] = config_hash
