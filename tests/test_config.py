@@ -98,3 +98,13 @@ def test_cli_shortcut_default_keeps_the_config_value():
     cfg = _config(args)
     assert cfg.match.threshold == load_config("tiny").match.threshold
     assert cfg.similarity.n_perm == 77
+
+
+def test_mlproject_compare_entry_point_takes_run_ids():
+    from saeuniv.compare import parse_run_ids
+
+    point = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["compare"]
+    assert point["parameters"] == {"runs": {"type": "string"}}
+    assert point["command"].endswith("compare {runs}")
+    # mlflow run quotes the value: one argument holding every id
+    assert parse_run_ids(["a1 b2,c3"]) == ["a1", "b2", "c3"]

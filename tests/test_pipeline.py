@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -17,6 +18,7 @@ from saeuniv.extract import load_codes
 from saeuniv.pipeline import STAGES, Pipeline, load_matches
 from saeuniv.store import Store
 from saeuniv.tokens import make_windows
+from saeuniv.tracking import git_info
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +252,242 @@ def test_with_analysis_shares_the_artefacts_and_refuses_upstream_changes(tiny_ru
     assert other.all_codes is codes and other.cfg.match.threshold == 0.3
     with pytest.raises(ValueError, match=r"differs upstream of matching in \['extract'\]"):
         pipe.with_analysis(cfg.replace(**{"extract.n_tokens": 700}))
+
+
+def test_lineage_tags_are_on_every_run_and_searchable(tiny_run):
+    runs = _runs(tiny_run["uri"])
+    main = runs[(runs["tags.saeuniv.stage"] == "main") & (runs.status == "FINISHED")].iloc[0]
+    corpus_hash = main["tags.saeuniv.corpus_hash"]
+    assert len(corpus_hash) == 64
+    found = mlflow.search_runs(search_all_experiments=True,
+                               filter_string=f"tags.saeuniv.corpus_hash = '{corpus_hash}'")
+    mine = found[(found.run_id == main.run_id) | (found["tags.mlflow.parentRunId"] == main.run_id)]
+    assert sorted(mine["tags.saeuniv.stage"]) == sorted(("main",) + STAGES)
+    cfg = tiny_run["cfg"]
+    pipe = Pipeline(cfg, Store(tiny_run["root"] / "store"))
+    expected = {"saeuniv.config_hash": cfg.hash(), "saeuniv.seed.corpus": str(cfg.corpus.seed),
+                "saeuniv.seed.family": str(cfg.family.seed),
+                "saeuniv.seed.sae": str(cfg.sae.seed),
+                "saeuniv.seed.similarity": str(cfg.similarity.seed),
+                "saeuniv.n_tokens": str(pipe.windows_entry.meta["n_valid_tokens"]),
+                "saeuniv.model_a.key": pipe.model_key("a"),
+                "saeuniv.model_b.key": pipe.model_key("b"),
+                "saeuniv.sae.a0": pipe.sae_key("a", 0),
+                f"saeuniv.sae.b{pipe.layers('b')[-1]}": pipe.sae_key("b", pipe.layers("b")[-1])}
+    for _, run in mine.iterrows():  # every key on every run that resolved it, the same value
+        for tag, value in expected.items():
+            if run["tags.saeuniv.stage"] == "models" and tag.startswith("saeuniv.sae."):
+                assert run[f"tags.{tag}"] != run[f"tags.{tag}"]  # SAEs are not trained to tag
+            else:
+                assert run[f"tags.{tag}"] == value, (run["tags.saeuniv.stage"], tag)
+        for lib in ("torch", "mlflow", "sae_lens", "transformer_lens", "optuna", "numpy"):
+            assert run[f"tags.saeuniv.{lib}"] not in (None, "", "unknown"), lib
+        assert run["tags.saeuniv.version"] and len(run["tags.saeuniv.code_version"]) == 64
+        if git_info():  # a git checkout (not, e.g., an unpacked source archive)
+            assert run["tags.saeuniv.git_dirty"] in ("true", "false")
+    by_key = mlflow.search_runs(search_all_experiments=True, filter_string=(
+        f"tags.saeuniv.model_b.key = '{pipe.model_key('b')}' and tags.saeuniv.stage = 'main'"))
+    assert main.run_id in set(by_key.run_id)
+
+
+def _finished(runs, stage):
+    return runs[(runs["tags.saeuniv.stage"] == stage) & (runs.status == "FINISHED")]
+
+
+def _artifact_dir(run_id) -> "Path":
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    uri = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+    return Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
+
+
+def test_audit_prints_provenance_and_finds_the_artifacts_intact(tiny_run, capsys):
+    from saeuniv.tracking import sha256_file
+
+    os.environ["MLFLOW_TRACKING_URI"] = tiny_run["uri"]
+    runs = _runs(tiny_run["uri"])
+    main = _finished(runs, "main").iloc[0]
+    assert cli.main(["audit", main.run_id]) == 0
+    out = capsys.readouterr().out
+    assert "audit: intact: 0 problem(s)" in out
+    assert f"saeuniv.corpus_hash = {main['tags.saeuniv.corpus_hash']}" in out
+    assert "match.threshold = " in out and "none (a top-level run)" in out
+    children = out.split("## children")[1].split("## artifacts")[0]
+    assert sorted(l.split()[2] for l in children.strip().splitlines()) == sorted(STAGES)
+    assert children.count("FINISHED") == len(STAGES)
+    heatmap = _artifact_dir(main.run_id) / "heatmap_svcca.png"
+    assert f"heatmap_svcca.png  {heatmap.stat().st_size:>10}  {sha256_file(heatmap)}  ok" in out
+    child = _finished(runs, "match")
+    child = child[child["tags.mlflow.parentRunId"] == main.run_id].iloc[0]
+    assert cli.main(["audit", child.run_id]) == 0
+    assert main.run_id in capsys.readouterr().out.split("## parent")[1].split("## children")[0]
+    assert cli.main(["audit", "0" * 32]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_audit_fails_naming_a_changed_or_missing_artifact(tiny_run, capsys):
+    os.environ["MLFLOW_TRACKING_URI"] = tiny_run["uri"]
+    run_id = _finished(_runs(tiny_run["uri"]), "match").iloc[0].run_id
+    path = _artifact_dir(run_id) / "top_pairs.json"
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original.replace(b"0", b"1", 1))
+        assert cli.main(["audit", run_id]) == 1
+        out = capsys.readouterr().out
+        assert "CHANGED top_pairs.json: sha256 " in out and "NOT intact: 1 problem(s)" in out
+        path.unlink()
+        assert cli.main(["audit", run_id]) == 1
+        assert "\nMISSING top_pairs.json\n" in capsys.readouterr().out
+    finally:
+        path.write_bytes(original)
+    assert cli.main(["audit", run_id]) == 0
+
+
+def test_compare_lines_up_two_main_runs(tiny_run, tmp_path, monkeypatch, capsys):
+    """Two main runs differing in match.threshold (warm store, own MLflow database)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("SAEUNIV_HOME", str(tiny_run["root"] / "store"))
+    base = ["run", "--config", "tiny", "--set", f"corpus.source={tiny_run['cfg'].corpus.source}"]
+    assert cli.main(base) == 0
+    assert cli.main(base + ["--threshold", "0.3"]) == 0
+    capsys.readouterr()
+    runs = _finished(_runs(f"sqlite:///{tmp_path / 'mlflow.db'}"), "main")
+    ids = list(runs.sort_values("start_time").run_id)
+    assert cli.main(["compare", f"{ids[0]},{ids[1]}"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["param", ids[0][:12], ids[1][:12]]
+    t0 = str(tiny_run["cfg"].match.threshold)
+    assert out.splitlines()[2].split() == ["match.threshold", t0, "0.3"]
+    client = mlflow.MlflowClient()
+    comp = mlflow.search_runs(filter_string="tags.saeuniv.stage = 'compare'",
+                              search_all_experiments=True)
+    assert len(comp) == 1 and comp.iloc[0]["tags.saeuniv.compared"] == f"{ids[0]},{ids[1]}"
+    arts = {a.path for a in client.list_artifacts(comp.iloc[0].run_id)}
+    assert {"compare_depth_curves.png", "diff_heatmap_svcca.png", "diff_heatmap_rsa.png",
+            "params_diff.csv", "artifacts.sha256.json"} <= arts
+    table = mlflow.artifacts.load_text(f"runs:/{comp.iloc[0].run_id}/params_diff.csv")
+    assert table.splitlines() == [f"param,{ids[0]},{ids[1]}", f"match.threshold,{t0},0.3"]
+    # the curve is the runs' per-layer svcca metric against relative depth
+    from saeuniv.compare import depth_curve, diff_grid, load_run
+
+    r0, r1 = load_run(client, ids[0]), load_run(client, ids[1])
+    x, y = depth_curve(r0, "svcca")
+    cfg = tiny_run["cfg"]
+    pipe = Pipeline(cfg, Store(tiny_run["root"] / "store"))
+    assert list(x) == [pipe.relative_depth("a", la) for la in pipe.layers("a")]
+    hist = {m.step: m.value for m in client.get_metric_history(ids[0], "svcca")}
+    np.testing.assert_allclose([hist.get(la, np.nan) for la in pipe.layers("a")], y)
+    assert r0["n_layers"] == {side: pipe.info(side).n_layers for side in "ab"}
+    d = diff_grid(r0, r1, "rsa")
+    np.testing.assert_allclose(d, np.asarray(r1["grids"]["metrics"]["rsa"]["observed"], float)
+                               - np.asarray(r0["grids"]["metrics"]["rsa"]["observed"], float))
+    # different layer grids: a clear error, no compare run
+    assert cli.main(base + ["--set", "layers_b=[0, 2]"]) == 0
+    other = _finished(_runs(f"sqlite:///{tmp_path / 'mlflow.db'}"), "main")
+    third = (set(other.run_id) - set(ids)).pop()
+    capsys.readouterr()
+    assert cli.main(["compare", ids[0], third]) == 2
+    assert "needs one layer grid" in capsys.readouterr().err
+    assert cli.main(["compare", ids[0]]) == 2
+    assert "at least two run ids" in capsys.readouterr().err
+    assert cli.main(["compare", ids[0], comp.iloc[0].run_id]) == 2
+    assert "compare takes main runs" in capsys.readouterr().err
+    assert len(mlflow.search_runs(filter_string="tags.saeuniv.stage = 'compare'",
+                                  search_all_experiments=True)) == 1
+
+
+def test_main_run_logs_a_self_contained_html_report(tiny_run):
+    runs = _runs(tiny_run["uri"])
+    main = _finished(runs, "main").iloc[0]
+    html = mlflow.artifacts.load_text(f"runs:/{main.run_id}/report.html")
+    for section in ('id="summary"', 'id="heatmaps"', 'id="curves"', 'id="quality"',
+                    'id="pairs"'):
+        assert section in html
+    cfg = tiny_run["cfg"]
+    assert html.count("data:image/png;base64,") == len(cfg.similarity.metrics) + 1
+    assert "src=\"http" not in html and "<script" not in html  # nothing fetched, nothing run
+    pipe = Pipeline(cfg, Store(tiny_run["root"] / "store"))
+    q = pipe.all_codes["b"][pipe.layers("b")[-1]].meta["quality"]
+    assert f'<td class="num">{float(q["fvu"]):.4g}</td>' in html
+    assert "[[" in html and "sae_dead" in html and "top_tokens_a" in html
+
+
+def test_html_report_escapes_text_from_the_data():
+    from saeuniv.htmlreport import render
+
+    pair = {"layer_a": 0, "layer_b": 1, "a": 3, "b": 4, "corr": 0.5,
+            "top_tokens_a": "'<b>'", "top_tokens_b": "'&'",
+            "context_a": "x <script>alert(1)</script> [[y]]", "context_b": '"q"'}
+    html = render("A <i> vs B", "# s & t", {"svcca": "AAAA"}, "BBBB",
+                  [("a", 0, {"l0": 3.0, "fvu": 0.25, "dead_fraction": 0.0})], [pair])
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt; [[y]]" in html
+    assert "&#x27;&lt;b&gt;&#x27;" in html and "&#x27;&amp;&#x27;" in html
+    assert "A &lt;i&gt; vs B" in html and "# s &amp; t" in html
+    assert 'src="data:image/png;base64,AAAA"' in html and "&quot;q&quot;" in html
+    assert '<td class="num">0.25</td>' in html
+
+
+def test_warm_run_reuses_the_finished_stage_runs(tiny_run, capsys):
+    os.environ["MLFLOW_TRACKING_URI"] = tiny_run["uri"]
+    runs = _runs(tiny_run["uri"])
+    first, second = _finished(runs, "main").sort_values("start_time").run_id[:2]
+    kids = lambda main: runs[runs["tags.mlflow.parentRunId"] == main].set_index(
+        "tags.saeuniv.stage")
+    cold, warm = kids(first), kids(second)
+    for stage in STAGES:
+        assert cold.loc[stage, "tags.saeuniv.reused_from"] != cold.loc[stage,
+                                                                        "tags.saeuniv.reused_from"]
+        assert warm.loc[stage, "tags.saeuniv.reused_from"] == cold.loc[stage, "run_id"]
+        assert warm.loc[stage, "tags.saeuniv.inputs_hash"] == cold.loc[stage,
+                                                                       "tags.saeuniv.inputs_hash"]
+        metrics = [c for c in runs.columns if c.startswith("metrics.")
+                   and cold.loc[stage, c] == cold.loc[stage, c]]
+        assert metrics and all(warm.loc[stage, c] == cold.loc[stage, c] for c in metrics)
+        assert cli.main(["audit", warm.loc[stage, "run_id"]]) == 0
+    client = mlflow.MlflowClient()
+    hist = lambda run, key: [(m.step, m.value) for m in client.get_metric_history(run, key)]
+    assert hist(warm.loc["extract", "run_id"], "sae_fvu_b") == hist(cold.loc["extract", "run_id"],
+                                                                    "sae_fvu_b")
+    arts = {a.path for a in client.list_artifacts(warm.loc["match", "run_id"])}
+    assert {"top_pairs.json", "artifacts.sha256.json"} <= arts
+
+
+def test_changed_artifacts_are_not_reused_and_force_recomputes(tiny_run, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    store = tiny_run["root"] / "store"
+    monkeypatch.setenv("SAEUNIV_HOME", str(store))
+    args = ["match", "--config", "tiny", "--set", f"corpus.source={tiny_run['cfg'].corpus.source}"]
+
+    def latest():
+        runs = _runs(uri).sort_values("start_time")
+        return runs.iloc[-1]
+
+    assert cli.main(args) == 0
+    r1 = latest()
+    reused = lambda row: row.get("tags.saeuniv.reused_from") \
+        if isinstance(row.get("tags.saeuniv.reused_from"), str) else None
+    assert reused(r1) is None  # computed
+    assert cli.main(args) == 0
+    r2 = latest()
+    assert reused(r2) == r1.run_id
+    changed = _artifact_dir(r2.run_id) / "top_pairs.json"
+    changed.write_text(changed.read_text() + " ")
+    assert cli.main(args) == 0  # r2's copy no longer matches its checksum: not trusted
+    r3 = latest()
+    assert reused(r3) == r1.run_id
+    created = lambda kind: sorted(json.loads(p.read_text())["created"]
+                                  for p in (store / kind).glob("*/manifest.json"))
+    matches, scores = created("matches"), created("scores")
+    assert cli.main(args + ["--force"]) == 0
+    r4 = latest()
+    assert reused(r4) is None
+    assert r4["tags.saeuniv.stage"] == "match" and r4.status == "FINISHED"
+    n = len(Pipeline(tiny_run["cfg"]).pairs())
+    rebuilt = [t for t in created("matches") if t > r3.end_time.timestamp()]
+    assert len(rebuilt) == n and len(created("matches")) == len(matches)  # overwritten
+    assert created("scores") == scores  # other stages' entries untouched

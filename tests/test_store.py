@@ -71,3 +71,30 @@ def test_unwritable_store_is_named(tmp_path):
     target.write_text("not a folder")
     with pytest.raises(StoreError, match="not writable.*SAEUNIV_HOME"):
         Store(target / "sub")
+
+
+def test_forced_kind_is_rebuilt_once_and_overwritten(tmp_path):
+    calls = []
+
+    def build(out):
+        calls.append(1)
+        (out / "x.txt").write_text(f"build {len(calls)}")
+        (out / "partial.txt").write_text("x") if len(calls) == 1 else None
+        return {"n": len(calls)}
+
+    Store(tmp_path).get_or_create("thing", {"a": 1}, build)
+    Store(tmp_path).get_or_create("other", {"a": 1}, build)
+    old_piece = Store(tmp_path).partial_dir("thing", {"a": 1}) / "shard-0"
+    old_piece.write_text("stale")
+    store = Store(tmp_path)
+    store.force = {"thing"}
+    assert store.get("thing", {"a": 1}) is None  # ignored while not rebuilt
+    assert store.partial_dir("thing", {"a": 1}).exists() and not old_piece.exists()
+    entry, created = store.get_or_create("thing", {"a": 1}, build)
+    assert created and entry.meta == {"n": 3} and entry.file("x.txt").read_text() == "build 3"
+    assert not entry.file("partial.txt").exists()  # overwritten, not merged
+    again, created = store.get_or_create("thing", {"a": 1}, build)
+    assert not created and again.meta == {"n": 3} and len(calls) == 3  # once per Store
+    assert store.get_or_create("other", {"a": 1}, build)[1] is False  # other kinds kept
+    assert Store(tmp_path).get("thing", {"a": 1}).meta == {"n": 3}
+    assert not list((tmp_path / "thing").glob("*.corrupt-*"))

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--store", default=None,
                        help="artefact store folder (default: $SAEUNIV_HOME or ~/.cache/saeuniv)")
         p.add_argument("--experiment", default=None, help="MLflow experiment name")
+        p.add_argument("--force", action="store_true",
+                       help="recompute: reuse no finished run with the same inputs, and "
+                       "rebuild (overwrite) the stage's store entries")
 
     common(sub.add_parser("run", help="run the whole pipeline (main)"))
     for stage, text in STAGE_HELP.items():
@@ -97,6 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--store", default=None,
                        help="artefact store folder (default: $SAEUNIV_HOME or ~/.cache/saeuniv)")
     sweep.add_argument("--experiment", default=None, help="MLflow experiment name")
+    audit = sub.add_parser(
+        "audit", help="print a run's provenance and check that its artefacts are intact",
+        description="Print RUN_ID's inputs (params, lineage tags), parent and children, and "
+        "each artefact with its size and SHA-256, checked against the run's "
+        "artifacts.sha256.json. Exit status 0 when intact, 1 when an artefact is missing or "
+        "changed (named on its own line).")
+    audit.add_argument("run_id", help="MLflow run id")
+    comp = sub.add_parser(
+        "compare", help="line up two or more main runs: depth curves, difference heatmap, "
+        "params that differ", description="Compare main runs in a new MLflow run (tag "
+        "saeuniv.stage=compare): per-layer SVCCA and RSA against relative depth, the "
+        "difference heatmap of the first two runs, and the table of params that differ "
+        "(printed, and logged as params_diff.csv).")
+    comp.add_argument("runs", nargs="+", metavar="RUN_ID",
+                      help="main run ids (an argument may hold several, split by spaces or "
+                      "commas)")
+    comp.add_argument("--experiment", default=None, help="MLflow experiment name")
     return parser
 
 
@@ -146,6 +166,10 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "sweep":
         return sweep_main(args)
+    if args.command == "audit":
+        return audit_main(args)
+    if args.command == "compare":
+        return compare_main(args)
     try:
         cfg = _config(args)
         from .pipeline import Pipeline, run_main, run_stage
@@ -163,14 +187,64 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         if args.command == "run":
             with tempfile.TemporaryDirectory() as tmp:
                 launcher = project_launcher(project_dir, Path(tmp)) if launched_by_project else None
-                run_id = run_main(cfg, store, launcher)
+                run_id = run_main(cfg, store, launcher, force=args.force)
             print(f"saeuniv: main run {run_id} finished; browse it with\n"
                   f"  mlflow ui --backend-store-uri {uri}")
         else:
-            run_stage(args.command, Pipeline(cfg, store))
+            run_stage(args.command, Pipeline(cfg, store), force=args.force)
     except ValueError as err:  # bad input found by a stage: one clear line
         print(f"saeuniv: error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _tracking_uri() -> str:
+    """Point MLflow at the tracking store without choosing (or creating) an experiment."""
+    import mlflow
+
+    from .tracking import DEFAULT_URI
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def audit_main(args) -> int:
+    """``saeuniv audit RUN_ID``: 0 when intact, 1 when not, 2 when the run is unknown."""
+    from mlflow.exceptions import MlflowException
+
+    from .audit import main as audit
+
+    uri = _tracking_uri()
+    try:
+        return audit(args.run_id)
+    except MlflowException as err:
+        print(f"saeuniv: error: run {args.run_id!r} not found in {uri}: {err.message}",
+              file=sys.stderr)
+        return 2
+
+
+def compare_main(args) -> int:
+    """``saeuniv compare``: 0 when the comparison run is logged, 2 on bad input."""
+    from .compare import CompareError, compare, parse_run_ids
+    from .tracking import install_signal_handlers, setup_tracking
+
+    try:
+        ids = parse_run_ids(args.runs)
+    except CompareError as err:
+        print(f"saeuniv: error: {err}", file=sys.stderr)
+        return 2
+    install_signal_handlers()
+    uri = setup_tracking(args.experiment)
+    try:
+        run_id, text = compare(ids)
+    except CompareError as err:
+        print(f"saeuniv: error: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"saeuniv: compare run {run_id} logged; browse it with\n"
+          f"  mlflow ui --backend-store-uri {uri}")
     return 0
 
 

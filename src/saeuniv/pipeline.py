@@ -36,7 +36,7 @@ from .saes import (Quality, check_compatible, check_ref, load_pretrained, load_s
 from .store import Entry, Store
 from .tokens import (analysis_windows, load_tokenizer, load_windows, make_windows,
                      tokenizer_sha, train_tokenizer)
-from .tracking import lineage_tags, stage_run
+from .tracking import CHECKSUMS, code_version, lineage_tags, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +347,43 @@ class Pipeline:
         return other
 
 
+def pipeline_lineage(pipe: Pipeline) -> dict[str, str]:
+    """The lineage tags of a pipeline: what makes its runs reproducible.
+
+    Code and environment (``lineage_tags``: saeuniv version, git commit and dirty flag,
+    library versions), the config hash, the seeds, and what is already resolved of the
+    inputs: the corpus hash (``saeuniv.corpus_hash``), the analysis token count
+    (``saeuniv.n_tokens``), each side's model key (``saeuniv.model_a.key``) and SAE keys
+    (``saeuniv.sae.a0``: side and layer). Nothing is computed to tag it: a key that is not
+    resolved yet is left out, and the stages set these tags again when they end, so every
+    key a stage resolved is on its run, with the same value on every run of the pipeline.
+    """
+    cfg = pipe.cfg
+    tags = lineage_tags(cfg.hash())
+    tags.update({"saeuniv.config_name": cfg.name,
+                 "saeuniv.seed.corpus": str(cfg.corpus.seed),
+                 "saeuniv.seed.family": str(cfg.family.seed),
+                 "saeuniv.seed.sae": str(cfg.sae.seed),
+                 "saeuniv.seed.similarity": str(cfg.similarity.seed)})
+    resolved = pipe.__dict__
+    if "corpus" in resolved:
+        tags["saeuniv.corpus_hash"] = pipe.corpus.meta["source_hash"]
+    if "windows_entry" in resolved:
+        tags["saeuniv.n_tokens"] = str(pipe.windows_entry.meta["n_valid_tokens"])
+    for side in SIDES:
+        family = pipe.ref(side).source == "family"
+        if ("model_entries" in resolved) if family else (("id", side) in pipe._cache):
+            tags[f"saeuniv.model_{side}.key"] = pipe.model_key(side)
+        trained = pipe.sae_ref(side).source == "train"
+        if trained and ("saes", side) in pipe._cache:
+            layers = pipe._cache[("saes", side)]
+        else:
+            layers = [k[2] for k in pipe._cache if k[:2] == ("saekey", side)]
+        for layer in sorted(layers):
+            tags[f"saeuniv.sae.{side}{layer}"] = pipe.sae_key(side, layer)
+    return tags
+
+
 def load_matches(entry: Entry) -> matching.Matches:
     data = np.load(entry.file("pairs.npz"))
     return matching.Matches(data["a"], data["b"], data["corr"])
@@ -590,11 +627,93 @@ STAGE_FUNCS: dict[str, Callable[[Pipeline], None]] = {
 }
 
 
-def run_stage(stage: str, pipe: Pipeline) -> None:
-    """Run one stage inside its own MLflow run (nested when a parent is active)."""
-    with stage_run(stage, tags=lineage_tags(pipe.cfg.hash())):
+# What each stage depends on: the config sections that decide its output, and the store
+# kinds it builds (recomputed under --force).
+_UPSTREAM = ("corpus", "tokenizer", "family", "model_a", "model_b")
+_SAES = _UPSTREAM + ("layers_a", "layers_b", "pairs", "sae_a", "sae_b", "sae", "extract")
+STAGE_SECTIONS = {"models": _UPSTREAM, "saes": _SAES, "extract": _SAES,
+                  "match": _SAES + ("match",), "similarity": _SAES + ("match", "similarity")}
+STAGE_KINDS = {"models": {"corpus", "tokenizer", "model"}, "saes": {"sae", "preflight"},
+               "extract": {"windows", "codes"}, "match": {"matches"},
+               "similarity": {"scores"}}
+
+
+def inputs_hash(cfg: Config, stage: str) -> str:
+    """Digest of what a stage's result depends on: its config sections and the code."""
+    data = cfg.to_dict()
+    return digest({"stage": stage, "config": {k: data[k] for k in STAGE_SECTIONS[stage]},
+                   "code": code_version()})
+
+
+def reusable_run(stage: str, inputs: str):
+    """The latest FINISHED run of ``stage`` with these inputs whose artefacts are intact
+    (checked against its ``artifacts.sha256.json``), in the active run's experiment."""
+    from .audit import audit
+
+    client = mlflow.MlflowClient()
+    active = mlflow.active_run()
+    found = client.search_runs(
+        [active.info.experiment_id],
+        filter_string=(f"tags.saeuniv.inputs_hash = '{inputs}' and tags.saeuniv.stage = "
+                       f"'{stage}' and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=20)
+    for run in found:
+        if run.info.run_id == active.info.run_id:
+            continue
+        result = audit(run.info.run_id)
+        if result.intact:
+            return run
+        log.warning("not reusing %s run %s: %s", stage, run.info.run_id,
+                    "; ".join(result.problems))
+    return None
+
+
+def reuse_run(source) -> None:
+    """Copy a finished run's metrics (every step), artefacts and stage tags into the
+    active run and tag ``saeuniv.reused_from``."""
+    import tempfile
+
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    history = [Metric(m.key, m.value, m.timestamp, m.step) for key in source.data.metrics
+               for m in client.get_metric_history(source.info.run_id, key)]
+    for i in range(0, len(history), 1000):
+        client.log_batch(run_id, metrics=history[i:i + 1000])
+    own = mlflow.get_run(run_id).data.tags
+    mlflow.set_tags({k: v for k, v in source.data.tags.items()
+                     if k.startswith("saeuniv.") and k not in own
+                     and k not in ("saeuniv.reused_from", "saeuniv.error")})
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(source.info.run_id, "", tmp))
+        (local / CHECKSUMS).unlink(missing_ok=True)
+        if any(local.iterdir()):
+            mlflow.log_artifacts(str(local))
+    mlflow.set_tag("saeuniv.reused_from", source.info.run_id)
+
+
+def run_stage(stage: str, pipe: Pipeline, force: bool = False) -> None:
+    """Run one stage inside its own MLflow run (nested when a parent is active).
+
+    A FINISHED run of the same stage with the same ``saeuniv.inputs_hash`` and intact
+    artefacts is reused (its metrics, artefacts and tags copied, ``saeuniv.reused_from``
+    set) instead of recomputing. ``force`` recomputes: no reuse, and the stage's store
+    entries are rebuilt and overwritten.
+    """
+    inputs = inputs_hash(pipe.cfg, stage)
+    with stage_run(stage, tags={**pipeline_lineage(pipe), "saeuniv.inputs_hash": inputs}):
         mlflow.log_params({"config_name": pipe.cfg.name, "config_hash": pipe.cfg.hash()})
+        source = None if force else reusable_run(stage, inputs)
+        if source is not None:
+            log.info("stage %s: reusing run %s (same inputs and code)", stage,
+                     source.info.run_id)
+            reuse_run(source)
+            return
+        if force:
+            pipe.store.force |= STAGE_KINDS[stage]
         STAGE_FUNCS[stage](pipe)
+        mlflow.set_tags(pipeline_lineage(pipe))  # the keys this stage resolved
 
 
 def flat_params(cfg: Config) -> dict[str, str]:
@@ -611,21 +730,27 @@ def flat_params(cfg: Config) -> dict[str, str]:
     return out
 
 
-def run_main(cfg: Config, store: Store | None = None, launcher: Callable | None = None) -> str:
+def run_main(cfg: Config, store: Store | None = None, launcher: Callable | None = None,
+             force: bool = False) -> str:
     """The whole pipeline as one parent run with a nested child run per stage.
 
-    ``launcher(stage, pipe)`` runs a stage; by default in this process. Returns the
+    ``launcher(stage, pipe)`` runs a stage; by default in this process (``run_stage``,
+    reusing a finished stage run with the same inputs unless ``force``). Returns the
     parent run id.
     """
     pipe = Pipeline(cfg, store)
-    launch = launcher or run_stage
-    with stage_run("main", run_name=f"main:{cfg.name}", tags=lineage_tags(cfg.hash())) as run:
+    if force:  # every entry recomputed once, from the corpus on
+        pipe.store.force |= set().union(*STAGE_KINDS.values())
+    launch = launcher or (lambda stage, p: run_stage(stage, p, force=force))
+    with stage_run("main", run_name=f"main:{cfg.name}", tags=pipeline_lineage(pipe)) as run:
         mlflow.log_params(flat_params(cfg))
         mlflow.log_dict(cfg.to_dict(), "config.yaml")
         pipe.validate()
+        mlflow.set_tags(pipeline_lineage(pipe))
         for stage in STAGES:
             launch(stage, pipe)
         report(pipe)
+        mlflow.set_tags(pipeline_lineage(pipe))
         return run.info.run_id
 
 
@@ -663,17 +788,23 @@ def _nan_to_none(x):
     return x
 
 
+REPORT_PAIRS = 5  # top matched pairs per layer pair in report.html
+
+
 def report(pipe: Pipeline) -> None:
-    """Log the grids, heatmaps, per-layer curves, pairs table and summary on the active run."""
-    from .plots import depth_curves, heatmap
+    """Log the grids, heatmaps, per-layer curves, pairs table, summary and the
+    self-contained ``report.html`` on the active run."""
+    from .htmlreport import png_base64, render
+    from .plots import depth_curves, heatmap, plt
 
     g = grids(pipe)
     la_list, lb_list = g["layers_a"], g["layers_b"]
     name_a, name_b = pipe.name("a"), pipe.name("b")
     for la, lb in pipe.pairs():
         _log_scores(load_scores(pipe.scores(la, lb)), _pair_key(la, lb))
-    _log_quality(pipe)
+    quality = _log_quality(pipe)
     mlflow.log_dict(_nan_to_none(g), "grids.json")
+    images = {}
     # per-layer curves: each A layer against the B layer at the nearest relative depth
     curves = {}
     for name, fields in g["metrics"].items():
@@ -694,13 +825,20 @@ def report(pipe: Pipeline) -> None:
                       f"{name}: {name_a} vs {name_b} (n_perm={pipe.cfg.similarity.n_perm})",
                       name_a, name_b, pvalues=fields["p"])
         mlflow.log_figure(fig, f"heatmap_{name}.png")
-        fig.clf()
+        images[name] = png_base64(fig)
+        plt.close(fig)
     fig = depth_curves(curves, f"{name_a} vs {name_b}, B layer at matching relative depth")
     mlflow.log_figure(fig, "depth_curves.png")
+    curves_png = png_base64(fig)
+    plt.close(fig)
     mlflow.log_text(_pairs_csv(pipe), "matched_pairs.csv")
     summary = _summary(pipe, g)
     mlflow.log_text(summary, "summary.md")
     mlflow.set_tag("mlflow.note.content", summary)
+    top = [row for la, lb in pipe.pairs()
+           for row in _top_pairs(pipe, la, lb, pipe.matches(la, lb), REPORT_PAIRS)]
+    mlflow.log_text(render(f"saeuniv: {name_a} vs {name_b}", summary, images, curves_png,
+                           quality, top), "report.html")
 
 
 def _pairs_csv(pipe: Pipeline) -> str:

@@ -80,6 +80,10 @@ class Store:
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else default_root()
+        # kinds to recompute: an existing entry of these kinds (and its partial pieces) is
+        # ignored and overwritten by its first build through this Store object (--force)
+        self.force: set[str] = set()
+        self._rebuilt: set[tuple[str, str]] = set()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".probe-{uuid.uuid4().hex}"
@@ -113,9 +117,17 @@ class Store:
     def partial_dir(self, kind: str, spec: dict) -> Path:
         """A folder where a long build keeps finished pieces (e.g. code shards) until the
         entry is complete, so an interrupted build resumes instead of starting over."""
-        path = self.root / "partial" / kind / self.key(kind, spec)
+        key = self.key(kind, spec)
+        path = self.root / "partial" / kind / key
+        if self._forced(kind, key) and ("partial", kind, key) not in self._rebuilt:
+            shutil.rmtree(path, ignore_errors=True)  # recompute every piece too
+            self._rebuilt.add(("partial", kind, key))
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def _forced(self, kind: str, key: str) -> bool:
+        """Whether an existing entry must be ignored: its kind is forced, not rebuilt yet."""
+        return kind in self.force and (kind, key) not in self._rebuilt
 
     def key(self, kind: str, spec: dict) -> str:
         return digest({"kind": kind, "spec": spec, "format": FORMAT, "version": __version__})
@@ -128,7 +140,7 @@ class Store:
         key = self.key(kind, spec)
         path = self._dir(kind, key)
         manifest_path = path / MANIFEST
-        if not manifest_path.exists():
+        if not manifest_path.exists() or self._forced(kind, key):
             return None
         try:
             manifest = json.loads(manifest_path.read_text())
@@ -188,9 +200,12 @@ class Store:
                 }
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
                 final = self._dir(kind, key)
-                if final.exists():  # a folder with no valid manifest: never trust it
+                if final.exists() and self._forced(kind, key):  # recomputed: replace it
+                    shutil.rmtree(final)
+                elif final.exists():  # a folder with no valid manifest: never trust it
                     self._quarantine(final, "no valid manifest")
                 os.replace(tmp, final)
+                self._rebuilt.add((kind, key))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return Entry(kind, key, self._dir(kind, key), manifest), True

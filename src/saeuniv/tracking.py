@@ -15,7 +15,6 @@ import os
 import platform
 import signal
 import subprocess
-import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -64,25 +63,88 @@ def git_info() -> dict[str, str]:
         if commit else {}
 
 
-def lineage_tags(config_hash: str | None = None) -> dict[str, str]:
-    import numpy
-    import torch
+LIBRARIES = ("torch", "mlflow", "sae_lens", "transformer_lens", "optuna", "numpy")
+CHECKSUMS = "artifacts.sha256.json"
 
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries a result depends on (``unknown`` when absent)."""
+    from importlib import metadata
+
+    out = {}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            out[lib] = "unknown"
+    return out
+
+
+def code_version() -> str:
+    """SHA-256 over the saeuniv package's source files: the code that made a result,
+    with or without a git checkout, uncommitted changes included."""
+    import hashlib
+
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for path in sorted(pkg.rglob("*.py")):
+        h.update(str(path.relative_to(pkg)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def lineage_tags(config_hash: str | None = None) -> dict[str, str]:
+    """Code and environment lineage: saeuniv version, git commit and dirty flag, Python and
+    library versions (``saeuniv.<library>``), and the config hash when given."""
     tags = {"saeuniv.version": __version__, "saeuniv.python": platform.python_version(),
-            "saeuniv.torch": torch.__version__, "saeuniv.numpy": numpy.__version__,
-            "saeuniv.mlflow": mlflow.__version__, **git_info()}
-    for lib in ("sae_lens", "transformer_lens"):
-        mod = sys.modules.get(lib)
-        if mod is not None and hasattr(mod, "__version__"):
-            tags[f"saeuniv.{lib}"] = mod.__version__
+            "saeuniv.code_version": code_version(),
+            **{f"saeuniv.{lib}": v for lib, v in library_versions().items()}, **git_info()}
     if config_hash:
         tags["saeuniv.config_hash"] = config_hash
     return tags
 
 
+def _artifact_paths(client, run_id: str, path: str | None = None) -> list:
+    out = []
+    for info in client.list_artifacts(run_id, path):
+        out += _artifact_paths(client, run_id, info.path) if info.is_dir else [info]
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def artifact_checksums(run_id: str) -> dict[str, dict]:
+    """Size and SHA-256 of every artefact of a run (the checksum record itself left out)."""
+    client = mlflow.MlflowClient()
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for info in _artifact_paths(client, run_id):
+            if info.path == CHECKSUMS:
+                continue
+            local = Path(client.download_artifacts(run_id, info.path, tmp))
+            out[info.path] = {"size": local.stat().st_size, "sha256": sha256_file(local)}
+    return out
+
+
+def log_checksums() -> None:
+    """Log ``artifacts.sha256.json``: size and SHA-256 of every artefact of the active run."""
+    run_id = mlflow.active_run().info.run_id
+    mlflow.log_dict(artifact_checksums(run_id), CHECKSUMS)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, run_name: str | None = None, tags: dict | None = None):
-    """Open the MLflow run of one stage; end it FINISHED, or FAILED with the error recorded."""
+    """Open the MLflow run of one stage; end it FINISHED, or FAILED with the error recorded.
+
+    A run that ends FINISHED first logs ``artifacts.sha256.json`` (``log_checksums``), the
+    record that ``saeuniv audit`` checks its artefacts against."""
     nested = mlflow.active_run() is not None
     run = mlflow.start_run(run_name=run_name or stage, nested=nested)
     mlflow.set_tags({"saeuniv.stage": stage, **(tags or {})})
@@ -93,6 +155,12 @@ def stage_run(stage: str, run_name: str | None = None, tags: dict | None = None)
         mlflow.end_run("FAILED")
         raise
     else:
+        try:
+            log_checksums()
+        except BaseException as err:
+            _record_failure(err)
+            mlflow.end_run("FAILED")
+            raise
         mlflow.end_run("FINISHED")
 
 
