@@ -24,37 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import LoadedModel, set_threads
-from .saes import Quality, check_compatible
+from .saes import STAT_KEYS, check_compatible, merge_quality, quality_stats
 from .store import Entry, Store
 from .tokens import Windows
 
 
 class ExtractionError(ValueError):
     """Activations or codes are unusable (NaN/inf, empty)."""
-
-
-_STATS = ("n", "sumsq", "resid", "active")
-
-
-def _stats(acts: torch.Tensor, codes: torch.Tensor, recon: torch.Tensor) -> dict:
-    """Sufficient statistics of L0, FVU and dead features for one batch (float64)."""
-    f64 = torch.float64
-    nz = codes > 0
-    return {"n": acts.shape[0], "sum": acts.sum(0, dtype=f64).cpu().numpy(),
-            "sumsq": float((acts * acts).sum(dtype=f64)),
-            "resid": float(((acts - recon) ** 2).sum(dtype=f64)), "active": int(nz.sum()),
-            "alive": nz.any(0).cpu().numpy()}
-
-
-def _merge(stats: list[dict]) -> Quality:
-    n = sum(s["n"] for s in stats)
-    total_sum = np.sum([s["sum"] for s in stats], axis=0)
-    sumsq = sum(s["sumsq"] for s in stats)
-    total = sumsq - float((total_sum ** 2).sum()) / max(n, 1)
-    alive = np.any([s["alive"] for s in stats], axis=0)
-    return Quality(l0=sum(s["active"] for s in stats) / max(n, 1),
-                   fvu=sum(s["resid"] for s in stats) / max(total, 1e-30),
-                   dead_fraction=float(1 - alive.mean()), n_tokens=n)
 
 
 def codes_spec(model_key: str, layer: int, sae_key: str, windows: Entry, side: str) -> dict:
@@ -64,7 +40,7 @@ def codes_spec(model_key: str, layer: int, sae_key: str, windows: Entry, side: s
 
 def _save_shard(path: Path, codes: sp.csr_matrix, stats: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp.npz")
-    merged = {k: sum(s[k] for s in stats) for k in _STATS}
+    merged = {k: sum(s[k] for s in stats) for k in STAT_KEYS}
     np.savez(tmp, data=codes.data, indices=codes.indices, indptr=codes.indptr,
              shape=np.asarray(codes.shape), sum=np.sum([s["sum"] for s in stats], axis=0),
              alive=np.any([s["alive"] for s in stats], axis=0),
@@ -75,7 +51,7 @@ def _save_shard(path: Path, codes: sp.csr_matrix, stats: list[dict]) -> None:
 def _load_shard(path: Path) -> tuple[sp.csr_matrix, dict]:
     with np.load(path) as z:
         codes = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
-        stats = {"sum": z["sum"], "alive": z["alive"], **{k: z[k].item() for k in _STATS}}
+        stats = {"sum": z["sum"], "alive": z["alive"], **{k: z[k].item() for k in STAT_KEYS}}
     return codes, stats
 
 
@@ -150,7 +126,7 @@ def _extract_shard(model: LoadedModel, saes: dict[int, object], windows: Windows
                     f"{start}..{stop - 1}); check the model weights and dtype (try float32)")
             sae = saes[layer]
             codes = sae.encode(acts)
-            stats[layer].append(_stats(acts, codes, sae.decode(codes)))
+            stats[layer].append(quality_stats(acts, codes, sae.decode(codes)))
             parts[layer].append(_sparse(codes))
     for layer in layers:
         _save_shard(dest[layer], sp.vstack(parts[layer], format="csr"), stats[layer])
@@ -166,7 +142,7 @@ def _finish(store: Store, spec: dict, partial: Path, n_shards: int) -> Entry:
         codes = sp.vstack(shards, format="csr")
         sp.save_npz(path / "codes.npz", codes, compressed=False)
         return {"n_tokens": codes.shape[0], "d_sae": codes.shape[1], "nnz": int(codes.nnz),
-                "quality": asdict(_merge(stats)), "n_shards": n_shards}
+                "quality": asdict(merge_quality(stats)), "n_shards": n_shards}
 
     entry, _ = store.get_or_create("codes", spec, build)
     for f in partial.glob("shard-*.npz"):

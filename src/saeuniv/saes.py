@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -297,14 +298,33 @@ def check_compatible(sae, model, layer: int, label: str) -> None:
     _check_fit(sae.cfg.d_in, hook_of(sae), model, layer, label)
 
 
+STAT_KEYS = ("n", "sumsq", "resid", "active")
+
+
+def quality_stats(acts: torch.Tensor, codes: torch.Tensor, recon: torch.Tensor) -> dict:
+    """Sufficient statistics of L0, FVU and dead features for one batch (float64)."""
+    f64 = torch.float64
+    nz = codes > 0
+    return {"n": acts.shape[0], "sum": acts.sum(0, dtype=f64).cpu().numpy(),
+            "sumsq": float((acts * acts).sum(dtype=f64)),
+            "resid": float(((acts - recon) ** 2).sum(dtype=f64)), "active": int(nz.sum()),
+            "alive": nz.any(0).cpu().numpy()}
+
+
+def merge_quality(stats: list[dict]) -> Quality:
+    """Quality over every batch whose ``quality_stats`` are in ``stats``."""
+    n = sum(s["n"] for s in stats)
+    total_sum = np.sum([s["sum"] for s in stats], axis=0)
+    sumsq = sum(s["sumsq"] for s in stats)
+    total = sumsq - float((total_sum ** 2).sum()) / max(n, 1)
+    alive = np.any([s["alive"] for s in stats], axis=0)
+    return Quality(l0=sum(s["active"] for s in stats) / max(n, 1),
+                   fvu=sum(s["resid"] for s in stats) / max(total, 1e-30),
+                   dead_fraction=float(1 - alive.mean()), n_tokens=n)
+
+
 @torch.no_grad()
 def quality(sae, acts: torch.Tensor) -> Quality:
     """L0, FVU and dead fraction of ``sae`` on activations ``acts`` (tokens, d_in)."""
     codes = sae.encode(acts)
-    recon = sae.decode(codes)
-    resid = ((acts - recon) ** 2).sum()
-    total = ((acts - acts.mean(0)) ** 2).sum()
-    active = codes > 0
-    return Quality(
-        l0=float(active.sum(1).float().mean()), fvu=float(resid / total),
-        dead_fraction=float((~active.any(0)).float().mean()), n_tokens=int(acts.shape[0]))
+    return merge_quality([quality_stats(acts, codes, sae.decode(codes))])

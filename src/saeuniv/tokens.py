@@ -216,12 +216,9 @@ def analysis_windows(corpus: Entry, tokenizers: list[tuple[Entry, bool]], contex
     spec = {"corpus": corpus.key, "sides": sides, "context": context, "n_tokens": n_tokens}
 
     def build(out: Path) -> dict:
-        toks = [load_tokenizer(e) for e, _ in tokenizers]
-        if sides[0] == sides[1]:
-            toks[1] = toks[0]
-        pairs = [(t, bos) for t, (_, bos) in zip(toks, tokenizers)]
-        if sides[0] == sides[1]:
-            pairs[1] = pairs[0]
+        pairs = [(load_tokenizer(e), bos) for e, bos in tokenizers[:1 if sides[0] == sides[1]
+                                                                   else 2]]
+        pairs = pairs * (3 - len(pairs))  # one tokenizer: the same (tokenizer, bos) for both
         wins = paired_windows([d["text"] for d in read_split(corpus, "analysis")], pairs,
                               context, n_tokens)
         n_valid = int(wins[0].mask.sum())
