@@ -344,6 +344,20 @@ def test_fast_null_equals_naive_on_the_same_permutations(name, kwargs):
     assert np.std(naive) > 1e-4  # the permutations really change the score
 
 
+@pytest.mark.parametrize("debiased", [False, True])
+def test_cka_null_with_few_rows_uses_the_grams_and_equals_naive(debiased):
+    """n^2 <= d_a d_b (a concept subspace: few pairs, wide decoders) takes the n x n Gram
+    path; it must give the scores of the naive loop."""
+    rng = np.random.default_rng(8)
+    A = rng.normal(size=(15, 40))
+    B = A @ rng.normal(size=(40, 50)) + 3.0 * rng.normal(size=(15, 50))
+    fast = metrics.permutation_null("cka", A, B, n_perm=25, seed=2, debiased=debiased)
+    perms = np.random.default_rng(2)
+    naive = [metrics.cka(A, B[perms.permutation(15)], debiased=debiased) for _ in range(25)]
+    np.testing.assert_allclose(fast.null, naive, rtol=0, atol=1e-10)
+    assert np.std(naive) > 1e-3
+
+
 @pytest.mark.parametrize("name", NAMED)
 def test_fast_null_equals_callable_fallback(name):
     A, B = planted(n=50)

@@ -491,3 +491,119 @@ def test_changed_artifacts_are_not_reused_and_force_recomputes(tiny_run, tmp_pat
     rebuilt = [t for t in created("matches") if t > r3.end_time.timestamp()]
     assert len(rebuilt) == n and len(created("matches")) == len(matches)  # overwritten
     assert created("scores") == scores  # other stages' entries untouched
+
+
+# -- semantic subspaces -----------------------------------------------------------
+
+def _subspace_runs(tiny_run):
+    runs = _runs(tiny_run["uri"])
+    stage = runs[(runs["tags.saeuniv.stage"] == "subspaces")
+                 & runs["tags.saeuniv.reused_from"].isna()].iloc[0]
+    return stage, runs[runs["tags.mlflow.parentRunId"] == stage.run_id]
+
+
+def test_subspaces_stage_logs_a_nested_run_per_layer_pair(tiny_run):
+    import csv
+    import io
+
+    pipe = Pipeline(tiny_run["cfg"], Store(tiny_run["root"] / "store"))
+    stage, pairs = _subspace_runs(tiny_run)
+    assert stage["status"] == "FINISHED" and set(pairs["status"]) == {"FINISHED"}
+    assert sorted(zip(pairs["params.layer_a"].astype(int), pairs["params.layer_b"].astype(int))) \
+        == sorted(pipe.subspace_pairs())
+    client = mlflow.MlflowClient()
+    for _, run in pairs.iterrows():
+        assert {"categories.png", "categories.json", "labelled_features.csv"} <= {
+            a.path for a in client.list_artifacts(run.run_id)}
+    table = list(csv.DictReader(io.StringIO(
+        mlflow.artifacts.load_text(f"runs:/{stage.run_id}/subspaces.csv"))))
+    cats = list(pipe.concepts.categories)
+    assert {r["category"] for r in table} == set(cats) and len(cats) == 8
+    for r in table:
+        if r["status"].startswith("too few pairs"):  # reported, never scored
+            assert int(r["n_pairs"]) < pipe.cfg.subspaces.min_pairs and r["observed"] == ""
+        elif r["status"] == "ok":
+            n = pipe.cfg.subspaces.n_perm
+            for null in ("shuffle", "random"):
+                assert 1 / (n + 1) - 1e-12 <= float(r[f"{null}_p"]) <= 1
+                assert float(r[f"{null}_p"]) <= float(r[f"{null}_q"]) <= 1
+    assert any(r["status"] == "ok" for r in table)
+    summary = mlflow.artifacts.load_text(f"runs:/{stage.run_id}/subspaces_summary.md")
+    assert all(c in summary for c in cats)
+    # the labelled features: multi-word phrases hit, with the top contexts marked
+    labelled = [row for _, run in pairs.iterrows() for row in csv.DictReader(io.StringIO(
+        mlflow.artifacts.load_text(f"runs:/{run.run_id}/labelled_features.csv")))]
+    multi = [r for r in labelled if r["multi_word"] == "True"]
+    assert multi and all(int(r["phrase_tokens"]) > 1 for r in multi)
+    assert {r["phrase"] for r in multi} & {"New York", "United States", "last week"}
+    assert all("[[" in r["top_contexts"] and 1 <= int(r["hits"]) <= int(r["top_k"])
+               for r in labelled)
+
+
+def test_a_known_phrase_feature_is_labelled_through_the_pipeline_spans(tiny_run):
+    """Codes where one feature fires only inside "New York" (the tiny corpus has it), on
+    the pipeline's own windows, token offsets and document spans: labelling finds it."""
+    import scipy.sparse as sp
+
+    from saeuniv import subspaces
+    from saeuniv.corpus import read_split
+
+    pipe = Pipeline(tiny_run["cfg"], Store(tiny_run["root"] / "store"))
+    win, pos = pipe.windows("a"), pipe.positions("a")
+    docs = [d["text"] for d in read_split(pipe.corpus, "analysis")]
+    inside = np.zeros(len(pos), bool)  # rows whose token lies in an occurrence, found by str.find
+    for row, (w, p) in enumerate(pos):
+        text, (s, e) = docs[win.doc[w]], win.offsets[w, p]
+        start = text.find("New York", max(0, s - 8))
+        inside[row] = start >= 0 and start <= s and e <= start + len("New York") and e > s
+    assert inside.sum() >= 5
+    first = inside & ~np.roll(inside, 1)  # the first token of each occurrence
+    rows = np.flatnonzero(inside & ~first) if (inside & ~first).sum() >= 5 else \
+        np.flatnonzero(inside)  # fire on "York" (inside the phrase), not on "New"
+    codes = np.zeros((len(pos), 4))
+    codes[rows, 2] = np.linspace(2, 1, rows.size)
+    codes[np.flatnonzero(~inside)[::7], 0] = 1.0  # elsewhere
+    top = matching.top_activations(sp.csr_array(codes), 5)
+    lab = subspaces.label_features(top.rows, pipe.row_spans("a"), pipe.occurrences)
+    c = pipe.concepts.categories.index("countries")
+    assert lab.hits[2, c] == 5 and pipe.concepts.phrases[c][lab.phrase[2, c]] == "New York"
+    assert c not in np.flatnonzero(lab.member[3])  # never fires: no label
+
+
+def test_shuffled_labels_in_the_pipeline_score_nothing_significant(tiny_run, tmp_path,
+                                                                   monkeypatch):
+    from saeuniv import pipeline as pl
+
+    pipe = Pipeline(tiny_run["cfg"], Store(tiny_run["root"] / "store"))
+    real = pl.load_labels
+    rng = np.random.default_rng(0)
+
+    def shuffled(entry, min_hits):
+        lab, top = real(entry, min_hits)
+        perm = rng.permutation(lab.hits.shape[0])
+        return pl.subspaces.Labels(lab.hits[perm], lab.phrase[perm], lab.member[perm],
+                                   lab.top_k), top
+
+    monkeypatch.setattr(pl, "load_labels", shuffled)
+    results = []
+    for la, lb in pipe.subspace_pairs():
+        out = tmp_path / f"{la}-{lb}"
+        out.mkdir()
+        pl._build_subspaces(pipe, la, lb, pipe.labels("a", la), pipe.labels("b", lb),
+                            pipe.matches(la, lb), out)
+        results.append(json.loads((out / "subspaces.json").read_text()))
+    table = pl.subspace_table(results)
+    assert any(r["observed"] is not None for r in table)
+    assert not any(r["significant"] for r in table)
+
+
+def test_a_missing_concept_set_fails_before_any_run(tiny_run, capsys):
+    os.environ["MLFLOW_TRACKING_URI"] = tiny_run["uri"]
+    n_before = len(_runs(tiny_run["uri"]))
+    code = cli.main(["subspaces", "--config", "tiny", "--set",
+                     f"corpus.source={tiny_run['cfg'].corpus.source}", "--set",
+                     "subspaces.concepts=nowhere/mine.yaml"])
+    assert code == 2
+    assert "subspaces.concepts='nowhere/mine.yaml' names no concept-set file" in \
+        capsys.readouterr().err
+    assert len(_runs(tiny_run["uri"])) == n_before

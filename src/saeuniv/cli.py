@@ -20,12 +20,14 @@ import yaml
 from .config import ConfigError, load_config
 
 SHORTCUTS = {
-    # option: (config path, type, help)
-    "policy": ("match.policy", str, "match policy: max, one_to_one, mutual, hungarian, lan"),
-    "threshold": ("match.threshold", float, "keep pairs with correlation above this"),
-    "n_perm": ("similarity.n_perm", int, "permutations in each null"),
-    "seed": ("similarity.seed", int, "seed of the permutation nulls"),
-    "n_tokens": ("extract.n_tokens", int, "analysis tokens (pad/BOS excluded)"),
+    # option: (config paths, type, help)
+    "policy": (("match.policy",), str, "match policy: max, one_to_one, mutual, hungarian, lan"),
+    "threshold": (("match.threshold",), float, "keep pairs with correlation above this"),
+    "n_perm": (("similarity.n_perm", "subspaces.n_perm"), int,
+               "permutations in each null (similarity and subspaces)"),
+    "seed": (("similarity.seed", "subspaces.seed"), int,
+             "seed of the permutation nulls (similarity and subspaces)"),
+    "n_tokens": (("extract.n_tokens",), int, "analysis tokens (pad/BOS excluded)"),
 }
 STAGE_HELP = {
     "models": "prepare the corpus and tokenizer, train (or load) the two models",
@@ -33,6 +35,8 @@ STAGE_HELP = {
     "extract": "residual stream -> SAE codes, stored sparse per (model, layer)",
     "match": "correlate features of A and B and pair them (policy, threshold, filters)",
     "similarity": "SVCCA, RSA, CKA, mutual-kNN on paired decoder rows, with permutation nulls",
+    "subspaces": "label features by concept (configs/concepts/), score each category per "
+                 "layer pair against shuffled-pairing and random-subspace nulls",
 }
 
 
@@ -122,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args):
     overrides = _parse_set(args.set)
-    for name, (path, _, _) in SHORTCUTS.items():
+    for name, (paths, _, _) in SHORTCUTS.items():
         if getattr(args, name) is not None:
-            overrides[path] = getattr(args, name)
+            overrides.update({path: getattr(args, name) for path in paths})
     return load_config(args.config, overrides)
 
 
@@ -143,9 +147,12 @@ def project_launcher(project_dir: Path, tmp: Path):
         cfg_path = tmp / f"{pipe.cfg.hash()[:12]}.yaml"
         cfg_path.write_text(yaml.safe_dump(pipe.cfg.to_dict()))
         params = {"config": str(cfg_path)}
-        for name, (path, _, _) in SHORTCUTS.items():
-            section, key = path.split(".")
-            params[name] = getattr(getattr(pipe.cfg, section), key)
+        # the shortcuts only label the child run (the file decides): a value when the
+        # paths of a shortcut agree, else "config"
+        for name, (paths, _, _) in SHORTCUTS.items():
+            values = {getattr(getattr(pipe.cfg, p.split(".")[0]), p.split(".")[1])
+                      for p in paths}
+            params[name] = values.pop() if len(values) == 1 else "config"
         if pipe.store.root != Path(os.environ.get("SAEUNIV_HOME", "")):
             os.environ["SAEUNIV_HOME"] = str(pipe.store.root)
         submitted = mlflow.run(str(project_dir), entry_point=stage, parameters=params,

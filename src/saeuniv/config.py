@@ -141,6 +141,36 @@ class SimilarityConfig:
 
 
 @dataclass(frozen=True)
+class SubspacesConfig:
+    """Semantic subspaces: features labelled by concept, compared category by category.
+
+    ``concepts`` names a concept set: a YAML file, or the name of one in
+    ``configs/concepts/`` (``reference``: eight categories). A feature belongs to
+    a category when at least ``min_hits`` of its ``top_k`` largest activations
+    fall inside an occurrence of one of the category's phrases. Within each
+    category the features are matched as the whole layer pair is (``match``:
+    policy, threshold, token filters); a category with fewer than ``min_pairs`` pairs is
+    reported, not scored. Each metric is compared with ``n_perm`` shuffled
+    pairings and ``n_perm`` random subspaces of the same size (seeded by
+    ``seed``). SVCCA keeps ``svcca_k`` directions (0: a quarter of the pairs,
+    at least 2). ``pairs``: ``all`` compared layer pairs, or ``depth`` (each A
+    layer with the B layer at the nearest relative depth). ``context``: tokens
+    shown on each side of a top activation in the labelled-features CSV.
+    """
+
+    concepts: str = "reference"
+    top_k: int = 10
+    min_hits: int = 1
+    min_pairs: int = 8
+    metrics: tuple[str, ...] = ("svcca", "rsa", "cka")
+    n_perm: int = 1000
+    seed: int = 0
+    svcca_k: int = 0
+    pairs: str = "all"
+    context: int = 8
+
+
+@dataclass(frozen=True)
 class ModelRef:
     """A model in the comparison.
 
@@ -223,6 +253,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     match: MatchConfig = field(default_factory=MatchConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    subspaces: SubspacesConfig = field(default_factory=SubspacesConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -300,6 +331,7 @@ _SECTIONS = {
     "corpus": CorpusConfig,
     "tokenizer": TokenizerConfig, "family": FamilyConfig, "sae": SAEConfig,
     "extract": ExtractConfig, "match": MatchConfig, "similarity": SimilarityConfig,
+    "subspaces": SubspacesConfig,
 }
 
 
@@ -397,6 +429,25 @@ def validate(cfg: Config) -> None:
     _check(sim.n_perm >= 1, f"similarity.n_perm must be >= 1, got {sim.n_perm}")
     _check(sim.min_pairs >= 3, f"similarity.min_pairs must be >= 3, got {sim.min_pairs}")
     _check(cfg.pairs in PAIRS, f"pairs {cfg.pairs!r} is unknown; choose one of {PAIRS}")
+    sub = cfg.subspaces
+    bad = [x for x in sub.metrics if x not in METRICS]
+    _check(not bad and sub.metrics,
+           f"subspaces.metrics has unknown name(s) {bad}; choose from {METRICS}")
+    _check(sub.top_k >= 1, f"subspaces.top_k must be >= 1, got {sub.top_k}")
+    _check(1 <= sub.min_hits <= sub.top_k,
+           f"subspaces.min_hits must be in [1, subspaces.top_k={sub.top_k}], got {sub.min_hits}")
+    _check(sub.min_pairs >= 5, f"subspaces.min_pairs must be >= 5, got {sub.min_pairs}")
+    _check(sub.svcca_k >= 0, f"subspaces.svcca_k must be >= 0 (0: automatic), got {sub.svcca_k}")
+    _check(not sub.svcca_k or sub.svcca_k < sub.min_pairs - 1,
+           f"subspaces.svcca_k={sub.svcca_k} leaves CCA degenerate for categories with "
+           f"subspaces.min_pairs={sub.min_pairs} pairs; use svcca_k < min_pairs - 1, or 0")
+    _check(sub.n_perm >= 1, f"subspaces.n_perm must be >= 1, got {sub.n_perm}")
+    _check(sub.seed >= 0, f"subspaces.seed must be >= 0, got {sub.seed}")
+    _check(sub.pairs in PAIRS,
+           f"subspaces.pairs {sub.pairs!r} is unknown; choose one of {PAIRS}")
+    _check(sub.context >= 0, f"subspaces.context must be >= 0, got {sub.context}")
+    _check(bool(sub.concepts), "subspaces.concepts is empty; name a concept set (reference) "
+           "or a YAML file")
     _check(e.shard_windows >= 1, f"extract.shard_windows must be >= 1, got {e.shard_windows}")
     _check(e.layers_per_pass >= 0,
            f"extract.layers_per_pass must be >= 0 (0: all layers), got {e.layers_per_pass}")
@@ -472,3 +523,70 @@ def _merge(base: dict, data: Any, where: str) -> dict:
         else:
             out[key] = value
     return out
+
+
+# -- concept sets -------------------------------------------------------------------
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # the checkout holding configs/
+
+
+def concepts_path(value: str) -> Path:
+    """The concept-set file ``value`` names: a path (absolute, or relative to the working
+    directory or the project folder), or a set's name in ``configs/concepts/``."""
+    tried = []
+    p = Path(value).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, PROJECT_DIR / p]
+    if p.suffix not in (".yaml", ".yml") and len(p.parts) == 1:
+        candidates += [Path.cwd() / "configs" / "concepts" / f"{value}.yaml",
+                       PROJECT_DIR / "configs" / "concepts" / f"{value}.yaml"]
+    for c in candidates:
+        tried.append(str(c))
+        if c.is_file():
+            return c
+    shipped = sorted(x.stem for x in (PROJECT_DIR / "configs" / "concepts").glob("*.yaml"))
+    raise ConfigError(f"subspaces.concepts={value!r} names no concept-set file (looked for "
+                      f"{', '.join(dict.fromkeys(tried))}); pass a YAML file or one of "
+                      f"{shipped}")
+
+
+def load_concepts(value: str):
+    """Read and check a concept set (see ``configs/concepts/reference.yaml``).
+
+    The file maps ``categories`` to mappings with ``keywords`` and/or
+    ``phrases`` (lists of text), or directly to a list of text. Returns a
+    ``saeuniv.subspaces.ConceptSet``.
+    """
+    from .subspaces import ConceptSet
+
+    path = concepts_path(value)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"concept set {path} is not valid YAML: {err}") from None
+    where = f"concept set {path}"
+    _check(isinstance(data, dict) and isinstance(data.get("categories"), dict)
+           and data["categories"],
+           f"{where} must be a mapping with a non-empty 'categories' mapping, e.g. "
+           "categories: {time: {keywords: [today], phrases: [last week]}}")
+    unknown = sorted(set(data) - {"name", "description", "categories"})
+    _check(not unknown, f"{where}: unknown key(s) {unknown}; allowed: categories, name, "
+           "description")
+    names, lists = [], []
+    for cat, entry in data["categories"].items():
+        if isinstance(entry, dict):
+            bad = sorted(set(entry) - {"keywords", "phrases"})
+            _check(not bad, f"{where}: category {cat!r} has unknown key(s) {bad}; allowed: "
+                   "keywords, phrases")
+            items = list(entry.get("keywords") or []) + list(entry.get("phrases") or [])
+        else:
+            items = entry if isinstance(entry, list) else None
+        _check(bool(items), f"{where}: category {cat!r} needs a non-empty list of keywords "
+               "or phrases")
+        odd = [x for x in items if not isinstance(x, str) or not x.split()]
+        _check(not odd, f"{where}: category {cat!r} has entries that are not text: {odd[:5]}")
+        items = [" ".join(x.split()) for x in items]
+        twice = sorted({x for x in items if items.count(x) > 1})
+        _check(not twice, f"{where}: category {cat!r} lists {twice} more than once")
+        names.append(str(cat))
+        lists.append(tuple(items))
+    return ConceptSet(str(data.get("name") or path.stem), tuple(names), tuple(lists))

@@ -31,6 +31,7 @@ __all__ = [
     "procrustes",
     "pwcca",
     "rsa",
+    "summarise_null",
     "svcca",
     "svcca_details",
 ]
@@ -803,7 +804,15 @@ def _pwcca_null(A, B, perms, variance=0.99):
 def _cka_null(A, B, perms, debiased=False):
     a, b, rows_a, rows_b, norm = _cka_sides(A, B, debiased)
     observed = float(_hsic(np.sum((a.T @ b) ** 2), rows_a, rows_b, debiased) / norm)
+    n = a.shape[0]
     null = []
+    if n * n <= a.shape[1] * b.shape[1]:  # few rows: tr(K_A K_B[p, p]) on the n x n Grams
+        ka, kb = a @ a.T, b @ b.T
+        for batch in _batches(perms, max(1, _BLOCK_BYTES // (8 * n * n))):
+            idx = np.stack(batch)
+            cross = np.einsum("ij,kij->k", ka, kb[idx[:, :, None], idx[:, None, :]])
+            null += [_hsic(c, rows_a, rows_b[p], debiased) / norm for c, p in zip(cross, batch)]
+        return observed, np.array(null)
     for batch, stack in _permuted_products(a, b, perms):
         cross = np.einsum("kij,kij->k", stack, stack, dtype=np.float64)
         null += [_hsic(c, rows_a, rows_b[p], debiased) / norm for c, p in zip(cross, batch)]
@@ -884,7 +893,15 @@ _FAST_NULLS = {
 }
 
 
-def _summarise(observed, null, seed):
+def summarise_null(observed, null, seed):
+    """A :class:`NullResult` for ``observed`` against null scores drawn with ``seed``.
+
+    ``null`` (1-D float array) is made read-only. z and p follow
+    :class:`NullResult`: p = (1 + #{null >= observed}) / (1 + n).
+    """
+    null = np.asarray(null, dtype=float)
+    if null.ndim != 1 or null.size < 1:
+        raise ValueError(f"null must be a non-empty 1-D array, got shape {null.shape}")
     null.setflags(write=False)
     mean = float(null.mean())
     sd = float(null.std(ddof=1)) if null.size > 1 else float("nan")
@@ -917,7 +934,9 @@ def permutation_null(metric, A, B, n_perm=1000, seed=0, **metric_kwargs):
       being unchanged. Holds two n x n float32 matrices. ``outer="kendall"``
       falls back to the naive loop.
     * ``"cka"``: centred sides once; per permutation ``||A^T B[p]||_F^2`` in
-      batched float32 matmuls (plus O(n) terms when debiased); ~1e-8.
+      batched float32 matmuls (plus O(n) terms when debiased); ~1e-8. With
+      n^2 <= d_a d_b, the float64 n x n Grams once and per permutation
+      ``<K_A, K_B[p, p]>``.
     * ``"mutual_knn"``: neighbour sets once; per permutation O(n k log(n k)).
     * ``"procrustes"``: normalised sides once; per permutation the nuclear
       norm of ``A^T B[p]``, as for svcca; ~1e-8.
@@ -964,4 +983,4 @@ def permutation_null(metric, A, B, n_perm=1000, seed=0, **metric_kwargs):
     else:
         _check_option(metric, tuple(_FAST_NULLS), "metric")
         observed, null = _FAST_NULLS[metric](A, B, perms, **metric_kwargs)
-    return _summarise(observed, null, seed)
+    return summarise_null(observed, null, seed)

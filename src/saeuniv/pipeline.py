@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import logging
+import re
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import matching, metrics
-from .config import Config, ModelRef, SAERef, digest
+from . import matching, metrics, subspaces
+from .config import Config, ModelRef, SAERef, digest, load_concepts
 from .corpus import prepare_corpus, read_split
 from .extract import extract_codes, load_codes
 from .models import (LoadedModel, ModelError, ModelInfo, describe, load_family_model,
@@ -40,10 +41,10 @@ from .tracking import CHECKSUMS, code_version, lineage_tags, stage_run
 
 log = logging.getLogger(__name__)
 
-STAGES = ("models", "saes", "extract", "match", "similarity")
+STAGES = ("models", "saes", "extract", "match", "similarity", "subspaces")
 # Config sections that decide nothing upstream of matching: a pipeline that differs only
 # in these shares every model, SAE and code entry (see Pipeline.with_analysis).
-ANALYSIS_SECTIONS = ("match", "similarity")
+ANALYSIS_SECTIONS = ("match", "similarity", "subspaces")
 SIDES = ("a", "b")
 JUNK_STRINGS = {"", ".", ",", "!", "?", "-", ";", ":", '"', "'", "(", ")"}
 
@@ -314,12 +315,80 @@ class Pipeline:
         entry, _ = self.store.get_or_create("scores", spec, build)
         return entry
 
+    # -- semantic subspaces ---------------------------------------------------
+    @cached_property
+    def concepts(self) -> subspaces.ConceptSet:
+        return load_concepts(self.cfg.subspaces.concepts)
+
+    def subspace_pairs(self) -> list[tuple[int, int]]:
+        """The compared layer pairs the subspaces stage scores (``subspaces.pairs``)."""
+        if self.cfg.subspaces.pairs == "depth":
+            return [(la, lb) for la, lb in self.pairs() if lb == self.nearest_b(la)]
+        return self.pairs()
+
+    def n_rows(self) -> int:
+        """Code rows the analysis reads: every row, or the first ``match.n_tokens``."""
+        rows = int(self.windows_entry.meta["n_valid_tokens"])
+        return min(rows, self.cfg.match.n_tokens) if self.cfg.match.n_tokens else rows
+
+    @cached_property
+    def occurrences(self) -> subspaces.Occurrences:
+        """Phrase occurrences of every concept category in the analysis documents."""
+        used = set(np.unique(self.windows("a").doc).tolist())
+        texts = [d["text"] if i in used else "" for i, d in
+                 enumerate(read_split(self.corpus, "analysis"))]
+        return subspaces.occurrences(texts, self.concepts)
+
+    def row_spans(self, side: str) -> np.ndarray:
+        """Character span of the token at every code row of ``side``, in the analysis
+        documents laid end to end (the coordinates of ``occurrences``)."""
+        def make():
+            win, pos = self.windows(side), self.positions(side)
+            spans = win.offsets[pos[:, 0], pos[:, 1]].astype(np.int64)
+            return spans + self.occurrences.base[win.doc[pos[:, 0]]][:, None]
+        return self._memo(("spans", side), make)
+
+    def labels(self, side: str, layer: int) -> Entry:
+        """Concept labels of the side's SAE features at ``layer`` (top-k activations)."""
+        sub, codes = self.cfg.subspaces, self.all_codes[side][layer]
+        spec = {"codes": codes.key, "side": side, "concepts": digest(asdict(self.concepts)),
+                "top_k": sub.top_k, "min_hits": sub.min_hits, "rows": self.n_rows()}
+
+        def build(out: Path) -> dict:
+            top = matching.top_activations(load_codes(codes)[:self.n_rows()], sub.top_k)
+            lab = subspaces.label_features(top.rows, self.row_spans(side), self.occurrences,
+                                           sub.min_hits)
+            np.savez(out / "labels.npz", hits=lab.hits, phrase=lab.phrase, rows=top.rows,
+                     values=top.values)
+            return {"n_features": int(lab.hits.shape[0]), "categories": list(
+                self.concepts.categories), "n_labelled": lab.member.sum(0).tolist()}
+
+        entry, _ = self.store.get_or_create("labels", spec, build)
+        return entry
+
+    def subspace_scores(self, la: int, lb: int) -> Entry:
+        """Per-category pairs and scores (both nulls) at one layer pair."""
+        sub, mc = self.cfg.subspaces, self.cfg.match
+        lab_a, lab_b, m = self.labels("a", la), self.labels("b", lb), self.matches(la, lb)
+        spec = {"labels_a": lab_a.key, "labels_b": lab_b.key, "matches": m.key,
+                "sae_a": self.sae_key("a", la), "sae_b": self.sae_key("b", lb),
+                "policy": mc.policy, "threshold": mc.threshold,
+                "subspaces": {k: v for k, v in asdict(sub).items()
+                              if k not in ("concepts", "pairs", "context")}}
+
+        def build(out: Path) -> dict:
+            return _build_subspaces(self, la, lb, lab_a, lab_b, m, out)
+
+        entry, _ = self.store.get_or_create("subspaces", spec, build)
+        return entry
+
     def validate(self) -> None:
         """Cheap checks that fail before any model is trained or run: layers in range,
         SAE sources that exist and fit each model, and the token budget."""
         for side in SIDES:
             check_ref(self.sae_ref(side), self.info(side), self.used_layers(side), side)
         _ = self.windows_entry  # raises when the corpus is smaller than the token budget
+        _ = self.concepts  # raises when the concept set is missing or malformed
 
     def relative_depth(self, side: str, layer: int) -> float:
         return (layer + 1) / self.info(side).n_layers
@@ -389,6 +458,27 @@ def load_matches(entry: Entry) -> matching.Matches:
     return matching.Matches(data["a"], data["b"], data["corr"])
 
 
+def _filter_pairs(pipe: Pipeline, m: matching.Matches, top_a: matching.TopActivations,
+                  top_b: matching.TopActivations, counts: dict | None = None) -> matching.Matches:
+    """The token filters of ``match`` (junk tokens, shared top token) on thresholded pairs;
+    ``counts`` gets the pairs left after each (``n_junk``, ``n_shared_token``)."""
+    mc, counts = pipe.cfg.match, {} if counts is None else counts
+    tok_a, tok_b = top_a.tokens(pipe.token_ids("a")), top_b.tokens(pipe.token_ids("b"))
+    if mc.junk_filter:  # each side's own junk tokens, as 0/1 flags per top activation
+        flag_a = np.where(tok_a >= 0, np.isin(tok_a, pipe.junk_ids("a")), -1).astype(np.int64)
+        flag_b = np.where(tok_b >= 0, np.isin(tok_b, pipe.junk_ids("b")), -1).astype(np.int64)
+        m = matching.junk_filter(m, flag_a, flag_b, [1])
+    counts["n_junk"] = m.n
+    if mc.shared_token:  # compare token text, so two tokenizers share one id space
+        text_a, text_b = pipe.token_text("a", tok_a), pipe.token_text("b", tok_b)
+        vocab = {t: i for i, t in enumerate(sorted(set(text_a.ravel()) | set(text_b.ravel())))}
+        ids = lambda text, tok: np.where(tok >= 0, np.vectorize(vocab.get, otypes=[np.int64])(
+            text), -1)
+        m = matching.shared_token_filter(m, ids(text_a, tok_a), ids(text_b, tok_b))
+    counts["n_shared_token"] = m.n
+    return m
+
+
 def _build_matches(pipe: Pipeline, ca: Entry, cb: Entry, out: Path) -> dict:
     mc = pipe.cfg.match
     codes_a, codes_b = load_codes(ca), load_codes(cb)
@@ -410,19 +500,7 @@ def _build_matches(pipe: Pipeline, ca: Entry, cb: Entry, out: Path) -> dict:
     counts["n_threshold"] = m.n
     top_a = matching.top_activations(codes_a, mc.top_k)
     top_b = matching.top_activations(codes_b, mc.top_k)
-    tok_a, tok_b = top_a.tokens(pipe.token_ids("a")), top_b.tokens(pipe.token_ids("b"))
-    if mc.junk_filter:  # each side's own junk tokens, as 0/1 flags per top activation
-        flag_a = np.where(tok_a >= 0, np.isin(tok_a, pipe.junk_ids("a")), -1).astype(np.int64)
-        flag_b = np.where(tok_b >= 0, np.isin(tok_b, pipe.junk_ids("b")), -1).astype(np.int64)
-        m = matching.junk_filter(m, flag_a, flag_b, [1])
-    counts["n_junk"] = m.n
-    if mc.shared_token:  # compare token text, so two tokenizers share one id space
-        text_a, text_b = pipe.token_text("a", tok_a), pipe.token_text("b", tok_b)
-        vocab = {t: i for i, t in enumerate(sorted(set(text_a.ravel()) | set(text_b.ravel())))}
-        ids = lambda text, tok: np.where(tok >= 0, np.vectorize(vocab.get, otypes=[np.int64])(
-            text), -1)
-        m = matching.shared_token_filter(m, ids(text_a, tok_a), ids(text_b, tok_b))
-    counts["n_shared_token"] = m.n
+    m = _filter_pairs(pipe, m, top_a, top_b, counts)
     counts["n_pairs"] = m.n
     counts["mean_corr_after"] = m.mean_corr
     counts["unique_a_fraction"] = m.unique_a_fraction
@@ -462,6 +540,51 @@ def _build_scores(pipe: Pipeline, la: int, lb: int, m_entry: Entry, out: Path) -
             result["metrics"]["svcca"]["lan_compatible"] = metrics.svcca(A, B, lan_compatible=True)
     (out / "scores.json").write_text(json.dumps(result, indent=1, default=_json_default))
     return {"status": result["status"], "n_pairs": m.n}
+
+
+def load_labels(entry: Entry, min_hits: int) -> tuple[subspaces.Labels,
+                                                      matching.TopActivations]:
+    """A labels entry: the labels (members: ``min_hits`` or more hits) and top activations."""
+    with np.load(entry.file("labels.npz")) as npz:
+        data = dict(npz)
+    lab = subspaces.Labels(data["hits"], data["phrase"], data["hits"] >= min_hits,
+                           data["rows"].shape[1])
+    return lab, matching.TopActivations(data["rows"], data["values"])
+
+
+def _build_subspaces(pipe: Pipeline, la: int, lb: int, lab_a: Entry, lab_b: Entry,
+                     m_entry: Entry, out: Path) -> dict:
+    sub, mc = pipe.cfg.subspaces, pipe.cfg.match
+    rows = pipe.n_rows()
+    codes_a = load_codes(pipe.all_codes["a"][la])[:rows]
+    codes_b = load_codes(pipe.all_codes["b"][lb])[:rows]
+    dec_a, dec_b = _decoder(pipe.sae("a", la)[1]), _decoder(pipe.sae("b", lb)[1])
+    pool = load_matches(m_entry)
+    with np.load(m_entry.file("top.npz")) as npz:  # the token filters' top activations
+        top_a = matching.TopActivations(npz["rows_a"], npz["values_a"])
+        top_b = matching.TopActivations(npz["rows_b"], npz["values_b"])
+    member_a = load_labels(lab_a, sub.min_hits)[0].member
+    member_b = load_labels(lab_b, sub.min_hits)[0].member
+    result = {"layer_a": la, "layer_b": lb, "n_pool": pool.n, "categories": []}
+    pairs = {}
+    for c, cat in enumerate(pipe.concepts.categories):
+        fa, fb = np.flatnonzero(member_a[:, c]), np.flatnonzero(member_b[:, c])
+        corr = (matching.correlation(codes_a[:, fa], codes_b[:, fb]) if fa.size and fb.size
+                else np.zeros((fa.size, fb.size)))
+        m = _filter_pairs(pipe, subspaces.category_pairs(corr, fa, fb, mc.policy,
+                                                         mc.threshold), top_a, top_b)
+        score = subspaces.score_category(
+            cat, dec_a, dec_b, m, fa.size, fb.size, pool.a, pool.b, sub.metrics, sub.n_perm,
+            sub.seed, sub.min_pairs, sub.svcca_k)
+        result["categories"].append(asdict(score))
+        pairs.update({f"{cat}.a": m.a, f"{cat}.b": m.b, f"{cat}.corr": m.corr})
+    np.savez(out / "pairs.npz", **pairs)
+    (out / "subspaces.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    return {"n_scored": sum(c["status"] == "ok" for c in result["categories"])}
+
+
+def load_subspaces(entry: Entry) -> dict:
+    return json.loads(entry.file("subspaces.json").read_text())
 
 
 def _json_default(x):
@@ -621,9 +744,191 @@ def _log_scores(scores: dict, key: str) -> None:
     mlflow.log_metrics(out)
 
 
+SUBSPACE_FIELDS = ("layer_a", "layer_b", "category", "n_features_a", "n_features_b",
+                   "n_pairs", "status", "metric", "observed", "svcca_k", "shuffle_mean",
+                   "shuffle_z", "shuffle_p", "shuffle_q", "random_mean", "random_sd",
+                   "random_z", "random_p", "random_q", "significant")
+ALPHA = 0.05
+
+
+def subspace_table(results: list[dict]) -> list[dict]:
+    """One row per (layer pair, category, metric) from stored subspace results, with
+    Benjamini-Hochberg q-values per metric and null over every scored row, and
+    ``significant``: q < 0.05 against both nulls."""
+    rows = []
+    for res in results:
+        for cat in res["categories"]:
+            base = {"layer_a": res["layer_a"], "layer_b": res["layer_b"],
+                    "category": cat["category"], "n_features_a": cat["n_features_a"],
+                    "n_features_b": cat["n_features_b"], "n_pairs": cat["n_pairs"],
+                    "status": cat["status"]}
+            if cat["status"] != "ok":
+                rows.append({**base, "metric": ""})
+                continue
+            for name, r in cat["metrics"].items():
+                if "error" in r:
+                    rows.append({**base, "metric": name, "status": r["error"]})
+                    continue
+                rows.append({**base, "metric": name, "observed": r["observed"],
+                             "svcca_k": r.get("k"),
+                             "shuffle_mean": r["shuffle"]["null_mean"],
+                             "shuffle_z": r["shuffle"]["z"], "shuffle_p": r["shuffle"]["p"],
+                             "random_mean": r["random"]["null_mean"],
+                             "random_sd": r["random"]["null_sd"],
+                             "random_z": r["random"]["z"], "random_p": r["random"]["p"]})
+    for name in {r["metric"] for r in rows if "observed" in r}:
+        scored = [r for r in rows if r["metric"] == name and "observed" in r]
+        for null in ("shuffle", "random"):
+            q = subspaces.fdr_bh([r[f"{null}_p"] for r in scored])
+            for r, v in zip(scored, q):
+                r[f"{null}_q"] = float(v)
+        for r in scored:
+            r["significant"] = bool(r["shuffle_q"] < ALPHA and r["random_q"] < ALPHA)
+    return [{k: r.get(k) for k in SUBSPACE_FIELDS} for r in rows]
+
+
+def _metric_name(text: str) -> str:
+    return re.sub(r"[^\w\-. /]", "_", text)
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _labelled_rows(pipe: Pipeline, la: int, lb: int, pairs_npz: dict) -> list[dict]:
+    """Every labelled feature of A at ``la`` and B at ``lb``, per category: the phrase it
+    hit most, how many of its top-k did, its partner in the category and top contexts."""
+    sub, concepts = pipe.cfg.subspaces, pipe.concepts
+    out = []
+    for side, layer, other in (("a", la, "b"), ("b", lb, "a")):
+        lab, top = load_labels(pipe.labels(side, layer), sub.min_hits)
+        tok = pipe.tokenizer(side)
+        for c, cat in enumerate(concepts.categories):
+            mine, theirs = pairs_npz[f"{cat}.{side}"], pairs_npz[f"{cat}.{other}"]
+            corr = pairs_npz[f"{cat}.corr"]
+            for f in lab.features(c):
+                phrase = concepts.phrases[c][lab.phrase[f, c]]
+                n_tok = pipe._memo(("ntok", side, phrase), lambda: len(
+                    tok.encode(" " + phrase, add_special_tokens=False)))
+                where = np.flatnonzero(mine == f)
+                contexts = [pipe.context(int(r), side, sub.context, sub.context)
+                            for r in top.rows[f] if r >= 0]
+                out.append({"side": side, "layer": layer, "feature": int(f), "category": cat,
+                            "phrase": phrase, "hits": int(lab.hits[f, c]), "top_k": lab.top_k,
+                            "multi_word": concepts.multi_word(c, int(lab.phrase[f, c])),
+                            "phrase_tokens": n_tok,
+                            "partner": int(theirs[where[0]]) if where.size else "",
+                            "corr": round(float(corr[where[0]]), 4) if where.size else "",
+                            "top_contexts": " || ".join(contexts)})
+    return out
+
+
+def stage_subspaces(pipe: Pipeline) -> None:
+    """Label features by concept, score each category at each layer pair against both
+    nulls, and log one nested run per layer pair plus the overall table and summary."""
+    from .plots import category_bars, plt, subspace_grid
+
+    sub, concepts = pipe.cfg.subspaces, pipe.concepts
+    mlflow.log_params({f"subspaces.{k}": (json.dumps(list(v)) if isinstance(v, tuple) else v)
+                       for k, v in asdict(sub).items()})
+    mlflow.log_dict({"name": concepts.name, "categories": {
+        c: list(p) for c, p in zip(concepts.categories, concepts.phrases)}}, "concepts.yaml")
+    pairs = pipe.subspace_pairs()
+    entries = {pair: pipe.subspace_scores(*pair)
+               for pair in tqdm(pairs, desc="subspaces", unit="layer pair")}
+    results = {pair: load_subspaces(e) for pair, e in entries.items()}
+    table = subspace_table(list(results.values()))
+    for (la, lb), entry in entries.items():
+        key = _pair_key(la, lb)
+        rows = [r for r in table if (r["layer_a"], r["layer_b"]) == (la, lb)]
+        with stage_run("subspaces.pair", run_name=f"subspaces:{key}",
+                       tags={"saeuniv.layer_a": str(la), "saeuniv.layer_b": str(lb),
+                             "saeuniv.concepts": concepts.name}):
+            mlflow.log_params({"layer_a": la, "layer_b": lb})
+            out = {}
+            for r in rows:
+                cat = _metric_name(r["category"])
+                out.update({f"concept_pairs/{cat}": r["n_pairs"],
+                            f"concept_features_a/{cat}": r["n_features_a"],
+                            f"concept_features_b/{cat}": r["n_features_b"]})
+                if r["observed"] is None:
+                    continue
+                m = r["metric"]
+                for field in ("observed", "shuffle_z", "shuffle_p", "random_mean", "random_z",
+                              "random_p", "random_q"):
+                    v = r[field]
+                    if v is not None and np.isfinite(v):
+                        suffix = "" if field == "observed" else "_" + field
+                        out[f"concept_{m}{suffix}/{cat}"] = v
+            mlflow.log_metrics(out)
+            mlflow.log_table({k: [r[k] for r in rows] for k in SUBSPACE_FIELDS},
+                             "categories.json")
+            fig = category_bars(rows, f"{pipe.name('a')} layer {la} vs {pipe.name('b')} "
+                                f"layer {lb}: concept subspaces (n_perm={sub.n_perm})")
+            mlflow.log_figure(fig, "categories.png")
+            plt.close(fig)
+            with np.load(entry.file("pairs.npz")) as npz:
+                pairs_npz = dict(npz)
+            mlflow.log_text(_csv(_labelled_rows(pipe, la, lb, pairs_npz)),
+                            "labelled_features.csv")
+    mlflow.log_text(_csv(table), "subspaces.csv")
+    for name in sub.metrics:
+        fig = subspace_grid(table, name, list(concepts.categories), pairs,
+                            f"{name}: z against random subspaces (* significant)")
+        mlflow.log_figure(fig, f"subspaces_{name}.png")
+        plt.close(fig)
+    summary = _subspace_summary(pipe, table, pairs)
+    mlflow.log_text(summary, "subspaces_summary.md")
+    mlflow.set_tag("mlflow.note.content", summary)
+    mlflow.log_metrics({f"concept_significant/{name}": sum(
+        bool(r["significant"]) for r in table if r["metric"] == name) for name in sub.metrics})
+
+
+def _subspace_summary(pipe: Pipeline, table: list[dict], pairs) -> str:
+    sub, concepts = pipe.cfg.subspaces, pipe.concepts
+    lines = [f"# Concept subspaces: {pipe.name('a')} vs {pipe.name('b')}", "",
+             f"- concept set `{concepts.name}`: {len(concepts.categories)} categories; a feature "
+             f"belongs to a category when {sub.min_hits} or more of its top {sub.top_k} "
+             "activations fall inside one of its phrases",
+             f"- {len(pairs)} layer pairs; pairs within a category by {pipe.cfg.match.policy}, "
+             f"correlation > {pipe.cfg.match.threshold}; categories with fewer than "
+             f"{sub.min_pairs} pairs are not scored",
+             f"- nulls: {sub.n_perm} shuffled pairings and {sub.n_perm} random subspaces of the "
+             f"same size (seed {sub.seed}); significant = Benjamini-Hochberg q < {ALPHA} "
+             "against both, over all layer pairs and categories of a metric", ""]
+    for name in sub.metrics:
+        rows = [r for r in table if r["metric"] == name and r["observed"] is not None]
+        sig = [r for r in rows if r["significant"]]
+        lines.append(f"## {name}: {len(sig)} of {len(rows)} scored (category, layer pair) "
+                     "cells significant")
+        for cat in concepts.categories:
+            mine = [r for r in rows if r["category"] == cat]
+            hits = [r for r in mine if r["significant"]]
+            if not mine:
+                lines.append(f"- {cat}: never enough pairs to score")
+                continue
+            best = max(mine, key=lambda r: -np.inf if r["random_z"] is None
+                       or not np.isfinite(r["random_z"]) else r["random_z"])
+            lines.append(
+                f"- {cat}: significant at {len(hits)}/{len(mine)} layer pairs; highest z vs "
+                f"random at A{best['layer_a']}/B{best['layer_b']}: {best['observed']:.3f} "
+                f"(random {best['random_mean']:.3f}, z {best['random_z']:.1f}, q "
+                f"{best['random_q']:.3g}; shuffle q {best['shuffle_q']:.3g})")
+        lines.append("")
+    skipped = sorted({r["category"] for r in table if r["status"] != "ok"})
+    if skipped:
+        lines.append("Too few pairs somewhere: " + ", ".join(skipped))
+    return "\n".join(lines) + "\n"
+
+
 STAGE_FUNCS: dict[str, Callable[[Pipeline], None]] = {
     "models": stage_models, "saes": stage_saes, "extract": stage_extract,
-    "match": stage_match, "similarity": stage_similarity,
+    "match": stage_match, "similarity": stage_similarity, "subspaces": stage_subspaces,
 }
 
 
@@ -632,17 +937,21 @@ STAGE_FUNCS: dict[str, Callable[[Pipeline], None]] = {
 _UPSTREAM = ("corpus", "tokenizer", "family", "model_a", "model_b")
 _SAES = _UPSTREAM + ("layers_a", "layers_b", "pairs", "sae_a", "sae_b", "sae", "extract")
 STAGE_SECTIONS = {"models": _UPSTREAM, "saes": _SAES, "extract": _SAES,
-                  "match": _SAES + ("match",), "similarity": _SAES + ("match", "similarity")}
+                  "match": _SAES + ("match",), "similarity": _SAES + ("match", "similarity"),
+                  "subspaces": _SAES + ("match", "subspaces")}
 STAGE_KINDS = {"models": {"corpus", "tokenizer", "model"}, "saes": {"sae", "preflight"},
                "extract": {"windows", "codes"}, "match": {"matches"},
-               "similarity": {"scores"}}
+               "similarity": {"scores"}, "subspaces": {"labels", "subspaces"}}
 
 
 def inputs_hash(cfg: Config, stage: str) -> str:
     """Digest of what a stage's result depends on: its config sections and the code."""
     data = cfg.to_dict()
-    return digest({"stage": stage, "config": {k: data[k] for k in STAGE_SECTIONS[stage]},
-                   "code": code_version()})
+    spec = {"stage": stage, "config": {k: data[k] for k in STAGE_SECTIONS[stage]},
+            "code": code_version()}
+    if stage == "subspaces":  # the concept set's content, not only its name
+        spec["concepts"] = asdict(load_concepts(cfg.subspaces.concepts))
+    return digest(spec)
 
 
 def reusable_run(stage: str, inputs: str):

@@ -1,4 +1,5 @@
-"""Figures: layer-by-layer heatmaps and per-layer curves (matplotlib, Agg backend)."""
+"""Figures: layer-by-layer heatmaps, per-layer curves and concept-subspace charts
+(matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
@@ -46,5 +47,62 @@ def depth_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.
     ax.set_ylabel("score (band: null mean ± 2 sd)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def category_bars(rows: list[dict], title: str):
+    """Concept categories at one layer pair: per metric, each category's score as a bar,
+    the shuffled-pairing null (grey) and random-subspace null (orange) as mean ± 2 sd bands,
+    a star on significant bars and "too few pairs" where a category was not scored."""
+    metric_names = list(dict.fromkeys(r["metric"] for r in rows if r["metric"]))
+    cats = list(dict.fromkeys(r["category"] for r in rows))
+    fig, axes = plt.subplots(len(metric_names) or 1, 1, squeeze=False,
+                             figsize=(1.2 + 0.8 * len(cats), 1.2 + 2.2 * max(1, len(metric_names))))
+    for ax, name in zip(axes[:, 0], metric_names or [""]):
+        for i, cat in enumerate(cats):
+            r = next((x for x in rows if x["category"] == cat and x["metric"] == name), None)
+            if r is None or r["observed"] is None:
+                n = next(x["n_pairs"] for x in rows if x["category"] == cat)
+                ax.text(i, 0.02, f"too few\npairs ({n})", ha="center", va="bottom", fontsize=6,
+                        color="grey", rotation=90)
+                continue
+            ax.bar(i, r["observed"], color="tab:blue", width=0.6)
+            sd = r.get("random_sd") or 0.0
+            ax.add_patch(plt.Rectangle((i - 0.4, r["random_mean"] - 2 * sd), 0.8, 4 * sd,
+                                       color="tab:orange", alpha=0.35, lw=0))
+            ax.plot([i - 0.4, i + 0.4], [r["shuffle_mean"]] * 2, color="grey", lw=2)
+            if r["significant"]:
+                ax.text(i, r["observed"], "*", ha="center", va="bottom", fontsize=12)
+        ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(name)
+        ax.axhline(0, color="black", lw=0.5)
+    axes[0, 0].set_title(title, fontsize=9)
+    fig.text(0.01, 0.01, "bars: observed; grey line: shuffled-pairing null mean; orange: "
+             "random subspaces, mean ± 2 sd; * q < 0.05 against both", fontsize=6)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def subspace_grid(rows: list[dict], metric: str, categories: list[str], pairs: list,
+                  title: str):
+    """Categories x layer pairs: z against random subspaces (blank: not scored)."""
+    grid = np.full((len(categories), len(pairs)), np.nan)
+    sig = np.zeros(grid.shape, bool)
+    for r in rows:
+        if r["metric"] != metric or r["random_z"] is None:
+            continue
+        i, j = categories.index(r["category"]), pairs.index((r["layer_a"], r["layer_b"]))
+        grid[i, j] = np.clip(r["random_z"], -10, 10)
+        sig[i, j] = bool(r["significant"])
+    fig, ax = plt.subplots(figsize=(2.0 + 0.45 * len(pairs), 1.2 + 0.4 * len(categories)))
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="coolwarm", vmin=-5, vmax=5, aspect="auto")
+    ax.set_yticks(range(len(categories)), categories, fontsize=8)
+    ax.set_xticks(range(len(pairs)), [f"{a}/{b}" for a, b in pairs], rotation=90, fontsize=7)
+    ax.set_xlabel("A layer / B layer")
+    for i, j in zip(*np.nonzero(sig)):
+        ax.text(j, i, "*", ha="center", va="center", fontsize=9)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="z (clipped to ±10)")
     fig.tight_layout()
     return fig

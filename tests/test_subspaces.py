@@ -1,0 +1,250 @@
+"""Semantic subspaces, the pure core: phrase spans, feature labels, both nulls, q-values."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from saeuniv import matching, metrics, subspaces
+from saeuniv.config import ConfigError, load_concepts
+from saeuniv.subspaces import ConceptSet
+
+
+# -- phrases on character spans --------------------------------------------------
+
+def test_find_phrases_matches_multi_word_phrases_whole_and_longest_first():
+    text = "A red blood cell.  Blood, bloodline; red\nblood  cell! The cellar."
+    phrases = ["blood", "red blood cell", "cell"]
+    found = [(text[s:e], phrases[p]) for s, e, p in subspaces.find_phrases(text, phrases)]
+    assert found == [("red blood cell", "red blood cell"), ("Blood", "blood"),
+                     ("red\nblood  cell", "red blood cell")]  # not "bloodline", not "cellar"
+
+
+def test_capitalised_phrases_match_only_capitalised_and_lower_case_any_case():
+    text = "In May we may go. Last week, last WEEK and lastweek."
+    phrases = ["May", "last week"]
+    found = [text[s:e] for s, e, _ in subspaces.find_phrases(text, phrases)]
+    assert found == ["May", "Last week", "last WEEK"]
+
+
+def test_occurrence_hits_need_a_character_of_overlap():
+    occ = subspaces.occurrences(["x New York y", "New York"], ConceptSet(
+        "t", ("places",), (("New York",),)))
+    assert occ.count(0) == 2 and occ.base.tolist() == [0, 12]
+    spans = [[1, 5],    # " New": overlaps [2, 10)
+             [5, 10],   # " York"
+             [10, 12],  # " y": starts where the phrase ends
+             [0, 2],    # "x ": ends where it starts
+             [12, 15],  # "New" of the second text
+             [-1, -1],  # BOS: no text
+             [16, 16]]  # empty span
+    hit, phrase = occ.hits(0, spans)
+    assert hit.tolist() == [True, True, False, False, True, False, False]
+    assert phrase.tolist() == [0, 0, -1, -1, 0, -1, -1]
+
+
+def _word_tokens(text: str, split: dict[str, int]) -> list[tuple[int, int]]:
+    """Character spans of a toy tokenizer: words, some split into several pieces."""
+    spans = []
+    for m in re.finditer(r"\w+|[^\w\s]", text):
+        pieces = split.get(m.group(), 1)
+        cuts = np.linspace(m.start(), m.end(), pieces + 1).round().astype(int)
+        spans += list(zip(cuts[:-1], cuts[1:]))
+    return spans
+
+
+def test_labelling_finds_the_feature_a_multi_token_phrase_drives():
+    """A synthetic corpus where "red blood cell" (tokenized into 5 pieces) drives feature
+    0, "blood" alone drives feature 1, and feature 2 fires on unrelated words."""
+    rng = np.random.default_rng(0)
+    filler = ["the", "ship", "sails", "north", "and", "the", "crew", "sings"]
+    docs = []
+    for _ in range(30):
+        words = list(rng.choice(filler, 12))
+        words.insert(int(rng.integers(0, 12)), "red blood cell")
+        words.insert(int(rng.integers(0, 12)), "blood")
+        docs.append(" ".join(words) + ".")
+    concepts = ConceptSet("t", ("biology", "nautical"),
+                          (("blood", "red blood cell", "cell"), ("harpoon",)))
+    occ = subspaces.occurrences(docs, concepts)
+    spans = np.asarray([(occ.base[d] + s, occ.base[d] + e) for d, text in enumerate(docs)
+                        for s, e in _word_tokens(text, {"blood": 2, "cell": 2})])
+    text = "".join(docs)
+    tok = np.asarray([text[s:e] for s, e in spans])
+    in_phrase = np.zeros(len(spans), bool)
+    for d, doc in enumerate(docs):
+        start = occ.base[d] + doc.index("red blood cell")
+        in_phrase |= (spans[:, 0] >= start) & (spans[:, 1] <= start + len("red blood cell"))
+    lone_blood = np.isin(tok, ["bl", "ood"]) & ~in_phrase
+    codes = np.zeros((len(spans), 3))
+    inner = np.flatnonzero(in_phrase & np.isin(tok, ["ood", "ce", "ll"]))  # not the first token
+    codes[inner, 0] = rng.uniform(1, 2, inner.size)
+    codes[lone_blood, 1] = rng.uniform(1, 2, lone_blood.sum())
+    other = np.flatnonzero(np.isin(tok, ["ship", "crew"]))
+    codes[other, 2] = rng.uniform(1, 2, other.size)
+    top = matching.top_activations(__import__("scipy").sparse.csr_array(codes), 5)
+    lab = subspaces.label_features(top.rows, spans, occ)
+    assert lab.hits[:, 0].tolist() == [5, 5, 0] and lab.hits[:, 1].tolist() == [0, 0, 0]
+    assert concepts.phrases[0][lab.phrase[0, 0]] == "red blood cell"
+    assert concepts.phrases[0][lab.phrase[1, 0]] == "blood"
+    assert lab.phrase[2].tolist() == [-1, -1]
+    assert lab.features(0).tolist() == [0, 1] and lab.features(1).size == 0
+    assert concepts.multi_word(0, lab.phrase[0, 0]) and not concepts.multi_word(0, lab.phrase[1, 0])
+    strict = subspaces.label_features(top.rows, spans, occ, min_hits=6)
+    assert not strict.member.any()
+
+
+def test_label_features_rejects_rows_beyond_the_spans():
+    occ = subspaces.occurrences(["a b"], ConceptSet("t", ("x",), (("a",),)))
+    with pytest.raises(ValueError, match="reaches row 5"):
+        subspaces.label_features(np.array([[5]]), np.zeros((3, 2)), occ)
+    with pytest.raises(ValueError, match="min_hits"):
+        subspaces.label_features(np.array([[0]]), np.zeros((3, 2)), occ, min_hits=0)
+
+
+# -- concept-set files ---------------------------------------------------------------
+
+def test_the_reference_set_has_eight_categories_with_multi_word_phrases():
+    c = load_concepts("reference")
+    assert c.categories == ("time", "calendar", "people_roles", "nature", "emotions",
+                            "month_names", "countries", "biology")
+    every = [p for ps in c.phrases for p in ps]
+    for phrase in ("New York", "United States", "last week", "red blood cell"):
+        assert phrase in every
+    assert all(any(len(p.split()) > 1 for p in ps) for ps in c.phrases)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("categories: {}", "non-empty 'categories'"),
+    ("categories: {time: {keywords: []}}", "category 'time' needs a non-empty list"),
+    ("categories: {time: {words: [a]}}", "unknown key"),
+    ("categories: {time: [today, today]}", "lists \\['today'\\] more than once"),
+    ("categories: {time: [1, today]}", "not text"),
+    ("categories: {time: [a]}\nextra: 1", "unknown key"),
+    ("categories: [", "not valid YAML"),
+    ("!!python/object/apply:os.system [echo]", "not valid YAML"),
+])
+def test_bad_concept_sets_are_refused_naming_the_problem(tmp_path, text, message):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_concepts(str(path))
+
+
+def test_a_missing_concept_set_names_what_was_tried_and_the_shipped_sets(tmp_path):
+    with pytest.raises(ConfigError, match=r"no concept-set file .*'reference'"):
+        load_concepts("nonexistent-set")
+
+
+def test_a_user_concept_set_loads_with_plain_lists(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\ncategories:\n  ships: [harpoon, white   whale]\n")
+    c = load_concepts(str(path))
+    assert c.name == "mine" and c.phrases == (("harpoon", "white whale"),)
+
+
+# -- nulls and q-values --------------------------------------------------------------
+
+def _aligned(rng, n, d, noise):
+    A = rng.normal(size=(n, d))
+    R = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    return A, A @ R + noise * rng.normal(size=(n, d))
+
+
+@pytest.mark.parametrize("name", ["svcca", "rsa", "cka"])
+def test_random_subspace_draws_equal_the_metrics_computed_directly(name):
+    rng = np.random.default_rng(1)
+    A, B = _aligned(rng, 300, 24, 1.0)
+    pool_a, pool_b = rng.permutation(300)[:120], rng.permutation(300)[:120]
+    r = subspaces.random_subspace_null(name, A, B, pool_a, pool_b, 17, 40, 5, 0.5)
+    draws = np.random.default_rng([5, 1])
+    for i in range(40):
+        pick = draws.choice(120, 17, replace=False)
+        kw = {"k": subspaces.svcca_k(17)} if name == "svcca" else {}
+        direct = getattr(metrics, name)(A[pool_a[pick]], B[pool_b[pick]], **kw)
+        assert r.null[i] == pytest.approx(direct, abs=1e-10)
+    again = subspaces.random_subspace_null(name, A, B, pool_a, pool_b, 17, 40, 5, 0.5)
+    assert np.array_equal(r.null, again.null)
+    assert r.p == (1 + np.sum(r.null >= 0.5)) / 41 and r.seed == 5
+
+
+def test_random_subspaces_need_a_pool_larger_than_the_draw():
+    A = np.random.default_rng(0).normal(size=(10, 4))
+    with pytest.raises(ValueError, match="pool holds 6 matched pairs"):
+        subspaces.random_subspace_null("cka", A, A, np.arange(6), np.arange(6), 6, 10, 0, 0.5)
+
+
+def test_svcca_keeps_a_quarter_of_the_pairs_and_never_one_direction():
+    assert [subspaces.svcca_k(n) for n in (5, 8, 40, 41)] == [2, 2, 10, 10]
+    assert subspaces.svcca_k(40, 3) == 3
+
+
+def test_fdr_bh_matches_the_step_up_rule():
+    q = subspaces.fdr_bh([0.01, 0.04, 0.03, 0.2])
+    assert q == pytest.approx([0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.2])
+    p = np.random.default_rng(0).uniform(size=50)
+    brute = [min(min(p[j] * 50 / (np.sum(p <= p[j])), 1) for j in range(50) if p[j] >= p[i])
+             for i in range(50)]
+    assert subspaces.fdr_bh(p) == pytest.approx(brute)
+    with pytest.raises(ValueError):
+        subspaces.fdr_bh([0.5, np.nan])
+
+
+def _pairs(idx):
+    return matching.Matches(idx, idx, np.ones(len(idx)))
+
+
+def test_a_category_whose_features_agree_beyond_the_rest_is_significant_against_both():
+    rng = np.random.default_rng(2)
+    n, d = 400, 32
+    A = rng.normal(size=(n, d))
+    B = A @ np.linalg.qr(rng.normal(size=(d, d)))[0] + 2.0 * rng.normal(size=(n, d))
+    concept = np.arange(30)
+    B[concept] = A[concept] @ np.linalg.qr(rng.normal(size=(d, d)))[0] \
+        + 0.1 * rng.normal(size=(30, d))
+    s = subspaces.score_category("c", A, B, _pairs(concept), 30, 30, np.arange(n),
+                                 np.arange(n), n_perm=199, seed=0)
+    assert s.status == "ok"
+    for name in ("svcca", "rsa", "cka"):
+        r = s.metrics[name]
+        assert r["shuffle"]["p"] == r["random"]["p"] == 1 / 200, name
+        assert r["observed"] > r["random"]["null_mean"] > r["shuffle"]["null_mean"], name
+
+
+def test_shuffled_labels_are_not_significant_against_random_subspaces():
+    """Features given random labels: every matched pair agrees as much as any other, so a
+    'category' is a random subspace and its p-value against that null is uniform, although
+    it beats the shuffled-pairing null (which is why both are reported)."""
+    rng = np.random.default_rng(3)
+    n, d = 300, 24
+    A, B = _aligned(rng, n, d, 1.5)
+    p_random, p_shuffle = [], []
+    for trial in range(40):
+        labelled = rng.permutation(n)[:20]
+        s = subspaces.score_category("shuffled", A, B, _pairs(labelled), 20, 20,
+                                     np.arange(n), np.arange(n), metric_names=("rsa", "cka"),
+                                     n_perm=99, seed=trial)
+        p_random += [s.metrics[m]["random"]["p"] for m in ("rsa", "cka")]
+        p_shuffle += [s.metrics[m]["shuffle"]["p"] for m in ("rsa", "cka")]
+    p_random, p_shuffle = np.asarray(p_random), np.asarray(p_shuffle)
+    assert np.mean(p_random < 0.05) <= 0.125
+    assert 0.35 < p_random.mean() < 0.65
+    assert not np.any(subspaces.fdr_bh(p_random) < 0.05)
+    assert np.mean(p_shuffle < 0.05) > 0.9
+
+
+def test_a_category_with_too_few_pairs_is_reported_not_scored():
+    A = np.random.default_rng(0).normal(size=(50, 8))
+    s = subspaces.score_category("tiny", A, A, _pairs(np.arange(4)), 9, 7, np.arange(50),
+                                 np.arange(50), min_pairs=5)
+    assert s.status == "too few pairs (4 < min_pairs=5)" and s.metrics == {}
+    assert (s.n_features_a, s.n_features_b, s.n_pairs) == (9, 7, 4)
+
+
+def test_category_pairs_match_only_within_the_category():
+    corr = np.array([[0.9, 0.2], [0.3, 0.8], [0.5, 0.4]])
+    m = subspaces.category_pairs(corr, [4, 7, 9], [2, 5], "one_to_one", 0.1)
+    assert list(zip(m.a.tolist(), m.b.tolist())) == [(4, 2), (7, 5)]
+    assert subspaces.category_pairs(np.zeros((0, 2)), [], [2, 5]).n == 0
