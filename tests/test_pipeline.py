@@ -530,6 +530,11 @@ def test_subspaces_stage_logs_a_nested_run_per_layer_pair(tiny_run):
     assert any(r["status"] == "ok" for r in table)
     summary = mlflow.artifacts.load_text(f"runs:/{stage.run_id}/subspaces_summary.md")
     assert all(c in summary for c in cats)
+    main_id = stage["tags.mlflow.parentRunId"]
+    main_summary = mlflow.artifacts.load_text(f"runs:/{main_id}/summary.md")
+    n_scored = sum(r["metric"] == "rsa" and r["observed"] != "" for r in table)
+    assert f"- rsa: {sum(r['significant'] == 'True' for r in table if r['metric'] == 'rsa')} " \
+        f"of {n_scored} scored" in main_summary
     # the labelled features: multi-word phrases hit, with the top contexts marked
     labelled = [row for _, run in pairs.iterrows() for row in csv.DictReader(io.StringIO(
         mlflow.artifacts.load_text(f"runs:/{run.run_id}/labelled_features.csv")))]

@@ -878,8 +878,9 @@ def stage_subspaces(pipe: Pipeline) -> None:
                             "labelled_features.csv")
     mlflow.log_text(_csv(table), "subspaces.csv")
     for name in sub.metrics:
-        fig = subspace_grid(table, name, list(concepts.categories), pairs,
-                            f"{name}: z against random subspaces (* significant)")
+        fig = subspace_grid(table, name, list(concepts.categories), pipe.layers("a"),
+                            pipe.layers("b"), f"{name} of concept subspaces: z against random "
+                            "subspaces (* q < 0.05 against both nulls; blank: too few pairs)")
         mlflow.log_figure(fig, f"subspaces_{name}.png")
         plt.close(fig)
     summary = _subspace_summary(pipe, table, pairs)
@@ -1162,6 +1163,23 @@ def _pairs_csv(pipe: Pipeline) -> str:
     return buf.getvalue()
 
 
+def _subspace_lines(pipe: Pipeline) -> list[str]:
+    """The concept-subspace counts for the main summary (see the subspaces run for more)."""
+    table = subspace_table([load_subspaces(pipe.subspace_scores(la, lb))
+                            for la, lb in pipe.subspace_pairs()])
+    lines = ["", f"## Concept subspaces (`{pipe.concepts.name}`: significant = BH q < {ALPHA} "
+             "against shuffled pairing and random subspaces)", ""]
+    for name in pipe.cfg.subspaces.metrics:
+        rows = [r for r in table if r["metric"] == name and r["observed"] is not None]
+        per_cat = [f"{c} {sum(r['significant'] for r in rows if r['category'] == c)}/"
+                   f"{sum(r['category'] == c for r in rows)}" for c in pipe.concepts.categories
+                   if any(r["category"] == c for r in rows)]
+        lines.append(f"- {name}: {sum(r['significant'] for r in rows)} of {len(rows)} scored "
+                     f"(category, layer pair) cells" + (f"; {', '.join(per_cat)}" if per_cat
+                                                         else ""))
+    return lines
+
+
 def _summary(pipe: Pipeline, g: dict) -> str:
     cfg = pipe.cfg
 
@@ -1209,6 +1227,7 @@ def _summary(pipe: Pipeline, g: dict) -> str:
             lines.append(f"  - highest z at A layer {la} / B layer {lb} (relative depth "
                          f"{pipe.relative_depth('a', la):.2f} / {pipe.relative_depth('b', lb):.2f})"
                          f": {obs[i, j]:.3f}, z {z[i, j]:.1f}")
+    lines += _subspace_lines(pipe)
     lines += ["", "## Pairs kept per layer pair", "",
               "| A \\ B | " + " | ".join(str(l) for l in g["layers_b"]) + " |",
               "|---" * (len(g["layers_b"]) + 1) + "|"]

@@ -67,11 +67,12 @@ def category_bars(rows: list[dict], title: str):
                 ax.text(i, 0.02, f"too few\npairs ({n})", ha="center", va="bottom", fontsize=6,
                         color="grey", rotation=90)
                 continue
-            ax.bar(i, r["observed"], color="tab:blue", width=0.6)
+            ax.bar(i, r["observed"], color="tab:blue", width=0.35, zorder=3)
             sd = r.get("random_sd") or 0.0
             ax.add_patch(plt.Rectangle((i - 0.4, r["random_mean"] - 2 * sd), 0.8, 4 * sd,
-                                       color="tab:orange", alpha=0.35, lw=0))
-            ax.plot([i - 0.4, i + 0.4], [r["shuffle_mean"]] * 2, color="grey", lw=2)
+                                       color="tab:orange", alpha=0.35, lw=0, zorder=1))
+            ax.plot([i - 0.4, i + 0.4], [r["shuffle_mean"]] * 2, color="dimgrey", lw=2,
+                    zorder=4)
             if r["significant"]:
                 ax.text(i, r["observed"], "*", ha="center", va="bottom", fontsize=12)
         ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right", fontsize=8)
@@ -84,25 +85,35 @@ def category_bars(rows: list[dict], title: str):
     return fig
 
 
-def subspace_grid(rows: list[dict], metric: str, categories: list[str], pairs: list,
-                  title: str):
-    """Categories x layer pairs: z against random subspaces (blank: not scored)."""
-    grid = np.full((len(categories), len(pairs)), np.nan)
-    sig = np.zeros(grid.shape, bool)
-    for r in rows:
-        if r["metric"] != metric or r["random_z"] is None:
-            continue
-        i, j = categories.index(r["category"]), pairs.index((r["layer_a"], r["layer_b"]))
-        grid[i, j] = np.clip(r["random_z"], -10, 10)
-        sig[i, j] = bool(r["significant"])
-    fig, ax = plt.subplots(figsize=(2.0 + 0.45 * len(pairs), 1.2 + 0.4 * len(categories)))
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap="coolwarm", vmin=-5, vmax=5, aspect="auto")
-    ax.set_yticks(range(len(categories)), categories, fontsize=8)
-    ax.set_xticks(range(len(pairs)), [f"{a}/{b}" for a, b in pairs], rotation=90, fontsize=7)
-    ax.set_xlabel("A layer / B layer")
-    for i, j in zip(*np.nonzero(sig)):
-        ax.text(j, i, "*", ha="center", va="center", fontsize=9)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, shrink=0.8, label="z (clipped to ±10)")
-    fig.tight_layout()
+def subspace_grid(rows: list[dict], metric: str, categories: list[str], layers_a: list[int],
+                  layers_b: list[int], title: str):
+    """One panel per category: A layers x B layers, z against random subspaces (blank: not
+    scored), * where significant."""
+    ncols = min(4, len(categories))
+    nrows = -(-len(categories) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False, figsize=(
+        ncols * (1.2 + 0.3 * len(layers_b)), nrows * (1.0 + 0.3 * len(layers_a)) + 0.6))
+    im = None
+    for ax, cat in zip(axes.ravel(), categories):
+        grid = np.full((len(layers_a), len(layers_b)), np.nan)
+        for r in rows:
+            if r["metric"] == metric and r["category"] == cat and r["random_z"] is not None:
+                i, j = layers_a.index(r["layer_a"]), layers_b.index(r["layer_b"])
+                grid[i, j] = np.clip(r["random_z"], -10, 10)
+                if r["significant"]:
+                    ax.text(j, i, "*", ha="center", va="center", fontsize=9)
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap="coolwarm", vmin=-5, vmax=5,
+                       aspect="auto", origin="lower")
+        ax.set_title(cat, fontsize=9)
+        ax.set_xticks(range(len(layers_b)), [str(l) for l in layers_b], fontsize=6)
+        ax.set_yticks(range(len(layers_a)), [str(l) for l in layers_a], fontsize=6)
+    for ax in axes.ravel()[len(categories):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("A layer", fontsize=8)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("B layer", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="z against random subspaces (clipped ±5 in "
+                 "colour)")
     return fig
