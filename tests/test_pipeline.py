@@ -269,6 +269,7 @@ def test_lineage_tags_are_on_every_run_and_searchable(tiny_run):
                 "saeuniv.seed.family": str(cfg.family.seed),
                 "saeuniv.seed.sae": str(cfg.sae.seed),
                 "saeuniv.seed.similarity": str(cfg.similarity.seed),
+                "saeuniv.seed.subspaces": str(cfg.subspaces.seed),
                 "saeuniv.n_tokens": str(pipe.windows_entry.meta["n_valid_tokens"]),
                 "saeuniv.model_a.key": pipe.model_key("a"),
                 "saeuniv.model_b.key": pipe.model_key("b"),

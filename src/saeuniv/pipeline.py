@@ -433,7 +433,8 @@ def pipeline_lineage(pipe: Pipeline) -> dict[str, str]:
                  "saeuniv.seed.corpus": str(cfg.corpus.seed),
                  "saeuniv.seed.family": str(cfg.family.seed),
                  "saeuniv.seed.sae": str(cfg.sae.seed),
-                 "saeuniv.seed.similarity": str(cfg.similarity.seed)})
+                 "saeuniv.seed.similarity": str(cfg.similarity.seed),
+                 "saeuniv.seed.subspaces": str(cfg.subspaces.seed)})
     resolved = pipe.__dict__
     if "corpus" in resolved:
         tags["saeuniv.corpus_hash"] = pipe.corpus.meta["source_hash"]
