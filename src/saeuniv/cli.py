@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, safe_yaml
 
 SHORTCUTS = {
     # option: (config paths, type, help)
@@ -46,7 +46,7 @@ def _parse_set(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key.path=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = safe_yaml(value, f"--set {item!r}")
     return out
 
 

@@ -40,10 +40,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import (CONFIG_DIR, METRICS, Config, ConfigError, MatchConfig, SimilarityConfig,
-                     digest, load_config)
+                     digest, load_config, safe_yaml)
 
 log = logging.getLogger(__name__)
 
@@ -380,11 +378,16 @@ def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep spec, including its search space against its base config."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise SpecError(f"cannot read sweep spec {p}: {err.strerror or err}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise SpecError(f"sweep spec {p} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(f"sweep spec {p} is not UTF-8 text (byte {err.start}); save it as "
+                        "UTF-8") from None
+    try:
+        data = safe_yaml(text, f"sweep spec {p}")
+    except ConfigError as err:
+        raise SpecError(str(err)) from None
     try:
         spec = parse_spec(data, name=p.stem, source=str(p), folder=p.resolve().parent)
     except ConfigError as err:
