@@ -26,14 +26,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import matching, metrics, subspaces
-from .config import Config, ModelRef, SAERef, digest, load_concepts
+from .config import Config, ConfigError, ModelRef, SAERef, digest, load_concepts
 from .corpus import prepare_corpus, read_split
-from .extract import extract_codes, load_codes
-from .models import (LoadedModel, ModelError, ModelInfo, describe, load_family_model,
-                     load_outside_model, model_identity, outside_tokenizer, resolve_device,
-                     train_family)
+from .extract import codes_spec, extract_codes, load_codes
+from .models import (NONFINITE_FIX, LoadedModel, ModelError, ModelInfo, check_finite, describe,
+                     load_family_model, load_outside_model, member_spec, model_identity,
+                     outside_tokenizer, resolve_device, train_family)
 from .saes import (Quality, check_compatible, check_ref, load_pretrained, load_sae, quality,
-                   sae_key, train_saes)
+                   sae_key, sae_spec, train_saes)
 from .store import Entry, Store
 from .tokens import (analysis_windows, load_tokenizer, load_windows, make_windows,
                      tokenizer_sha, train_tokenizer)
@@ -519,7 +519,8 @@ def _build_scores(pipe: Pipeline, la: int, lb: int, m_entry: Entry, out: Path) -
     m = load_matches(m_entry)
     result = {"layer_a": la, "layer_b": lb, "n_pairs": m.n, "metrics": {}, "status": "ok"}
     if m.n < sim.min_pairs:
-        result["status"] = f"too few pairs ({m.n} < similarity.min_pairs={sim.min_pairs})"
+        result["status"] = (f"too few pairs ({m.n} < similarity.min_pairs={sim.min_pairs}); "
+                            "lower match.threshold or similarity.min_pairs")
     else:
         A = _decoder(pipe.sae("a", la)[1])[m.a]
         B = _decoder(pipe.sae("b", lb)[1])[m.b]
@@ -530,6 +531,10 @@ def _build_scores(pipe: Pipeline, la: int, lb: int, m_entry: Entry, out: Path) -
                                                 **kwargs)
             except ValueError as err:  # e.g. fewer pairs than SVCCA directions
                 result["metrics"][name] = {"error": str(err)}
+                continue
+            if not np.isfinite(null.observed):
+                result["metrics"][name] = {"error": f"{name} came out {null.observed} on "
+                                                    f"{m.n} pairs (degenerate decoder rows)"}
                 continue
             result["metrics"][name] = {
                 "observed": null.observed, "null_mean": null.null_mean, "null_sd": null.null_sd,
@@ -603,6 +608,13 @@ def _pair_key(la: int, lb: int) -> str:
     return f"a{la}-b{lb}"
 
 
+def _warn(key: str, msg: str) -> None:
+    """A problem that does not stop the stage but must not pass unseen: a log line and a
+    ``saeuniv.warning.<key>`` tag on the active run."""
+    log.warning(msg)
+    mlflow.set_tag(f"saeuniv.warning.{key}", msg[:4900])
+
+
 def stage_models(pipe: Pipeline) -> None:
     for name, entry in pipe.model_entries.items():
         meta = entry.meta
@@ -644,8 +656,7 @@ def stage_saes(pipe: Pipeline) -> None:
                        f"FVU {q.fvu:.2f}, variance explained {1 - q.fvu:.2f}"
                        + (" (NEGATIVE: worse than predicting the mean)" if q.fvu > 1 else "")
                        + "; check that the SAE belongs to this model, layer and dtype")
-                log.warning(msg)
-                mlflow.set_tag(f"saeuniv.warning.sae_{side}{layer}", msg)
+                _warn(f"sae_{side}{layer}", msg)
 
 
 def preflight(pipe: Pipeline, side: str, n_tokens: int = PREFLIGHT_TOKENS) -> dict:
@@ -664,8 +675,11 @@ def preflight(pipe: Pipeline, side: str, n_tokens: int = PREFLIGHT_TOKENS) -> di
         keep = torch.as_tensor(win.mask[:rows]).to(model.device)
         result = {}
         for layer in layers:
+            acts = res[layer][keep].float()
+            check_finite(acts, f"model {side}:{pipe.name(side)} layer {layer}: activations on "
+                         f"the first {n_tokens} analysis tokens", NONFINITE_FIX)
             sae = pipe.sae(side, layer)[1].to(model.device)
-            result[str(layer)] = asdict(quality(sae, res[layer][keep].float()))
+            result[str(layer)] = asdict(quality(sae, acts))
             sae.to("cpu")
         return result
 
@@ -675,7 +689,12 @@ def preflight(pipe: Pipeline, side: str, n_tokens: int = PREFLIGHT_TOKENS) -> di
 
 def stage_extract(pipe: Pipeline) -> None:
     for side, layer, q in _log_quality(pipe):
-        if q["fvu"] > 0.5:
+        if q["dead_fraction"] >= 1:
+            _warn(f"dead_{side}{layer}", f"every feature of SAE {side} layer {layer} is dead on "
+                  f"the {q['n_tokens']} analysis tokens (all codes are zero): none of this "
+                  "layer's features can be matched; check that the SAE belongs to this model, "
+                  "layer and dtype")
+        elif q["fvu"] > BAD_FVU:
             log.warning("SAE %s layer %d reconstructs badly: FVU %.2f (variance explained "
                         "%.2f); its features are unreliable", side, layer, q["fvu"], 1 - q["fvu"])
 
@@ -699,7 +718,14 @@ def stage_match(pipe: Pipeline) -> None:
     for la, lb in tqdm(pipe.pairs(), desc="match", unit="layer pair"):
         entry = pipe.matches(la, lb)
         key = _pair_key(la, lb)
-        mlflow.log_metrics({f"{k}/{key}": v for k, v in entry.meta.items() if v is not None})
+        meta = entry.meta
+        mlflow.log_metrics({f"{k}/{key}": v for k, v in meta.items() if v is not None})
+        if meta["n_pairs"] == 0:
+            _warn(f"match.{key}", f"A layer {la} / B layer {lb}: no pairs left after matching "
+                  f"({meta['n_policy']} by policy {pipe.cfg.match.policy}, {meta['n_threshold']} "
+                  f"above match.threshold={pipe.cfg.match.threshold}, {meta['n_junk']} after the "
+                  f"junk filter; dead or constant features: {meta['n_dead_a']} of A, "
+                  f"{meta['n_dead_b']} of B); lower match.threshold, or check the SAEs")
         rows += _top_pairs(pipe, la, lb, entry, 10)
     if rows:
         mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "top_pairs.json")
@@ -733,6 +759,9 @@ def stage_similarity(pipe: Pipeline) -> None:
 
 def _log_scores(scores: dict, key: str) -> None:
     out = {f"n_pairs/{key}": scores["n_pairs"]}
+    if scores.get("status", "ok") != "ok":
+        _warn(f"scores.{key}", f"A layer {scores['layer_a']} / B layer {scores['layer_b']} not "
+              f"scored: {scores['status']}")
     for name, r in scores["metrics"].items():
         if "error" in r:
             mlflow.set_tag(f"saeuniv.error.{name}.{key}", r["error"][:500])
@@ -1073,15 +1102,22 @@ def grids(pipe: Pipeline) -> dict:
     for name in pipe.cfg.similarity.metrics:
         out["metrics"][name] = {f: np.full((len(la_list), len(lb_list)), np.nan) for f in fields}
     n_pairs = np.full((len(la_list), len(lb_list)), -1, dtype=int)  # -1: not compared
+    problems = {}  # "aI-bJ" -> why the pair (or one of its metrics) has no score
     for la, lb in pipe.pairs():
         i, j = la_list.index(la), lb_list.index(lb)
         s = load_scores(pipe.scores(la, lb))
         n_pairs[i, j] = s["n_pairs"]
+        why = [s["status"]] if s.get("status", "ok") != "ok" else []
         for name, r in s["metrics"].items():
+            if "error" in r:
+                why.append(f"{name}: {r['error']}")
             for f in fields:
                 if f in r and r[f] is not None:
                     out["metrics"][name][f][i, j] = r[f]
+        if why:
+            problems[_pair_key(la, lb)] = "; ".join(why)
     out["n_pairs"] = n_pairs
+    out["problems"] = problems
     return out
 
 
@@ -1214,4 +1250,7 @@ def _summary(pipe: Pipeline, g: dict) -> str:
               "|---" * (len(g["layers_b"]) + 1) + "|"]
     for i, la in enumerate(g["layers_a"]):
         lines.append(f"| {la} | " + " | ".join(str(v) for v in g["n_pairs"][i]) + " |")
+    if g["problems"]:
+        lines += ["", "## Layer pairs without a score", ""]
+        lines += [f"- {key}: {why}" for key, why in g["problems"].items()]
     return "\n".join(lines) + "\n"

@@ -31,12 +31,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import SAEConfig, digest
-from .models import LoadedModel, ModelInfo
+from .models import NONFINITE_FIX, LoadedModel, ModelInfo, check_finite
 from .store import Entry, Store
 
 log = logging.getLogger(__name__)
 
 ACTS_BUDGET_BYTES = 4 << 30  # activations held at once while training SAEs
+WEIGHTS = "sae_weights.safetensors"  # a sae-lens folder's weights (never a pickle)
 
 
 class SAEError(ValueError):
@@ -97,9 +98,8 @@ def collect_activations(model: LoadedModel, layers: list[int], windows, n_tokens
             res = model.residuals(toks, layers)
             for l in layers:
                 acts = res[l][keep.to(res[l].device)].float().cpu()
-                if not torch.isfinite(acts).all():
-                    raise SAEError(f"{label} layer {l}: NaN/inf activations in the training "
-                                   "windows; check the model weights and dtype (try float32)")
+                check_finite(acts, f"model {label} layer {l}: activations on the SAE training "
+                             "windows", NONFINITE_FIX)
                 parts[l].append(acts)
             got += int(keep.sum())
             bar.update(int(keep.sum()))
