@@ -227,8 +227,8 @@ def audit_main(args) -> int:
     try:
         return audit(args.run_id)
     except MlflowException as err:
-        print(f"saeuniv: error: run {args.run_id!r} not found in {uri}: {err.message}",
-              file=sys.stderr)
+        print(f"saeuniv: error: run {args.run_id!r} not found in {uri}: {err.message}; check "
+              "the run id and MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
 
 
@@ -260,10 +260,11 @@ def sweep_main(args) -> int:
     stopped short (e.g. too many failed trials), 2 on bad input."""
     try:
         from .store import Store
-        from .sweep import load_spec, open_storage, run_sweep
+        from .sweep import check_n_trials, load_spec, open_storage, run_sweep
         from .tracking import DEFAULT_URI, install_signal_handlers, setup_tracking
 
         spec = load_spec(args.spec)
+        check_n_trials(spec, args.n_trials)
         cfg = spec.config(_parse_set(args.set))
         store = Store(args.store)
         # the storage before MLflow's database is touched: a bad --storage changes nothing

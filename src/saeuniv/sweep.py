@@ -633,6 +633,15 @@ class SweepResult:
     best: list = field(default_factory=list)  # best trial (one objective) or Pareto front
 
 
+def check_n_trials(spec: SweepSpec, n_trials: int | None) -> int:
+    """The COMPLETE trials wanted: ``n_trials`` (``--n-trials``), or the spec's when None."""
+    n = spec.n_trials if n_trials is None else int(n_trials)
+    if n < 1:
+        raise SpecError(f"--n-trials must be >= 1, got {n}; give a positive count, or leave it "
+                        "out for the spec's n_trials")
+    return n
+
+
 class _Sweep:
     """One worker of a sweep: the study, the parent run, the objective and the summary."""
 
@@ -644,9 +653,7 @@ class _Sweep:
 
         self.spec, self.cfg = spec, cfg
         self.study_name = study_name or spec.study
-        self.n_trials = int(n_trials or spec.n_trials)
-        if self.n_trials < 1:
-            raise SpecError(f"--n-trials must be >= 1, got {self.n_trials}")
+        self.n_trials = check_n_trials(spec, n_trials)
         self.info = storage if isinstance(storage, StorageInfo) else \
             open_storage(storage, mlflow.get_tracking_uri())
         self.pipe = Pipeline(cfg, store)
