@@ -219,16 +219,20 @@ class Pipeline:
         return self._models[key]
 
     # -- SAEs and codes -----------------------------------------------------
+    def sae_windows_key(self, side: str) -> str:
+        """Identity of the packed training windows the side's SAEs are trained on."""
+        return digest([self.corpus.key, tokenizer_sha(self.tokenizer_entry(side)),
+                       self.bos(side), "train-packed"])
+
     def sae_entries(self, side: str) -> dict[int, Entry]:
         """SAEs trained here for every layer of ``side`` (one activation pass for all)."""
         def make():
             s = self.cfg.sae
-            windows_key = digest([self.corpus.key, tokenizer_sha(self.tokenizer_entry(side)),
-                                  self.bos(side), "train-packed"])
             return train_saes(self.model_key(side), lambda: self.model(side),
                               self.used_layers(side),
                               s, lambda: self.train_windows(side, s.train_tokens + 64 * 128),
-                              windows_key, self.store, label=f"{side}:{self.name(side)}")
+                              self.sae_windows_key(side), self.store,
+                              label=f"{side}:{self.name(side)}")
         return self._memo(("saes", side), make)
 
     def sae_key(self, side: str, layer: int) -> str:
@@ -382,13 +386,103 @@ class Pipeline:
         entry, _ = self.store.get_or_create("subspaces", spec, build)
         return entry
 
-    def validate(self) -> None:
+    def validate(self, stage: str = "run") -> None:
         """Cheap checks that fail before any model is trained or run: layers in range,
-        SAE sources that exist and fit each model, and the token budget."""
+        SAE sources that exist and fit each model, the token budget, and free disk space
+        for what ``stage`` and the stages before it will write (``run``: every stage)."""
+        if ("validated", "run") in self._cache or ("validated", stage) in self._cache:
+            return
         for side in SIDES:
             check_ref(self.sae_ref(side), self.info(side), self.used_layers(side), side)
+            s, info = self.cfg.sae, self.info(side)
+            if self.sae_ref(side).source == "train" and s.architecture == "topk" \
+                    and s.topk > s.expansion * info.d_model:
+                raise ConfigError(
+                    f"sae.topk={s.topk} exceeds the width of model_{side}'s SAEs (sae.expansion "
+                    f"x d_model = {s.expansion} x {info.d_model}); lower sae.topk or raise "
+                    "sae.expansion")
         _ = self.windows_entry  # raises when the corpus is smaller than the token budget
         _ = self.concepts  # raises when the concept set is missing or malformed
+        self.store.check_space(self.planned_bytes(stage), fix=(
+            "lower extract.n_tokens, compare fewer layers (layers_a, layers_b, pairs: depth)"))
+        self._cache[("validated", stage)] = True
+
+    # -- the disk plan: what the store will hold, estimated from the config ------------
+    def _planned_model_key(self, side: str) -> str:
+        """``model_key`` without training the family member (its store key)."""
+        if self.ref(side).source != "family":
+            return self.model_key(side)
+        return self.store.key("model", member_spec(self.member(side), self.cfg.family,
+                                                   self.family_tokenizer))
+
+    def _planned_sae_key(self, side: str, layer: int) -> str:
+        """``sae_key`` without training the SAE (its store key)."""
+        if self.sae_ref(side).source != "train":
+            return self.sae_key(side, layer)
+        return self.store.key("sae", sae_spec(self._planned_model_key(side), layer,
+                                              self.cfg.sae, self.sae_windows_key(side)))
+
+    def _sae_shape(self, side: str, layer: int) -> tuple[int | None, int]:
+        """(width, active features per token) of the side's SAE at ``layer``, as far as known
+        without loading it (a release's width is not)."""
+        ref, d_model = self.sae_ref(side), self.info(side).d_model
+        if ref.source == "train":
+            s = self.cfg.sae
+            d_sae = s.expansion * d_model
+            return d_sae, s.topk if s.architecture == "topk" else min(d_sae, ASSUMED_L0)
+        if ref.source == "folder":
+            cfg = json.loads((Path(ref.folder(layer)).expanduser() / "cfg.json").read_text())
+            d_sae = cfg.get("d_sae") or None
+            k = cfg.get("k") if cfg.get("architecture") == "topk" else None
+            return d_sae, int(k or min(d_sae or ASSUMED_L0, ASSUMED_L0))
+        return None, ASSUMED_L0
+
+    def planned_bytes(self, stage: str = "run") -> dict[str, tuple[int, str]]:
+        """Estimated bytes the store still needs for ``stage`` and the stages before it
+        (``run``: every stage), by kind, each with how it is estimated. Entries already in
+        the store count nothing; corpus, tokenizer and windows are built by validation;
+        outside models' weights live in the Hugging Face cache and are not counted."""
+        upto = len(STAGES) if stage == "run" else STAGES.index(stage) + 1
+        kinds = {STAGE_WRITES.get(s) for s in STAGES[:upto]}
+        plan: dict[str, tuple[int, str]] = {}
+        if "model" in kinds:
+            fam, vocab = self.cfg.family, self.cfg.tokenizer.vocab_size
+            todo = {m.name: m for m in (self.member(s) for s in SIDES
+                                        if self.ref(s).source == "family")
+                    if not self.store.has("model", member_spec(m, fam, self.family_tokenizer))}
+            plan["models"] = (sum(4 * _n_params(m, vocab, fam.context) for m in todo.values()),
+                              f"{len(todo)} family model(s) to train, float32 weights")
+        shapes = {(side, l): self._sae_shape(side, l) for side in SIDES
+                  for l in self.used_layers(side)}
+        if "sae" in kinds:
+            n, total = 0, 0
+            for (side, layer), (d_sae, _) in shapes.items():
+                d = self.info(side).d_model
+                if self.sae_ref(side).source == "train" and not self.store.has(
+                        "sae", sae_spec(self._planned_model_key(side), layer, self.cfg.sae,
+                                        self.sae_windows_key(side))):
+                    n, total = n + 1, total + 4 * (2 * d * d_sae + 2 * d_sae + d)
+            plan["saes"] = (total, f"{n} SAE(s) to train, float32 encoder and decoder")
+        if "codes" in kinds:
+            rows = self.windows_entry.meta["n_valid_tokens"]
+            sizes = []
+            for (side, layer), (_, l0) in shapes.items():
+                spec = codes_spec(self._planned_model_key(side), layer,
+                                  self._planned_sae_key(side, layer), self.windows_entry, side)
+                if not self.store.has("codes", spec):
+                    sizes.append((8 * l0 + 4) * rows)  # CSR: float32 value + int32 index
+            # the layer being finished holds its shards and its matrix at once
+            plan["codes"] = (sum(sizes) + max(sizes, default=0),
+                             f"{len(sizes)} layer(s) x {rows:,} tokens x the SAE's active "
+                             f"features per token (TopK's k, else at most {ASSUMED_L0}) x 8 bytes")
+        if "matches" in kinds:
+            total = 0
+            for la, lb in self.pairs():
+                da, db = shapes[("a", la)][0], shapes[("b", lb)][0]
+                if da and db:  # pairs (two int64 indices, a float32) and top activations
+                    total += 20 * min(da, db) + 12 * self.cfg.match.top_k * (da + db)
+            plan["matches"] = (total, f"{len(self.pairs())} layer pair(s)")
+        return plan
 
     def relative_depth(self, side: str, layer: int) -> float:
         return (layer + 1) / self.info(side).n_layers
@@ -414,6 +508,17 @@ class Pipeline:
             if isinstance(getattr(type(self), name, None), cached_property):
                 other.__dict__[name] = value
         return other
+
+
+ASSUMED_L0 = 128  # active features per token assumed for an SAE that does not fix it
+STAGE_WRITES = {"models": "model", "saes": "sae", "extract": "codes", "match": "matches"}
+
+
+def _n_params(m, vocab: int, context: int) -> int:
+    """Parameters of a family member (embeddings, attention, MLP, norms, unembedding)."""
+    d, dm = m.d_model, m.d_mlp
+    return 2 * vocab * d + vocab + context * d + 2 * d + m.n_layers * (
+        4 * d * d + 2 * d * dm + dm + 9 * d)
 
 
 def pipeline_lineage(pipe: Pipeline) -> dict[str, str]:
@@ -1034,7 +1139,8 @@ def reuse_run(source) -> None:
 def run_stage(stage: str, pipe: Pipeline, force: bool = False) -> None:
     """Run one stage inside its own MLflow run (nested when a parent is active).
 
-    A FINISHED run of the same stage with the same ``saeuniv.inputs_hash`` and intact
+    The pipeline is validated first (``Pipeline.validate``), so bad input fails the run in
+    seconds. A FINISHED run of the same stage with the same ``saeuniv.inputs_hash`` and intact
     artefacts is reused (its metrics, artefacts and tags copied, ``saeuniv.reused_from``
     set) instead of recomputing. ``force`` recomputes: no reuse, and the stage's store
     entries are rebuilt and overwritten.
@@ -1042,6 +1148,7 @@ def run_stage(stage: str, pipe: Pipeline, force: bool = False) -> None:
     inputs = inputs_hash(pipe.cfg, stage)
     with stage_run(stage, tags={**pipeline_lineage(pipe), "saeuniv.inputs_hash": inputs}):
         mlflow.log_params({"config_name": pipe.cfg.name, "config_hash": pipe.cfg.hash()})
+        pipe.validate(stage)
         source = None if force else reusable_run(stage, inputs)
         if source is not None:
             log.info("stage %s: reusing run %s (same inputs and code)", stage,
