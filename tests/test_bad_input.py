@@ -323,3 +323,25 @@ def test_bad_input_is_refused_fast_and_leaves_nothing(ctx, name, argv, patterns,
         tag = run.data.tags.get("saeuniv.error", "")
         assert re.search(patterns[0], tag), (patterns[0], tag)
     assert not (ctx["root"] / "pwned").exists()  # no YAML tag was ever executed
+
+
+UNSAFE = {
+    r"\bimport pickle\b|\bpickle\.load": "pickle",
+    r"\bdill\b|\bjoblib\.load": "pickle-based loader",
+    r"torch\.load\((?![^)]*weights_only=True)": "torch.load without weights_only=True",
+    r"allow_pickle\s*=\s*True": "np.load(allow_pickle=True)",
+    r"yaml\.(load|full_load|unsafe_load|load_all)\(|yaml\.(Unsafe|Full)?Loader\b": "unsafe YAML",
+}
+
+
+def test_no_source_file_deserialises_untrusted_bytes_unsafely():
+    """Weights come from safetensors, arrays from np.load without pickles, YAML from
+    yaml.safe_load: no code path of saeuniv can run code hidden in a file it reads."""
+    files = sorted((SRC / "saeuniv").rglob("*.py")) + [ROOT / "mlflow_project" / "entry.py"]
+    assert len(files) > 10
+    found = [f"{f.name}: {what}" for f in files for pattern, what in UNSAFE.items()
+             if re.search(pattern, f.read_text())]
+    assert found == []
+    assert re.search(r"torch\.load\((?![^)]*weights_only=True)", "torch.load(p)")  # the check bites
+    assert not re.search(r"torch\.load\((?![^)]*weights_only=True)",
+                         "torch.load(p, weights_only=True)")
