@@ -31,7 +31,7 @@ from saeuniv.store import Store
 ROOT = Path(__file__).resolve().parents[1]
 SRC = Path(saeuniv.__file__).resolve().parents[1]  # the saeuniv under test, for subprocesses
 # store kinds that only training or analysis makes: bad input must never produce one
-HEAVY = ("model", "sae", "preflight", "codes", "matches", "scores")
+HEAVY = ("model", "sae", "preflight", "codes", "matches", "scores", "labels", "subspaces")
 FAST_S = 10  # an in-process row must fail within this many seconds (2 shared cores)
 FAST_SUBPROCESS_S = 60  # a new interpreter importing torch and mlflow
 
@@ -171,6 +171,9 @@ ROWS = [
       r"\['default', 'tiny'\]"], 0),
     ("config_not_mapping", lambda c: ["saes", "--config", str(c["root"] / "list.yaml")],
      [r"config must be a mapping, got list"], 0),
+    ("concepts_missing", lambda c: ["subspaces", *tiny(c, "--set",
+                                                    "subspaces.concepts=no-such-set")],
+     [r"subspaces.concepts='no-such-set' names no concept-set file .*'reference'"], 0),
     ("argparse_int", lambda c: ["run", *tiny(c), "--n-tokens", "abc"],
      [r"argument --n-tokens: invalid int value: 'abc'"], 0),
     ("store_not_dir", lambda c: ["run", *tiny(c), "--store", str(c["root"] / "file" / "s")],
@@ -215,6 +218,10 @@ ROWS = [
     ("hf_folder", lambda c: ["run", *tiny(
         c, "--set", f"model_a={{source: hf, name: m, path: '{c['root'] / 'no-model'}'}}")],
      [r"model folder '.*no-model' does not exist; give a folder holding config.json"], 1),
+    ("concepts_python_tag", lambda c: ["run", *tiny(
+        c, "--set", f"subspaces.concepts={c['root'] / 'evil.yaml'}")],
+     [r"concept set .*evil.yaml: the YAML tag 'tag:yaml.org,2002:python/object/apply:os.system'"
+      r" \(line 1, column 7\) is not allowed"], 1),
     ("topk_width", lambda c: ["saes", *tiny(c, "--set", "sae.architecture=topk",
                                             "--set", "sae.topk=999")],
      [r"sae.topk=999 exceeds the width of model_a's SAEs \(sae.expansion x d_model = 4 x 16\); "
@@ -278,8 +285,8 @@ def _store_state(store: Path) -> tuple[list[str], list[str]]:
 def test_the_table_covers_every_entry_point(ctx):
     assert len(ROWS) >= 25 and len({r[0] for r in ROWS}) == len(ROWS)
     commands = {r[1](ctx)[0] for r in ROWS if not r[0].startswith("mlproject_")}
-    assert commands == {"run", "models", "saes", "extract", "match", "similarity", "sweep",
-                        "audit", "compare"}
+    assert commands == {"run", "models", "saes", "extract", "match", "similarity", "subspaces",
+                        "sweep", "audit", "compare"}
     entry_points = {r[1](ctx)[2] for r in ROWS if r[0].startswith("mlproject_")}
     assert len(entry_points) >= 4  # python mlflow_project/entry.py COMMAND ...
 

@@ -609,11 +609,13 @@ def load_concepts(value: str):
     from .subspaces import ConceptSet
 
     path = concepts_path(value)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"concept set {path} is not valid YAML: {err}") from None
     where = f"concept set {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {err.start}); save it as UTF-8") \
+            from None
+    data = safe_yaml(text, where)
     _check(isinstance(data, dict) and isinstance(data.get("categories"), dict)
            and data["categories"],
            f"{where} must be a mapping with a non-empty 'categories' mapping, e.g. "
