@@ -22,7 +22,7 @@ import scipy.sparse as sp
 import torch
 
 from saeuniv import cli, metrics
-from saeuniv.matching import POLICIES, correlation, match
+from saeuniv.matching import POLICIES, correlation, dead_features, match
 from saeuniv.models import ActivationError, LoadedModel, build_model, check_finite, tl_config
 from saeuniv.pipeline import Pipeline, load_matches, load_scores
 from saeuniv.store import Store
@@ -37,6 +37,7 @@ def test_a_side_with_every_feature_dead_or_constant_gives_no_pairs(case):
     dead = np.zeros((60, 7)) if case == "all_zero" else np.full((60, 7), 0.5)
     corr = correlation(sp.csr_matrix(dead), live)
     assert np.isnan(corr).all()  # zero variance: no correlation, not a number
+    assert dead_features(sp.csr_matrix(dead)).all() and not dead_features(live).any()
     for policy in POLICIES:
         for c in (corr, corr.T):
             m = match(c, policy, threshold=-1.0)
@@ -186,9 +187,10 @@ def test_dead_constant_and_unmatched_features_are_reported_not_scored(world, ran
     store = Store(world["root"] / "store")
     before = _run_ids()
     assert cli.main(["run", *world["args"]]) == 0
-    runs = {r.data.tags["saeuniv.stage"]: r for r in _new_runs(before)}
-    assert set(runs) == {"main", "models", "saes", "extract", "match", "similarity"}
-    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    new = _new_runs(before)
+    assert {r.info.status for r in new} == {"FINISHED"}
+    runs = {r.data.tags["saeuniv.stage"]: r for r in new}
+    assert {"main", "models", "saes", "extract", "match", "similarity"} <= set(runs)
     # every feature of B layer 0 is dead: the extract run says so
     dead = runs["extract"].data.tags["saeuniv.warning.dead_b0"]
     assert "every feature of SAE b layer 0 is dead" in dead
@@ -196,11 +198,13 @@ def test_dead_constant_and_unmatched_features_are_reported_not_scored(world, ran
     # ... so no pair is left for A layer I / B layer 0, and the match run names why
     tags = runs["match"].data.tags
     for la in (0, 1):
-        assert re.search(r"no pairs left after matching .*dead or constant features: \d+ of A, "
+        assert re.search(r"no pairs left after matching .*dead or constant features: \d of A, "
                          r"128 of B\); lower match.threshold", tags[f"saeuniv.warning.match.a{la}-b0"])
-    assert runs["match"].data.metrics["n_dead_b/a0-b0"] == 128
-    # the constant feature 0 of A layer 0 counts as dead and is never paired
-    assert runs["match"].data.metrics["n_dead_a/a0-b1"] >= 1
+    found = runs["match"].data.metrics
+    assert found["n_dead_b/a0-b0"] == 128 and found["n_dead_b/a0-b1"] < 128
+    # the constant feature 0 of A layer 0 counts as dead and is never paired; A's count does
+    # not depend on B's features being alive
+    assert 1 <= found["n_dead_a/a0-b0"] == found["n_dead_a/a0-b1"] < 64
     cfg = cli._config(cli.build_parser().parse_args(["run", *world["args"]]))
     pipe = Pipeline(cfg, store)
     assert 0 not in load_matches(pipe.matches(0, 1)).a

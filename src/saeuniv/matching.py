@@ -254,6 +254,16 @@ def _std(n, s, ss):
     return np.where(dead, np.nan, np.sqrt(np.maximum(var, 0.0)))
 
 
+def dead_features(codes) -> np.ndarray:
+    """Boolean mask of the dead features of ``codes`` (tokens x features, sparse): zero
+    variance over the tokens, or numerically constant. Their correlations are NaN in
+    :func:`correlation`, whatever the other side's features are."""
+    x = _as_csr(codes, "codes")
+    if x.shape[0] == 0:
+        raise ValueError("codes have no token rows")
+    return np.isnan(_std(x.shape[0], *_moments(x)))
+
+
 def _cross_to_corr(block, n, sum_a, sum_b, std_a, std_b):
     """Turn raw cross-products sum_t a_t b_t into correlations, in place.
 

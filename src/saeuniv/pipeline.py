@@ -595,9 +595,9 @@ def _build_matches(pipe: Pipeline, ca: Entry, cb: Entry, out: Path) -> dict:
                 f"extract.n_tokens to at least {mc.n_tokens} (or lower match.n_tokens)")
         codes_a, codes_b = codes_a[:mc.n_tokens], codes_b[:mc.n_tokens]
     corr = matching.correlation(codes_a, codes_b)
-    alive = np.isfinite(corr)
-    counts = {"n_tokens": int(codes_a.shape[0]), "n_dead_a": int((~alive.any(1)).sum()),
-              "n_dead_b": int((~alive.any(0)).sum())}
+    counts = {"n_tokens": int(codes_a.shape[0]),
+              "n_dead_a": int(matching.dead_features(codes_a).sum()),
+              "n_dead_b": int(matching.dead_features(codes_b).sum())}
     m = matching.match(corr, policy=mc.policy, threshold=-1.0)
     counts["n_policy"] = m.n
     counts["mean_corr_before"] = m.mean_corr
