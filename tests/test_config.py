@@ -31,6 +31,15 @@ def test_builtin_default_loads_and_hash_is_stable():
     ({"sae.architecture": "gated"}, r"sae.architecture 'gated' is unknown"),
     ({"match.tresh": 0.2}, r"unknown config key 'match.tresh'"),
     ({"extract.n_tokens": "many"}, r"extract.n_tokens must be int"),
+    ({"match.top_k": True}, r"match.top_k must be int, got True"),
+    ({"match.threshold": float("nan")}, r"match.threshold must be a finite number, got nan"),
+    ({"extract.batch_size": 0}, r"extract.batch_size must be >= 1, got 0"),
+    ({"family.lr": -0.1}, r"family.lr must be > 0, got -0.1"),
+    ({"sae.topk": 0}, r"sae.topk must be >= 1, got 0"),
+    ({"extract.context": 256}, r"extract.context=256 exceeds family.context=128.*lower "
+                               r"extract.context to at most 128"),
+    ({"family.members": [{"name": "m", "n_layers": 1, "d_model": 16, "d_mlp": 8,
+                          "d_head": 0}]}, r"family member 'm' needs .*d_head=0"),
 ])
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -46,8 +55,14 @@ def test_unknown_yaml_key_is_named(tmp_path):
 
 def test_yaml_is_parsed_safely(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    marker = tmp_path / "pwned"
+    path.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match=r"the YAML tag 'tag:yaml.org,2002:python/object/apply:"
+                       r"os.system' \(line 1, column 7\) is not allowed.*remove the tag"):
+        load_config(path)
+    assert not marker.exists()
+    path.write_text("match: {policy: max\n")
+    with pytest.raises(ConfigError, match=r"c.yaml is not valid YAML: .*line \d+.*fix the syntax"):
         load_config(path)
 
 

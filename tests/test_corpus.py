@@ -38,14 +38,34 @@ def test_jsonl_source(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"abc\x00\x01\x02", "looks binary"),
-    (b"caf\xe9 au lait", "not valid UTF-8"),
+    (b"abc\x00\x01\x02", r"bad.txt is binary, not text \(NUL byte at offset 3\)"),
+    (b"text " * 20000 + b"\x00", r"bad.txt is binary, not text \(NUL byte at offset 100000\)"),
+    (b"caf\xe9 au lait", r"bad.txt is not valid UTF-8 \(byte 0xe9 at offset 3: .*re-encode it"),
 ])
 def test_bad_files_are_refused(tmp_path, content, message):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
     with pytest.raises(CorpusError, match=message):
         prepare_corpus(CorpusConfig(source=str(path)), Store(tmp_path / "s"))
+    assert not (tmp_path / "s" / "corpus").exists()
+
+
+def test_a_source_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.txt").write_text("word " * (100 * (i + 1)))
+    monkeypatch.setenv("SAEUNIV_MAX_CORPUS_BYTES", "2000")
+    read = []
+    monkeypatch.setattr("pathlib.Path.read_bytes", lambda self: read.append(self) or b"")
+    with pytest.raises(CorpusError, match=r"holds 3,000 bytes in 3 file\(s\) \(largest: .*2.txt, "
+                       r"1,500 bytes\), over the 2,000-byte limit.*SAEUNIV_MAX_CORPUS_BYTES="):
+        prepare_corpus(CorpusConfig(source=str(folder)), Store(tmp_path / "s"))
+    assert read == []
+    monkeypatch.undo()
+    monkeypatch.setenv("SAEUNIV_MAX_CORPUS_BYTES", "3000")  # raised: accepted
+    entry = prepare_corpus(CorpusConfig(source=str(folder)), Store(tmp_path / "s"))
+    assert entry.meta["train_sources"] + entry.meta["analysis_sources"] == 3
 
 
 def test_bad_jsonl_line_is_named(tmp_path):

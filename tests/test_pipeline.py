@@ -165,6 +165,34 @@ def test_token_budget_larger_than_corpus_is_refused(tmp_path, corpus_dir):
         Pipeline(cfg, Store(tmp_path)).validate()
 
 
+def test_disk_plan_counts_what_the_store_lacks(tiny_run, tmp_path):
+    store = Store(tiny_run["root"] / "store")
+    cfg = tiny_run["cfg"]
+    warm = Pipeline(cfg, store).planned_bytes()
+    assert warm["models"][0] == warm["saes"][0] == warm["codes"][0] == 0
+    assert warm["matches"][0] > 0  # small, always counted
+    # another token budget: new windows and codes, the same models and SAEs
+    other = Pipeline(cfg.replace(**{"extract.n_tokens": 1000}), store)
+    plan = other.planned_bytes("extract")
+    assert set(plan) == {"models", "saes", "codes"}
+    assert plan["models"][0] == plan["saes"][0] == 0
+    rows = other.windows_entry.meta["n_valid_tokens"]
+    n_layers = len(other.layers("a")) + len(other.layers("b"))
+    l0 = min(cfg.sae.expansion * 16, 128)  # standard SAEs: width 4 x 16, 4 x 32, capped
+    per_layer = {16: (8 * l0 + 4) * rows, 32: (8 * min(cfg.sae.expansion * 32, 128) + 4) * rows}
+    expected = (per_layer[16] * len(other.layers("a")) + per_layer[32] * len(other.layers("b"))
+                + per_layer[32])  # one layer's shards and matrix on disk at once
+    assert plan["codes"][0] == expected and f"{n_layers} layer(s)" in plan["codes"][1]
+    # an empty store: every model and SAE, close to their real sizes
+    fresh = Pipeline(cfg, Store(tmp_path / "store")).planned_bytes()
+    pipe = Pipeline(cfg, store)
+    weights = sum(4 * e.meta["params"] for e in pipe.model_entries.values())
+    assert abs(fresh["models"][0] - weights) < 0.05 * weights
+    sae_files = sum(f["size"] for side in "ab" for e in pipe.sae_entries(side).values()
+                    for f in e.manifest["files"].values())
+    assert abs(fresh["saes"][0] - sae_files) < 0.05 * sae_files
+
+
 def test_packed_windows_respect_the_token_cap(tiny_run):
     pipe = Pipeline(tiny_run["cfg"], Store(tiny_run["root"] / "store"))
     docs = [d for d in (pipe.context(0), "Congress builds the fleet in March. " * 40)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, safe_yaml
 
 SHORTCUTS = {
     # option: (config paths, type, help)
@@ -46,7 +46,7 @@ def _parse_set(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key.path=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = safe_yaml(value, f"--set {item!r}")
     return out
 
 
@@ -227,8 +227,8 @@ def audit_main(args) -> int:
     try:
         return audit(args.run_id)
     except MlflowException as err:
-        print(f"saeuniv: error: run {args.run_id!r} not found in {uri}: {err.message}",
-              file=sys.stderr)
+        print(f"saeuniv: error: run {args.run_id!r} not found in {uri}: {err.message}; check "
+              "the run id and MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
 
 
@@ -260,10 +260,11 @@ def sweep_main(args) -> int:
     stopped short (e.g. too many failed trials), 2 on bad input."""
     try:
         from .store import Store
-        from .sweep import load_spec, open_storage, run_sweep
+        from .sweep import check_n_trials, load_spec, open_storage, run_sweep
         from .tracking import DEFAULT_URI, install_signal_handlers, setup_tracking
 
         spec = load_spec(args.spec)
+        check_n_trials(spec, args.n_trials)
         cfg = spec.config(_parse_set(args.set))
         store = Store(args.store)
         # the storage before MLflow's database is touched: a bad --storage changes nothing

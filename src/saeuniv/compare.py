@@ -53,7 +53,8 @@ def load_run(client, run_id: str) -> dict:
     try:
         run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException as err:
-        raise CompareError(f"run {run_id!r} not found: {err.message}") from None
+        raise CompareError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}: "
+                           f"{err.message}; check the run id and MLFLOW_TRACKING_URI") from None
     stage = run.data.tags.get("saeuniv.stage")
     if stage != "main":
         raise CompareError(f"run {run_id} is a {stage or 'non-saeuniv'} run; compare takes "

@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import re
 
 import yaml
 
@@ -293,6 +296,29 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
+def safe_yaml(text: str, where: str) -> Any:
+    """Parse YAML text with the safe loader (``yaml.safe_load``: mappings, lists, strings,
+    numbers, booleans and null only). Any other tag, such as ``!!python/object``, and any
+    syntax error raise ConfigError naming ``where``, the line and the fix."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as err:
+        tag = re.search(r"tag '([^']*)'", str(err.problem))
+        mark = err.problem_mark
+        raise ConfigError(
+            f"{where}: the YAML tag {tag.group(1) if tag else err.problem!r} "
+            + (f"(line {mark.line + 1}, column {mark.column + 1}) " if mark else "")
+            + "is not allowed: configs and sweep specs are read with the safe YAML loader "
+            "(mappings, lists, strings, numbers, booleans); remove the tag") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"{where} is not valid YAML: {problem}"
+            + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+            + "; fix the syntax") from None
+
+
 def _set_path(data: dict, path: str, value: Any) -> None:
     node = data
     parts = path.split(".")
@@ -347,10 +373,14 @@ def _coerce(cls, f, value, where):
     expected = {int: int, float: float, bool: bool, str: str}.get(
         f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(f.type)
     )
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+    if expected in (int, float) and isinstance(value, bool):  # YAML true is not a number
+        raise ConfigError(f"{where} must be {expected.__name__}, got {value!r}")
+    if expected is float and isinstance(value, int):
         return float(value)
     if expected is not None and not isinstance(value, expected):
         raise ConfigError(f"{where} must be {expected.__name__}, got {value!r}")
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     return value
 
 
@@ -394,11 +424,17 @@ def validate(cfg: Config) -> None:
     names = [m.name for m in fam.members]
     _check(len(set(names)) == len(names), f"family.members has duplicate names: {names}")
     for m in fam.members:
-        _check(m.n_layers >= 1 and m.d_model >= 8 and m.d_mlp >= 1,
-               f"family member {m.name!r} needs n_layers >= 1, d_model >= 8, d_mlp >= 1")
+        _check(m.n_layers >= 1 and m.d_model >= 8 and m.d_mlp >= 1 and m.d_head >= 1,
+               f"family member {m.name!r} needs n_layers >= 1, d_model >= 8, d_mlp >= 1, "
+               f"d_head >= 1; got n_layers={m.n_layers}, d_model={m.d_model}, "
+               f"d_mlp={m.d_mlp}, d_head={m.d_head}")
         _check(m.d_model % m.d_head == 0,
                f"family member {m.name!r}: d_model={m.d_model} is not a multiple of d_head={m.d_head}")
     _check(fam.context >= 8, f"family.context must be >= 8, got {fam.context}")
+    _check(fam.batch_size >= 1, f"family.batch_size must be >= 1, got {fam.batch_size}")
+    _check(fam.lr > 0, f"family.lr must be > 0, got {fam.lr}")
+    _check(fam.eval_every >= 1, f"family.eval_every must be >= 1, got {fam.eval_every}")
+    _check(fam.eval_batches >= 1, f"family.eval_batches must be >= 1, got {fam.eval_batches}")
     _check(fam.train_tokens >= fam.batch_size * fam.context,
            f"family.train_tokens={fam.train_tokens} is less than one batch "
            f"({fam.batch_size} x {fam.context}); raise family.train_tokens")
@@ -406,11 +442,21 @@ def validate(cfg: Config) -> None:
     _check(s.architecture in SAE_ARCHITECTURES,
            f"sae.architecture {s.architecture!r} is unknown; choose one of {SAE_ARCHITECTURES}")
     _check(s.expansion >= 1, f"sae.expansion must be >= 1, got {s.expansion}")
+    _check(s.topk >= 1, f"sae.topk must be >= 1, got {s.topk}")
+    _check(s.batch_tokens >= 1, f"sae.batch_tokens must be >= 1, got {s.batch_tokens}")
+    _check(s.lr > 0, f"sae.lr must be > 0, got {s.lr}")
+    _check(s.l1_coefficient >= 0, f"sae.l1_coefficient must be >= 0, got {s.l1_coefficient}")
     _check(s.train_tokens >= s.batch_tokens,
            f"sae.train_tokens={s.train_tokens} must be >= sae.batch_tokens={s.batch_tokens}")
     e = cfg.extract
     _check(e.n_tokens >= 100, f"extract.n_tokens must be >= 100, got {e.n_tokens}")
     _check(e.context >= 8, f"extract.context must be >= 8, got {e.context}")
+    _check(e.batch_size >= 1, f"extract.batch_size must be >= 1, got {e.batch_size}")
+    if "family" in (cfg.model_a.source, cfg.model_b.source):
+        _check(e.context <= fam.context,
+               f"extract.context={e.context} exceeds family.context={fam.context}, the longest "
+               "input the built-in family is trained for; lower extract.context to at most "
+               f"{fam.context}")
     m = cfg.match
     _check(m.policy in MATCH_POLICIES,
            f"match.policy {m.policy!r} is unknown; choose one of {MATCH_POLICIES}")
@@ -500,9 +546,13 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
                 f"config {name!r} is neither a file nor a built-in config; built-ins: {choices}")
         p = builtin
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {err.start}); "
+                          "save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {p}: {err.strerror or err}") from None
+    data = safe_yaml(text, f"config file {p}") or {}
     base = Config().to_dict()
     merged = _merge(base, data, "")
     for key, value in (overrides or {}).items():
@@ -559,11 +609,13 @@ def load_concepts(value: str):
     from .subspaces import ConceptSet
 
     path = concepts_path(value)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"concept set {path} is not valid YAML: {err}") from None
     where = f"concept set {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {err.start}); save it as UTF-8") \
+            from None
+    data = safe_yaml(text, where)
     _check(isinstance(data, dict) and isinstance(data.get("categories"), dict)
            and data["categories"],
            f"{where} must be a mapping with a non-empty 'categories' mapping, e.g. "

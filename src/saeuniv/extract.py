@@ -23,14 +23,10 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from .models import LoadedModel, set_threads
+from .models import NONFINITE_FIX, LoadedModel, check_finite, set_threads
 from .saes import STAT_KEYS, check_compatible, merge_quality, quality_stats
 from .store import Entry, Store
 from .tokens import Windows
-
-
-class ExtractionError(ValueError):
-    """Activations or codes are unusable (NaN/inf, empty)."""
 
 
 def codes_spec(model_key: str, layer: int, sae_key: str, windows: Entry, side: str) -> dict:
@@ -119,13 +115,12 @@ def _extract_shard(model: LoadedModel, saes: dict[int, object], windows: Windows
         res = model.residuals(toks, layers)
         for layer in layers:
             acts = res[layer][keep].float()
-            if not torch.isfinite(acts.sum(dtype=torch.float64)):  # one reduction per batch
-                bad = int((~torch.isfinite(acts)).any(1).sum())
-                raise ExtractionError(
-                    f"{label} layer {layer}: {bad} token(s) have NaN/inf activations (windows "
-                    f"{start}..{stop - 1}); check the model weights and dtype (try float32)")
+            where = f"model {label} layer {layer}, windows {start}..{stop - 1}"
+            check_finite(acts, f"{where}: activations", NONFINITE_FIX)
             sae = saes[layer]
             codes = sae.encode(acts)
+            check_finite(codes, f"{where}: SAE codes", "the SAE's weights hold NaN/inf or "
+                         "overflow; check the SAE (and try dtype: float32)")
             stats[layer].append(quality_stats(acts, codes, sae.decode(codes)))
             parts[layer].append(_sparse(codes))
     for layer in layers:

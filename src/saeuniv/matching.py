@@ -254,6 +254,16 @@ def _std(n, s, ss):
     return np.where(dead, np.nan, np.sqrt(np.maximum(var, 0.0)))
 
 
+def dead_features(codes) -> np.ndarray:
+    """Boolean mask of the dead features of ``codes`` (tokens x features, sparse): zero
+    variance over the tokens, or numerically constant. Their correlations are NaN in
+    :func:`correlation`, whatever the other side's features are."""
+    x = _as_csr(codes, "codes")
+    if x.shape[0] == 0:
+        raise ValueError("codes have no token rows")
+    return np.isnan(_std(x.shape[0], *_moments(x)))
+
+
 def _cross_to_corr(block, n, sum_a, sum_b, std_a, std_b):
     """Turn raw cross-products sum_t a_t b_t into correlations, in place.
 
@@ -574,7 +584,7 @@ def _max_pairs(top):
 def _one_to_one(top):
     a, b, c = _max_pairs(top)
     order = np.lexsort((b, -c, a))  # per A: best correlation first, then lowest b
-    first = np.r_[True, a[order][1:] != a[order][:-1]]
+    first = np.r_[True, a[order][1:] != a[order][:-1]][:len(a)]  # no pairs: none kept
     return a[order][first], b[order][first], c[order][first]
 
 
@@ -615,8 +625,8 @@ def _hungarian(corr, pool_a=None, pool_b=None, pool_size=None, activity_a=None,
     sub = corr[np.ix_(pa, pb)].astype(np.float64)
     live_a, live_b = ~np.isnan(sub).all(1), ~np.isnan(sub).all(0)
     pa, pb, sub = pa[live_a], pb[live_b], sub[np.ix_(live_a, live_b)]
-    if sub.size == 0:
-        return pa[:0], pb[:0], sub[:0, 0]
+    if sub.size == 0:  # every feature of a side is dead
+        return pa[:0], pb[:0], np.zeros(0)
     i, j = linear_sum_assignment(np.where(np.isnan(sub), -np.inf, sub), maximize=True)
     return pa[i], pb[j], sub[i, j]
 

@@ -39,6 +39,26 @@ class ModelError(ValueError):
     """A model cannot be found, loaded or used as asked."""
 
 
+class ActivationError(ModelError):
+    """A model's activations (or an SAE's codes) hold NaN or inf values."""
+
+
+def check_finite(values: torch.Tensor, what: str, fix: str) -> None:
+    """Raise ActivationError when ``values`` (tokens, features) hold NaN or inf: the message
+    names ``what``, the counts of NaN and inf values and of the tokens they are in, and
+    ``fix``. One reduction when all is well."""
+    if bool(torch.isfinite(values.sum(dtype=torch.float64))):
+        return
+    bad = ~torch.isfinite(values)
+    n_nan = int(torch.isnan(values).sum())
+    raise ActivationError(
+        f"{what}: {n_nan} NaN and {int(bad.sum()) - n_nan} inf value(s) in "
+        f"{int(bad.reshape(len(values), -1).any(1).sum())} of {len(values)} token(s); {fix}")
+
+
+NONFINITE_FIX = "check the model's weights and dtype (try dtype: float32)"
+
+
 class _Stop(Exception):
     """Raised by the deepest hook to end a Hugging Face forward pass early."""
 

@@ -26,14 +26,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import matching, metrics, subspaces
-from .config import Config, ModelRef, SAERef, digest, load_concepts
+from .config import Config, ConfigError, ModelRef, SAERef, digest, load_concepts
 from .corpus import prepare_corpus, read_split
-from .extract import extract_codes, load_codes
-from .models import (LoadedModel, ModelError, ModelInfo, describe, load_family_model,
-                     load_outside_model, model_identity, outside_tokenizer, resolve_device,
-                     train_family)
+from .extract import codes_spec, extract_codes, load_codes
+from .models import (NONFINITE_FIX, LoadedModel, ModelError, ModelInfo, check_finite, describe,
+                     load_family_model, load_outside_model, member_spec, model_identity,
+                     outside_tokenizer, resolve_device, train_family)
 from .saes import (Quality, check_compatible, check_ref, load_pretrained, load_sae, quality,
-                   sae_key, train_saes)
+                   sae_key, sae_spec, train_saes)
 from .store import Entry, Store
 from .tokens import (analysis_windows, load_tokenizer, load_windows, make_windows,
                      tokenizer_sha, train_tokenizer)
@@ -219,16 +219,20 @@ class Pipeline:
         return self._models[key]
 
     # -- SAEs and codes -----------------------------------------------------
+    def sae_windows_key(self, side: str) -> str:
+        """Identity of the packed training windows the side's SAEs are trained on."""
+        return digest([self.corpus.key, tokenizer_sha(self.tokenizer_entry(side)),
+                       self.bos(side), "train-packed"])
+
     def sae_entries(self, side: str) -> dict[int, Entry]:
         """SAEs trained here for every layer of ``side`` (one activation pass for all)."""
         def make():
             s = self.cfg.sae
-            windows_key = digest([self.corpus.key, tokenizer_sha(self.tokenizer_entry(side)),
-                                  self.bos(side), "train-packed"])
             return train_saes(self.model_key(side), lambda: self.model(side),
                               self.used_layers(side),
                               s, lambda: self.train_windows(side, s.train_tokens + 64 * 128),
-                              windows_key, self.store, label=f"{side}:{self.name(side)}")
+                              self.sae_windows_key(side), self.store,
+                              label=f"{side}:{self.name(side)}")
         return self._memo(("saes", side), make)
 
     def sae_key(self, side: str, layer: int) -> str:
@@ -382,13 +386,103 @@ class Pipeline:
         entry, _ = self.store.get_or_create("subspaces", spec, build)
         return entry
 
-    def validate(self) -> None:
+    def validate(self, stage: str = "run") -> None:
         """Cheap checks that fail before any model is trained or run: layers in range,
-        SAE sources that exist and fit each model, and the token budget."""
+        SAE sources that exist and fit each model, the token budget, and free disk space
+        for what ``stage`` and the stages before it will write (``run``: every stage)."""
+        if ("validated", "run") in self._cache or ("validated", stage) in self._cache:
+            return
         for side in SIDES:
             check_ref(self.sae_ref(side), self.info(side), self.used_layers(side), side)
+            s, info = self.cfg.sae, self.info(side)
+            if self.sae_ref(side).source == "train" and s.architecture == "topk" \
+                    and s.topk > s.expansion * info.d_model:
+                raise ConfigError(
+                    f"sae.topk={s.topk} exceeds the width of model_{side}'s SAEs (sae.expansion "
+                    f"x d_model = {s.expansion} x {info.d_model}); lower sae.topk or raise "
+                    "sae.expansion")
         _ = self.windows_entry  # raises when the corpus is smaller than the token budget
         _ = self.concepts  # raises when the concept set is missing or malformed
+        self.store.check_space(self.planned_bytes(stage), fix=(
+            "lower extract.n_tokens, compare fewer layers (layers_a, layers_b, pairs: depth)"))
+        self._cache[("validated", stage)] = True
+
+    # -- the disk plan: what the store will hold, estimated from the config ------------
+    def _planned_model_key(self, side: str) -> str:
+        """``model_key`` without training the family member (its store key)."""
+        if self.ref(side).source != "family":
+            return self.model_key(side)
+        return self.store.key("model", member_spec(self.member(side), self.cfg.family,
+                                                   self.family_tokenizer))
+
+    def _planned_sae_key(self, side: str, layer: int) -> str:
+        """``sae_key`` without training the SAE (its store key)."""
+        if self.sae_ref(side).source != "train":
+            return self.sae_key(side, layer)
+        return self.store.key("sae", sae_spec(self._planned_model_key(side), layer,
+                                              self.cfg.sae, self.sae_windows_key(side)))
+
+    def _sae_shape(self, side: str, layer: int) -> tuple[int | None, int]:
+        """(width, active features per token) of the side's SAE at ``layer``, as far as known
+        without loading it (a release's width is not)."""
+        ref, d_model = self.sae_ref(side), self.info(side).d_model
+        if ref.source == "train":
+            s = self.cfg.sae
+            d_sae = s.expansion * d_model
+            return d_sae, s.topk if s.architecture == "topk" else min(d_sae, ASSUMED_L0)
+        if ref.source == "folder":
+            cfg = json.loads((Path(ref.folder(layer)).expanduser() / "cfg.json").read_text())
+            d_sae = cfg.get("d_sae") or None
+            k = cfg.get("k") if cfg.get("architecture") == "topk" else None
+            return d_sae, int(k or min(d_sae or ASSUMED_L0, ASSUMED_L0))
+        return None, ASSUMED_L0
+
+    def planned_bytes(self, stage: str = "run") -> dict[str, tuple[int, str]]:
+        """Estimated bytes the store still needs for ``stage`` and the stages before it
+        (``run``: every stage), by kind, each with how it is estimated. Entries already in
+        the store count nothing; corpus, tokenizer and windows are built by validation;
+        outside models' weights live in the Hugging Face cache and are not counted."""
+        upto = len(STAGES) if stage == "run" else STAGES.index(stage) + 1
+        kinds = {STAGE_WRITES.get(s) for s in STAGES[:upto]}
+        plan: dict[str, tuple[int, str]] = {}
+        if "model" in kinds:
+            fam, vocab = self.cfg.family, self.cfg.tokenizer.vocab_size
+            todo = {m.name: m for m in (self.member(s) for s in SIDES
+                                        if self.ref(s).source == "family")
+                    if not self.store.has("model", member_spec(m, fam, self.family_tokenizer))}
+            plan["models"] = (sum(4 * _n_params(m, vocab, fam.context) for m in todo.values()),
+                              f"{len(todo)} family model(s) to train, float32 weights")
+        shapes = {(side, l): self._sae_shape(side, l) for side in SIDES
+                  for l in self.used_layers(side)}
+        if "sae" in kinds:
+            n, total = 0, 0
+            for (side, layer), (d_sae, _) in shapes.items():
+                d = self.info(side).d_model
+                if self.sae_ref(side).source == "train" and not self.store.has(
+                        "sae", sae_spec(self._planned_model_key(side), layer, self.cfg.sae,
+                                        self.sae_windows_key(side))):
+                    n, total = n + 1, total + 4 * (2 * d * d_sae + 2 * d_sae + d)
+            plan["saes"] = (total, f"{n} SAE(s) to train, float32 encoder and decoder")
+        if "codes" in kinds:
+            rows = self.windows_entry.meta["n_valid_tokens"]
+            sizes = []
+            for (side, layer), (_, l0) in shapes.items():
+                spec = codes_spec(self._planned_model_key(side), layer,
+                                  self._planned_sae_key(side, layer), self.windows_entry, side)
+                if not self.store.has("codes", spec):
+                    sizes.append((8 * l0 + 4) * rows)  # CSR: float32 value + int32 index
+            # the layer being finished holds its shards and its matrix at once
+            plan["codes"] = (sum(sizes) + max(sizes, default=0),
+                             f"{len(sizes)} layer(s) x {rows:,} tokens x the SAE's active "
+                             f"features per token (TopK's k, else at most {ASSUMED_L0}) x 8 bytes")
+        if "matches" in kinds:
+            total = 0
+            for la, lb in self.pairs():
+                da, db = shapes[("a", la)][0], shapes[("b", lb)][0]
+                if da and db:  # pairs (two int64 indices, a float32) and top activations
+                    total += 20 * min(da, db) + 12 * self.cfg.match.top_k * (da + db)
+            plan["matches"] = (total, f"{len(self.pairs())} layer pair(s)")
+        return plan
 
     def relative_depth(self, side: str, layer: int) -> float:
         return (layer + 1) / self.info(side).n_layers
@@ -414,6 +508,17 @@ class Pipeline:
             if isinstance(getattr(type(self), name, None), cached_property):
                 other.__dict__[name] = value
         return other
+
+
+ASSUMED_L0 = 128  # active features per token assumed for an SAE that does not fix it
+STAGE_WRITES = {"models": "model", "saes": "sae", "extract": "codes", "match": "matches"}
+
+
+def _n_params(m, vocab: int, context: int) -> int:
+    """Parameters of a family member (embeddings, attention, MLP, norms, unembedding)."""
+    d, dm = m.d_model, m.d_mlp
+    return 2 * vocab * d + vocab + context * d + 2 * d + m.n_layers * (
+        4 * d * d + 2 * d * dm + dm + 9 * d)
 
 
 def pipeline_lineage(pipe: Pipeline) -> dict[str, str]:
@@ -491,9 +596,9 @@ def _build_matches(pipe: Pipeline, ca: Entry, cb: Entry, out: Path) -> dict:
                 f"extract.n_tokens to at least {mc.n_tokens} (or lower match.n_tokens)")
         codes_a, codes_b = codes_a[:mc.n_tokens], codes_b[:mc.n_tokens]
     corr = matching.correlation(codes_a, codes_b)
-    alive = np.isfinite(corr)
-    counts = {"n_tokens": int(codes_a.shape[0]), "n_dead_a": int((~alive.any(1)).sum()),
-              "n_dead_b": int((~alive.any(0)).sum())}
+    counts = {"n_tokens": int(codes_a.shape[0]),
+              "n_dead_a": int(matching.dead_features(codes_a).sum()),
+              "n_dead_b": int(matching.dead_features(codes_b).sum())}
     m = matching.match(corr, policy=mc.policy, threshold=-1.0)
     counts["n_policy"] = m.n
     counts["mean_corr_before"] = m.mean_corr
@@ -520,7 +625,8 @@ def _build_scores(pipe: Pipeline, la: int, lb: int, m_entry: Entry, out: Path) -
     m = load_matches(m_entry)
     result = {"layer_a": la, "layer_b": lb, "n_pairs": m.n, "metrics": {}, "status": "ok"}
     if m.n < sim.min_pairs:
-        result["status"] = f"too few pairs ({m.n} < similarity.min_pairs={sim.min_pairs})"
+        result["status"] = (f"too few pairs ({m.n} < similarity.min_pairs={sim.min_pairs}); "
+                            "lower match.threshold or similarity.min_pairs")
     else:
         A = _decoder(pipe.sae("a", la)[1])[m.a]
         B = _decoder(pipe.sae("b", lb)[1])[m.b]
@@ -531,6 +637,10 @@ def _build_scores(pipe: Pipeline, la: int, lb: int, m_entry: Entry, out: Path) -
                                                 **kwargs)
             except ValueError as err:  # e.g. fewer pairs than SVCCA directions
                 result["metrics"][name] = {"error": str(err)}
+                continue
+            if not np.isfinite(null.observed):
+                result["metrics"][name] = {"error": f"{name} came out {null.observed} on "
+                                                    f"{m.n} pairs (degenerate decoder rows)"}
                 continue
             result["metrics"][name] = {
                 "observed": null.observed, "null_mean": null.null_mean, "null_sd": null.null_sd,
@@ -604,6 +714,13 @@ def _pair_key(la: int, lb: int) -> str:
     return f"a{la}-b{lb}"
 
 
+def _warn(key: str, msg: str) -> None:
+    """A problem that does not stop the stage but must not pass unseen: a log line and a
+    ``saeuniv.warning.<key>`` tag on the active run."""
+    log.warning(msg)
+    mlflow.set_tag(f"saeuniv.warning.{key}", msg[:4900])
+
+
 def stage_models(pipe: Pipeline) -> None:
     for name, entry in pipe.model_entries.items():
         meta = entry.meta
@@ -645,8 +762,7 @@ def stage_saes(pipe: Pipeline) -> None:
                        f"FVU {q.fvu:.2f}, variance explained {1 - q.fvu:.2f}"
                        + (" (NEGATIVE: worse than predicting the mean)" if q.fvu > 1 else "")
                        + "; check that the SAE belongs to this model, layer and dtype")
-                log.warning(msg)
-                mlflow.set_tag(f"saeuniv.warning.sae_{side}{layer}", msg)
+                _warn(f"sae_{side}{layer}", msg)
 
 
 def preflight(pipe: Pipeline, side: str, n_tokens: int = PREFLIGHT_TOKENS) -> dict:
@@ -665,8 +781,11 @@ def preflight(pipe: Pipeline, side: str, n_tokens: int = PREFLIGHT_TOKENS) -> di
         keep = torch.as_tensor(win.mask[:rows]).to(model.device)
         result = {}
         for layer in layers:
+            acts = res[layer][keep].float()
+            check_finite(acts, f"model {side}:{pipe.name(side)} layer {layer}: activations on "
+                         f"the first {n_tokens} analysis tokens", NONFINITE_FIX)
             sae = pipe.sae(side, layer)[1].to(model.device)
-            result[str(layer)] = asdict(quality(sae, res[layer][keep].float()))
+            result[str(layer)] = asdict(quality(sae, acts))
             sae.to("cpu")
         return result
 
@@ -676,7 +795,12 @@ def preflight(pipe: Pipeline, side: str, n_tokens: int = PREFLIGHT_TOKENS) -> di
 
 def stage_extract(pipe: Pipeline) -> None:
     for side, layer, q in _log_quality(pipe):
-        if q["fvu"] > 0.5:
+        if q["dead_fraction"] >= 1:
+            _warn(f"dead_{side}{layer}", f"every feature of SAE {side} layer {layer} is dead on "
+                  f"the {q['n_tokens']} analysis tokens (all codes are zero): none of this "
+                  "layer's features can be matched; check that the SAE belongs to this model, "
+                  "layer and dtype")
+        elif q["fvu"] > BAD_FVU:
             log.warning("SAE %s layer %d reconstructs badly: FVU %.2f (variance explained "
                         "%.2f); its features are unreliable", side, layer, q["fvu"], 1 - q["fvu"])
 
@@ -700,7 +824,14 @@ def stage_match(pipe: Pipeline) -> None:
     for la, lb in tqdm(pipe.pairs(), desc="match", unit="layer pair"):
         entry = pipe.matches(la, lb)
         key = _pair_key(la, lb)
-        mlflow.log_metrics({f"{k}/{key}": v for k, v in entry.meta.items() if v is not None})
+        meta = entry.meta
+        mlflow.log_metrics({f"{k}/{key}": v for k, v in meta.items() if v is not None})
+        if meta["n_pairs"] == 0:
+            _warn(f"match.{key}", f"A layer {la} / B layer {lb}: no pairs left after matching "
+                  f"({meta['n_policy']} by policy {pipe.cfg.match.policy}, {meta['n_threshold']} "
+                  f"above match.threshold={pipe.cfg.match.threshold}, {meta['n_junk']} after the "
+                  f"junk filter; dead or constant features: {meta['n_dead_a']} of A, "
+                  f"{meta['n_dead_b']} of B); lower match.threshold, or check the SAEs")
         rows += _top_pairs(pipe, la, lb, entry, 10)
     if rows:
         mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "top_pairs.json")
@@ -734,6 +865,9 @@ def stage_similarity(pipe: Pipeline) -> None:
 
 def _log_scores(scores: dict, key: str) -> None:
     out = {f"n_pairs/{key}": scores["n_pairs"]}
+    if scores.get("status", "ok") != "ok":
+        _warn(f"scores.{key}", f"A layer {scores['layer_a']} / B layer {scores['layer_b']} not "
+              f"scored: {scores['status']}")
     for name, r in scores["metrics"].items():
         if "error" in r:
             mlflow.set_tag(f"saeuniv.error.{name}.{key}", r["error"][:500])
@@ -1007,7 +1141,8 @@ def reuse_run(source) -> None:
 def run_stage(stage: str, pipe: Pipeline, force: bool = False) -> None:
     """Run one stage inside its own MLflow run (nested when a parent is active).
 
-    A FINISHED run of the same stage with the same ``saeuniv.inputs_hash`` and intact
+    The pipeline is validated first (``Pipeline.validate``), so bad input fails the run in
+    seconds. A FINISHED run of the same stage with the same ``saeuniv.inputs_hash`` and intact
     artefacts is reused (its metrics, artefacts and tags copied, ``saeuniv.reused_from``
     set) instead of recomputing. ``force`` recomputes: no reuse, and the stage's store
     entries are rebuilt and overwritten.
@@ -1015,6 +1150,7 @@ def run_stage(stage: str, pipe: Pipeline, force: bool = False) -> None:
     inputs = inputs_hash(pipe.cfg, stage)
     with stage_run(stage, tags={**pipeline_lineage(pipe), "saeuniv.inputs_hash": inputs}):
         mlflow.log_params({"config_name": pipe.cfg.name, "config_hash": pipe.cfg.hash()})
+        pipe.validate(stage)
         source = None if force else reusable_run(stage, inputs)
         if source is not None:
             log.info("stage %s: reusing run %s (same inputs and code)", stage,
@@ -1075,15 +1211,22 @@ def grids(pipe: Pipeline) -> dict:
     for name in pipe.cfg.similarity.metrics:
         out["metrics"][name] = {f: np.full((len(la_list), len(lb_list)), np.nan) for f in fields}
     n_pairs = np.full((len(la_list), len(lb_list)), -1, dtype=int)  # -1: not compared
+    problems = {}  # "aI-bJ" -> why the pair (or one of its metrics) has no score
     for la, lb in pipe.pairs():
         i, j = la_list.index(la), lb_list.index(lb)
         s = load_scores(pipe.scores(la, lb))
         n_pairs[i, j] = s["n_pairs"]
+        why = [s["status"]] if s.get("status", "ok") != "ok" else []
         for name, r in s["metrics"].items():
+            if "error" in r:
+                why.append(f"{name}: {r['error']}")
             for f in fields:
                 if f in r and r[f] is not None:
                     out["metrics"][name][f][i, j] = r[f]
+        if why:
+            problems[_pair_key(la, lb)] = "; ".join(why)
     out["n_pairs"] = n_pairs
+    out["problems"] = problems
     return out
 
 
@@ -1234,4 +1377,7 @@ def _summary(pipe: Pipeline, g: dict) -> str:
               "|---" * (len(g["layers_b"]) + 1) + "|"]
     for i, la in enumerate(g["layers_a"]):
         lines.append(f"| {la} | " + " | ".join(str(v) for v in g["n_pairs"][i]) + " |")
+    if g["problems"]:
+        lines += ["", "## Layer pairs without a score", ""]
+        lines += [f"- {key}: {why}" for key, why in g["problems"].items()]
     return "\n".join(lines) + "\n"

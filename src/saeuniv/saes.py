@@ -31,12 +31,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import SAEConfig, digest
-from .models import LoadedModel, ModelInfo
+from .models import NONFINITE_FIX, LoadedModel, ModelInfo, check_finite
 from .store import Entry, Store
 
 log = logging.getLogger(__name__)
 
 ACTS_BUDGET_BYTES = 4 << 30  # activations held at once while training SAEs
+WEIGHTS = "sae_weights.safetensors"  # a sae-lens folder's weights (never a pickle)
 
 
 class SAEError(ValueError):
@@ -97,9 +98,8 @@ def collect_activations(model: LoadedModel, layers: list[int], windows, n_tokens
             res = model.residuals(toks, layers)
             for l in layers:
                 acts = res[l][keep.to(res[l].device)].float().cpu()
-                if not torch.isfinite(acts).all():
-                    raise SAEError(f"{label} layer {l}: NaN/inf activations in the training "
-                                   "windows; check the model weights and dtype (try float32)")
+                check_finite(acts, f"model {label} layer {l}: activations on the SAE training "
+                             "windows", NONFINITE_FIX)
                 parts[l].append(acts)
             got += int(keep.sum())
             bar.update(int(keep.sum()))
@@ -231,10 +231,23 @@ def check_ref(ref, info: ModelInfo, layers: list[int], side: str) -> None:
             if not cfg_file.exists():
                 raise SAEError(f"sae_{side}: {cfg_file} does not exist; a sae-lens folder holds "
                                "cfg.json and sae_weights.safetensors")
+            if not (folder / WEIGHTS).is_file():
+                raise SAEError(f"sae_{side}: {folder / WEIGHTS} does not exist; SAE weights are "
+                               "read from safetensors only (convert a pickled .pt/.bin with "
+                               "safetensors.torch.save_file)")
             try:
                 cfg = json.loads(cfg_file.read_text())
             except ValueError as err:
                 raise SAEError(f"sae_{side}: {cfg_file} is not valid JSON ({err})") from None
+            if not isinstance(cfg, dict):
+                raise SAEError(f"sae_{side}: {cfg_file} must hold a JSON object (sae-lens's "
+                               "SAE config)")
+            for name in ("d_in", "d_sae"):
+                value = cfg.get(name)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                          or value < 1):
+                    raise SAEError(f"sae_{side}: {cfg_file} has {name}={value!r}; it must be a "
+                                   "positive integer")
             meta = cfg.get("metadata") or {}
             _check_fit(cfg.get("d_in"), meta.get("hook_name", cfg.get("hook_name")), info, layer,
                        f"sae_{side} ({folder})")

@@ -58,6 +58,21 @@ class StoreError(RuntimeError):
     """The store cannot be used (not writable, corrupt beyond repair)."""
 
 
+class DiskSpaceError(ValueError):
+    """The store's disk has too little free space for the planned artefacts."""
+
+
+SKIP_DISK_CHECK_ENV = "SAEUNIV_SKIP_DISK_CHECK"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
 @dataclass(frozen=True)
 class Entry:
     """A finished store entry."""
@@ -91,8 +106,35 @@ class Store:
             probe.unlink()
         except OSError as err:
             raise StoreError(
-                f"store folder {self.root} is not writable ({err}); set SAEUNIV_HOME to a "
-                "writable folder") from None
+                f"store folder {self.root} is not writable ({err}); give a writable folder "
+                "(--store DIR or SAEUNIV_HOME)") from None
+
+    def free_bytes(self) -> int:
+        """Free space on the store's disk, in bytes."""
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, planned: dict[str, tuple[int, str]], fix: str) -> None:
+        """Raise DiskSpaceError when the store's disk has less free space than the
+        ``planned`` artefacts need (``{kind: (bytes, how the estimate is made)}``) plus a
+        10% margin. ``$SAEUNIV_SKIP_DISK_CHECK=1`` skips the check."""
+        if os.environ.get(SKIP_DISK_CHECK_ENV) == "1":
+            return
+        need = int(sum(n for n, _ in planned.values()) * 1.1)
+        free = self.free_bytes()
+        if need <= free:
+            return
+        parts = "; ".join(f"{kind} {human_bytes(n)} ({how})" for kind, (n, how) in
+                          planned.items() if n)
+        raise DiskSpaceError(
+            f"not enough disk space in the store {self.root}: the planned artefacts need about "
+            f"{need:,} bytes ({human_bytes(need)}, with a 10% margin: {parts}) but {free:,} bytes "
+            f"({human_bytes(free)}) are free; {fix}, or use a store on a larger disk (--store "
+            f"DIR or SAEUNIV_HOME); {SKIP_DISK_CHECK_ENV}=1 skips this check")
+
+    def has(self, kind: str, spec: dict) -> bool:
+        """Whether a finished entry for ``spec`` is there (not verified; False when forced)."""
+        key = self.key(kind, spec)
+        return (self._dir(kind, key) / MANIFEST).exists() and not self._forced(kind, key)
 
     def file_sha256(self, path: str | Path) -> str:
         """SHA-256 of a file outside the store, remembered by path, size and mtime.

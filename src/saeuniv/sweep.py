@@ -40,10 +40,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import (CONFIG_DIR, METRICS, Config, ConfigError, MatchConfig, SimilarityConfig,
-                     digest, load_config)
+                     digest, load_config, safe_yaml)
 
 log = logging.getLogger(__name__)
 
@@ -380,11 +378,16 @@ def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep spec, including its search space against its base config."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise SpecError(f"cannot read sweep spec {p}: {err.strerror or err}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise SpecError(f"sweep spec {p} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(f"sweep spec {p} is not UTF-8 text (byte {err.start}); save it as "
+                        "UTF-8") from None
+    try:
+        data = safe_yaml(text, f"sweep spec {p}")
+    except ConfigError as err:
+        raise SpecError(str(err)) from None
     try:
         spec = parse_spec(data, name=p.stem, source=str(p), folder=p.resolve().parent)
     except ConfigError as err:
@@ -630,6 +633,15 @@ class SweepResult:
     best: list = field(default_factory=list)  # best trial (one objective) or Pareto front
 
 
+def check_n_trials(spec: SweepSpec, n_trials: int | None) -> int:
+    """The COMPLETE trials wanted: ``n_trials`` (``--n-trials``), or the spec's when None."""
+    n = spec.n_trials if n_trials is None else int(n_trials)
+    if n < 1:
+        raise SpecError(f"--n-trials must be >= 1, got {n}; give a positive count, or leave it "
+                        "out for the spec's n_trials")
+    return n
+
+
 class _Sweep:
     """One worker of a sweep: the study, the parent run, the objective and the summary."""
 
@@ -641,9 +653,7 @@ class _Sweep:
 
         self.spec, self.cfg = spec, cfg
         self.study_name = study_name or spec.study
-        self.n_trials = int(n_trials or spec.n_trials)
-        if self.n_trials < 1:
-            raise SpecError(f"--n-trials must be >= 1, got {self.n_trials}")
+        self.n_trials = check_n_trials(spec, n_trials)
         self.info = storage if isinstance(storage, StorageInfo) else \
             open_storage(storage, mlflow.get_tracking_uri())
         self.pipe = Pipeline(cfg, store)
