@@ -137,11 +137,13 @@ def project_launcher(project_dir: Path, tmp: Path):
     """
     import mlflow
 
+    from .store import atomic_write_text
+
     def launch(stage, pipe):
         run = mlflow.active_run()
         env_manager = run.data.tags.get("mlflow.project.env", "local")
         cfg_path = tmp / f"{pipe.cfg.hash()[:12]}.yaml"
-        cfg_path.write_text(yaml.safe_dump(pipe.cfg.to_dict()))
+        atomic_write_text(cfg_path, yaml.safe_dump(pipe.cfg.to_dict()))
         params = {"config": str(cfg_path)}
         for name, (path, _, _) in SHORTCUTS.items():
             section, key = path.split(".")
