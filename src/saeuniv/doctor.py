@@ -21,7 +21,6 @@ of it would; a finished entry that matches its manifest is never touched.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
