@@ -173,9 +173,20 @@ def project_launcher(project_dir: Path, tmp: Path):
             os.environ["SAEUNIV_HOME"] = str(pipe.store.root)
         submitted = mlflow.run(str(project_dir), entry_point=stage, parameters=params,
                                env_manager=env_manager, experiment_id=run.info.experiment_id,
-                               run_name=stage, synchronous=True)
-        if submitted.get_status() != "FINISHED":
-            raise RuntimeError(f"stage {stage!r} ended {submitted.get_status()}; see its run "
+                               run_name=stage, synchronous=False)
+        try:
+            submitted.wait()
+        except BaseException:  # SIGTERM or Ctrl-C while the stage runs: stop the stage too
+            submitted.cancel()  # (SIGTERM: it ends its own run FAILED), then fail this run
+            raise
+        status = submitted.get_status()
+        if status != "FINISHED":
+            client = mlflow.MlflowClient()
+            if client.get_run(submitted.run_id).info.status == "RUNNING":  # killed outright
+                client.set_tag(submitted.run_id, "saeuniv.error",
+                               f"the stage process ended {status} without closing its run")
+                client.set_terminated(submitted.run_id, "FAILED")
+            raise RuntimeError(f"stage {stage!r} ended {status}; see its run "
                                f"{submitted.run_id}")
 
     return launch
