@@ -121,6 +121,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="main run ids (an argument may hold several, split by spaces or "
                       "commas)")
     comp.add_argument("--experiment", default=None, help="MLflow experiment name")
+    doc = sub.add_parser(
+        "doctor", help="find runs left RUNNING by a killed process and what crashes left in "
+        "the store; --fix repairs them",
+        description="List MLflow runs in state RUNNING whose process is gone (on this host: "
+        "its process id is not alive or belongs to another process; on another host: older "
+        "than --stale-after) and, in the store, temporary folders of interrupted builds, "
+        "stale partial folders and entries whose files do not match their manifest. With "
+        "--fix, orphaned runs are marked FAILED (tag saeuniv.error), stray pieces removed and "
+        "bad entries moved aside; a finished, intact entry is never touched. Exit status 0 "
+        "when nothing is (left) wrong, 1 otherwise.")
+    doc.add_argument("--fix", action="store_true", help="repair what is found")
+    doc.add_argument("--store", default=None,
+                     help="artefact store folder (default: $SAEUNIV_HOME or ~/.cache/saeuniv)")
+    doc.add_argument("--stale-after", dest="stale_after", default="24h",
+                     help="a RUNNING run from another host (or with no owner recorded) is "
+                     "orphaned after this long (default: %(default)s; e.g. 90s, 30m, 7d)")
+    doc.add_argument("--quick", action="store_true",
+                     help="check store files by size only, not by SHA-256 (large stores)")
+    doc.add_argument("--older-than", dest="older_than", default="7d",
+                     help="remove the shards of an interrupted extraction untouched this long "
+                     "(default: %(default)s)")
     return parser
 
 
@@ -141,11 +162,13 @@ def project_launcher(project_dir: Path, tmp: Path):
     """
     import mlflow
 
+    from .store import atomic_write_text
+
     def launch(stage, pipe):
         run = mlflow.active_run()
         env_manager = run.data.tags.get("mlflow.project.env", "local")
         cfg_path = tmp / f"{pipe.cfg.hash()[:12]}.yaml"
-        cfg_path.write_text(yaml.safe_dump(pipe.cfg.to_dict()))
+        atomic_write_text(cfg_path, yaml.safe_dump(pipe.cfg.to_dict()))
         params = {"config": str(cfg_path)}
         # the shortcuts only label the child run (the file decides): a value when the
         # paths of a shortcut agree, else "config"
@@ -157,9 +180,20 @@ def project_launcher(project_dir: Path, tmp: Path):
             os.environ["SAEUNIV_HOME"] = str(pipe.store.root)
         submitted = mlflow.run(str(project_dir), entry_point=stage, parameters=params,
                                env_manager=env_manager, experiment_id=run.info.experiment_id,
-                               run_name=stage, synchronous=True)
-        if submitted.get_status() != "FINISHED":
-            raise RuntimeError(f"stage {stage!r} ended {submitted.get_status()}; see its run "
+                               run_name=stage, synchronous=False)
+        try:
+            submitted.wait()
+        except BaseException:  # SIGTERM or Ctrl-C while the stage runs: stop the stage too
+            submitted.cancel()  # (SIGTERM: it ends its own run FAILED), then fail this run
+            raise
+        status = submitted.get_status()
+        if status != "FINISHED":
+            client = mlflow.MlflowClient()
+            if client.get_run(submitted.run_id).info.status == "RUNNING":  # killed outright
+                client.set_tag(submitted.run_id, "saeuniv.error",
+                               f"the stage process ended {status} without closing its run")
+                client.set_terminated(submitted.run_id, "FAILED")
+            raise RuntimeError(f"stage {stage!r} ended {status}; see its run "
                                f"{submitted.run_id}")
 
     return launch
@@ -177,6 +211,8 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         return audit_main(args)
     if args.command == "compare":
         return compare_main(args)
+    if args.command == "doctor":
+        return doctor_main(args)
     try:
         cfg = _config(args)
         from .pipeline import Pipeline, run_main, run_stage
@@ -230,6 +266,29 @@ def audit_main(args) -> int:
         print(f"saeuniv: error: run {args.run_id!r} not found in {uri}: {err.message}; check "
               "the run id and MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
+
+
+def doctor_main(args) -> int:
+    """``saeuniv doctor [--fix]``: 0 when nothing is (left) wrong, 1 otherwise, 2 on bad
+    input."""
+    from .doctor import doctor, parse_duration
+    from .store import default_root
+    from .tracking import DEFAULT_URI
+
+    try:
+        stale_after, older_than = parse_duration(args.stale_after), parse_duration(
+            args.older_than)
+    except ValueError as err:
+        print(f"saeuniv: error: {err}", file=sys.stderr)
+        return 2
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        print(f"saeuniv doctor: no MLflow database at {uri}; runs not checked")
+        uri = None  # do not create an empty database just to look into it
+    status, text = doctor(Path(args.store) if args.store else default_root(), uri, fix=args.fix,
+                          stale_after=stale_after, older_than=older_than, quick=args.quick)
+    print(text)
+    return status
 
 
 def compare_main(args) -> int:

@@ -7,13 +7,19 @@ no BOS, shared token boundaries) become code rows, so row ``i`` of every code
 matrix of both models is the same text position. Codes are written shard by
 shard (CSR float32, ``shard_windows`` windows each) into the store's partial
 folder; a killed extraction resumes at the first missing shard, and a layer's
-store entry is made when all its shards are there.
+store entry is made when all its shards are there. A shard is written to a
+temporary name, flushed and renamed, so a shard file is always whole; the
+partial folder's ``layout.json`` records the shard size, and shards of another
+layout are discarded. One process at a time extracts a layer (a lock per partial
+folder): a concurrent run with the same inputs waits, then finds the entry made.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -21,12 +27,17 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 import torch
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
+from . import faults
 from .models import NONFINITE_FIX, LoadedModel, check_finite, set_threads
 from .saes import STAT_KEYS, check_compatible, merge_quality, quality_stats
-from .store import Entry, Store
+from .store import Entry, Store, atomic_write_text, fsync_dir, locked, temp_name
 from .tokens import Windows
+
+log = logging.getLogger(__name__)
+LAYOUT = "layout.json"
 
 
 def codes_spec(model_key: str, layer: int, sae_key: str, windows: Entry, side: str) -> dict:
@@ -35,13 +46,22 @@ def codes_spec(model_key: str, layer: int, sae_key: str, windows: Entry, side: s
 
 
 def _save_shard(path: Path, codes: sp.csr_matrix, stats: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp.npz")
+    """Write one shard whole or not at all: a flushed temporary file, then a rename."""
+    tmp = temp_name(path, ".tmp.npz")
     merged = {k: sum(s[k] for s in stats) for k in STAT_KEYS}
-    np.savez(tmp, data=codes.data, indices=codes.indices, indptr=codes.indptr,
-             shape=np.asarray(codes.shape), sum=np.sum([s["sum"] for s in stats], axis=0),
-             alive=np.any([s["alive"] for s in stats], axis=0),
-             **{k: np.asarray(v) for k, v in merged.items()})
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, data=codes.data, indices=codes.indices, indptr=codes.indptr,
+                     shape=np.asarray(codes.shape), sum=np.sum([s["sum"] for s in stats], axis=0),
+                     alive=np.any([s["alive"] for s in stats], axis=0),
+                     **{k: np.asarray(v) for k, v in merged.items()})
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def _load_shard(path: Path) -> tuple[sp.csr_matrix, dict]:
@@ -71,6 +91,9 @@ def extract_codes(get_model: Callable[[], LoadedModel], model_key: str,
     """
     specs = {l: codes_spec(model_key, l, k, windows_entry, side) for l, k in sae_keys.items()}
     out = {l: store.get("codes", spec) for l, spec in specs.items()}
+    for entry in out.values():
+        if entry is not None:
+            _drop_leftover(store, entry.key)
     missing = [l for l, e in out.items() if e is None]
     if not missing:
         return out
@@ -83,23 +106,73 @@ def extract_codes(get_model: Callable[[], LoadedModel], model_key: str,
     n = len(windows.tokens)
     shard_starts = list(range(0, n, shard_windows))
     step = layers_per_pass or len(missing)
+    keys = {l: store.key("codes", specs[l]) for l in missing}
     for g in range(0, len(missing), step):
         group = missing[g:g + step]
-        partial = {l: store.partial_dir("codes", specs[l]) for l in group}
-        for l in group:
-            saes[l].to(model.device)
-        bar = tqdm(shard_starts, desc=f"extract {label} L{group[0]}..{group[-1]}", unit="shard",
-                   mininterval=2)
-        for s, start in enumerate(bar):
-            todo = [l for l in group if not (partial[l] / f"shard-{s:05d}.npz").exists()]
-            if todo:
-                _extract_shard(model, {l: saes[l] for l in todo}, windows, start,
-                               min(start + shard_windows, n), batch_size,
-                               {l: partial[l] / f"shard-{s:05d}.npz" for l in todo}, label)
-        for l in group:
-            out[l] = _finish(store, specs[l], partial[l], len(shard_starts))
-            saes[l].to("cpu")
+        with contextlib.ExitStack() as held:
+            for l in sorted(group, key=keys.get):  # one order everywhere: no deadlock
+                lock = store.partial_lock("codes", keys[l])
+                lock.parent.mkdir(parents=True, exist_ok=True)
+                held.enter_context(locked(lock, f"extracting {label} layer {l}"))
+            for l in group:  # made by a concurrent run while this one waited
+                out[l] = store.get("codes", specs[l])
+            group = [l for l in group if out[l] is None]
+            if not group:
+                continue
+            layout = {"shard_windows": shard_windows, "n_windows": n}
+            partial = {l: _partial(store, specs[l], layout) for l in group}
+            name = lambda s: f"shard-{s:05d}.npz"
+            have = sum((partial[l] / name(s)).exists() for l in group
+                       for s in range(len(shard_starts)))
+            log.info("extract %s L%s: computing %d of %d shards (%d kept from an interrupted "
+                     "run)", label, ",".join(map(str, group)),
+                     len(group) * len(shard_starts) - have, len(group) * len(shard_starts), have)
+            for l in group:
+                saes[l].to(model.device)
+            bar = tqdm(shard_starts, desc=f"extract {label} L{group[0]}..{group[-1]}",
+                       unit="shard", mininterval=2)
+            for s, start in enumerate(bar):
+                todo = [l for l in group if not (partial[l] / name(s)).exists()]
+                if todo:
+                    _extract_shard(model, {l: saes[l] for l in todo}, windows, start,
+                                   min(start + shard_windows, n), batch_size,
+                                   {l: partial[l] / name(s) for l in todo}, label)
+                    faults.point("shard")
+            for l in group:
+                out[l] = _finish(store, specs[l], partial[l], len(shard_starts),
+                                 int(windows.mask.sum()))
+                saes[l].to("cpu")
     return dict(sorted(out.items()))
+
+
+def _drop_leftover(store: Store, key: str) -> None:
+    """Remove the partial folder of a finished entry (a kill between the entry's rename and
+    the clean-up leaves one), unless a process holds its lock."""
+    path = store.root / "partial" / "codes" / key
+    if not path.is_dir():
+        return
+    try:
+        with FileLock(str(store.partial_lock("codes", key)), timeout=0):
+            for f in path.iterdir():
+                f.unlink()
+            path.rmdir()
+    except (Timeout, OSError):
+        pass
+
+
+def _partial(store: Store, spec: dict, layout: dict) -> Path:
+    """The layer's partial folder, holding only shards of ``layout`` (others are removed:
+    a shard of another size covers other windows)."""
+    path = store.partial_dir("codes", spec)
+    try:
+        same = json.loads((path / LAYOUT).read_text()) == layout
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        for f in path.glob("shard-*.npz"):
+            f.unlink()
+        atomic_write_text(path / LAYOUT, json.dumps(layout))
+    return path
 
 
 @torch.no_grad()
@@ -127,25 +200,33 @@ def _extract_shard(model: LoadedModel, saes: dict[int, object], windows: Windows
         _save_shard(dest[layer], sp.vstack(parts[layer], format="csr"), stats[layer])
 
 
-def _finish(store: Store, spec: dict, partial: Path, n_shards: int) -> Entry:
+def _finish(store: Store, spec: dict, partial: Path, n_shards: int, n_rows: int) -> Entry:
+    """Join the shards into the layer's store entry, then remove the partial folder (the
+    caller holds its lock, so any temporary file left in it is a dead writer's)."""
     def build(path: Path) -> dict:
         shards, stats = [], []
         for s in range(n_shards):
-            codes, st = _load_shard(partial / f"shard-{s:05d}.npz")
+            shard = partial / f"shard-{s:05d}.npz"
+            try:
+                codes, st = _load_shard(shard)
+            except Exception as err:  # noqa: BLE001 - only a damaged disk gets here
+                shard.unlink(missing_ok=True)
+                raise ExtractionError(f"{shard} is unreadable ({type(err).__name__}: {err}); "
+                                      "it was removed, run again to recompute it") from None
             shards.append(codes)
             stats.append(st)
         codes = sp.vstack(shards, format="csr")
+        if codes.shape[0] != n_rows:
+            raise ExtractionError(f"{partial}: the shards hold {codes.shape[0]} rows, expected "
+                                  f"{n_rows}; remove the folder and run again")
         sp.save_npz(path / "codes.npz", codes, compressed=False)
         return {"n_tokens": codes.shape[0], "d_sae": codes.shape[1], "nnz": int(codes.nnz),
                 "quality": asdict(merge_quality(stats)), "n_shards": n_shards}
 
     entry, _ = store.get_or_create("codes", spec, build)
-    for f in partial.glob("shard-*.npz"):
+    for f in partial.iterdir():
         f.unlink()
-    try:
-        partial.rmdir()
-    except OSError:  # a concurrent writer's temporary file
-        pass
+    partial.rmdir()
     return entry
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
 from .config import SAEConfig, digest
 from .models import NONFINITE_FIX, LoadedModel, ModelInfo, check_finite
 from .store import Entry, Store
@@ -70,12 +71,14 @@ def _training_sae(cfg: SAEConfig, d_in: int):
 
 
 def _batches(acts: torch.Tensor, batch: int, seed: int):
-    """Endless shuffled batches of activation rows (a sae-lens data provider)."""
+    """Endless shuffled batches of activation rows (a sae-lens data provider); each batch
+    drawn is one training step (fault point ``sae_step``)."""
     gen = torch.Generator().manual_seed(seed)
     batch = min(batch, len(acts))
     while True:
         perm = torch.randperm(len(acts), generator=gen)
         for i in range(0, len(perm) - batch + 1, batch):
+            faults.point("sae_step")
             yield acts[perm[i:i + batch]]
 
 
@@ -117,7 +120,9 @@ def train_saes(model_key: str, get_model: Callable[[], LoadedModel], layers: lis
     ``get_model`` and ``get_windows`` are only called when an SAE must be
     trained. The missing layers share forward passes, in groups sized so their
     activations fit in ``ACTS_BUDGET_BYTES``; each SAE is stored as soon as it is
-    trained, so an interrupted run keeps the finished ones.
+    trained, so an interrupted run keeps the finished ones. An SAE interrupted
+    while training is trained again from the start (seeded: the same weights); its
+    store entry is only made, by a rename, once it is whole.
     """
     out = {l: store.get("sae", sae_spec(model_key, l, cfg, windows_key)) for l in layers}
     missing = [l for l, e in out.items() if e is None]
@@ -175,6 +180,10 @@ def _fit(model: LoadedModel, layer: int, cfg: SAEConfig, acts: torch.Tensor, pat
     sae.cfg.metadata.model_name = model.name
     sae.cfg.metadata.context_size = None
     sae.save_inference_model(str(path / "sae"))
+    # one byte layout for one config: sae-lens writes cfg.json's keys in an order that can
+    # differ between processes (same content), which would change the entry's checksums
+    cfg_file = path / "sae" / "cfg.json"
+    cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()), indent=2, sort_keys=True))
     return {"model": model.name, "layer": layer, "hook": hook, "d_in": model.d_model,
             "d_sae": cfg.expansion * model.d_model, "architecture": cfg.architecture,
             "n_train_activations": int(len(acts)), "train_steps": steps, "input_scale": scale}

@@ -3,28 +3,33 @@
 Every artefact (corpus, tokenizer, model, SAE, codes, matches, scores) lives in
 ``<root>/<kind>/<key>/`` where ``key`` is the SHA-256 of the JSON spec that
 produced it plus the store format and saeuniv version. An entry is built in a
-temporary folder, described by ``manifest.json`` (spec, file sizes and SHA-256
-checksums) and renamed into place, so a crash leaves either no entry or a whole
-one. A per-key file lock makes concurrent builders compute an entry once. An
-entry whose files no longer match their manifest is moved aside and rebuilt.
+temporary folder (``<kind>/.tmp-<key>-<random>``), described by ``manifest.json``
+(spec, file sizes and SHA-256 checksums), flushed to disk and renamed into place,
+so a crash at any point leaves either no entry (and a stray temporary folder that
+``saeuniv doctor --fix`` removes) or a whole one. A per-key file lock
+(``<kind>/<key>.lock``, an OS lock that dies with its process) makes concurrent
+builders compute an entry once. An entry whose files no longer match their
+manifest is moved aside (``<key>.corrupt-<time>``) and rebuilt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from . import __version__
+from . import __version__, faults
 from .config import digest
 
 log = logging.getLogger(__name__)
@@ -46,12 +51,70 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk (before the rename that publishes it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_name(path: Path, suffix: str = ".tmp") -> Path:
+    """A hidden temporary sibling of ``path``: ``.<name>.<random><suffix>``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}{suffix}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a flushed temporary file and a rename: a crash
+    leaves the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def locked(path: Path, what: str):
+    """Hold the file lock at ``path``; say so in the log when another process holds it."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("store: waiting for another process to finish %s", what)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class StoreError(RuntimeError):
@@ -167,6 +230,10 @@ class Store:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def partial_lock(self, kind: str, key: str) -> Path:
+        """The lock held while a process writes pieces into ``partial_dir`` of ``kind/key``."""
+        return self.root / "partial" / kind / f"{key}.lock"
+
     def _forced(self, kind: str, key: str) -> bool:
         """Whether an existing entry must be ignored: its kind is forced, not rebuilt yet."""
         return kind in self.force and (kind, key) not in self._rebuilt
@@ -201,13 +268,22 @@ class Store:
             if f.stat().st_size != info["size"] or sha256_file(f) != info["sha256"]:
                 raise StoreError(f"{f} does not match its checksum")
 
-    def _quarantine(self, path: Path, why: str) -> None:
-        dest = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    def _quarantine(self, path: Path, why: str) -> Path | None:
+        """Move a corrupt entry aside (``<key>.corrupt-<time>``); returns where it went."""
+        dest = path.with_name(f"{path.name}.corrupt-{int(time.time())}-{uuid.uuid4().hex[:6]}")
         log.warning("store entry %s is corrupt (%s); moved to %s and rebuilding", path, why, dest)
         try:
             os.replace(path, dest)
+        except FileNotFoundError:  # another process moved or replaced it first
+            return None
         except OSError:
             shutil.rmtree(path, ignore_errors=True)
+            return None
+        return dest
+
+    def lock_path(self, kind: str, key: str) -> Path:
+        """The lock a builder of entry ``kind/key`` holds while it builds."""
+        return self.root / kind / f"{key}.lock"
 
     def get_or_create(
         self, kind: str, spec: dict, build: Callable[[Path], dict | None]
@@ -224,30 +300,44 @@ class Store:
         key = self.key(kind, spec)
         kind_dir = self.root / kind
         kind_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(kind_dir / f"{key}.lock")):
+        with locked(self.lock_path(kind, key), f"{kind}/{key[:12]}"):
             entry = self.get(kind, spec)
             if entry is not None:
                 return entry, False
-            tmp = kind_dir / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
+            tmp = kind_dir / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
+            old = None
             try:
+                t0 = time.time()
                 meta = build(tmp) or {}
-                files = {
-                    str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                    for p in sorted(tmp.rglob("*")) if p.is_file()
-                }
+                files = {}
+                for p in sorted(tmp.rglob("*")):
+                    if p.is_file():
+                        fsync_file(p)
+                        files[str(p.relative_to(tmp))] = {"size": p.stat().st_size,
+                                                          "sha256": sha256_file(p)}
                 manifest = {
                     "kind": kind, "key": key, "spec": spec, "meta": meta, "files": files,
                     "saeuniv_version": __version__, "format": FORMAT, "created": time.time(),
+                    "build_seconds": round(time.time() - t0, 3),
+                    "built_by": {"host": socket.gethostname(), "pid": os.getpid()},
                 }
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+                for p in [tmp / MANIFEST, *(d for d in tmp.rglob("*") if d.is_dir()), tmp]:
+                    fsync_file(p) if p.is_file() else fsync_dir(p)
+                faults.point("entry")
                 final = self._dir(kind, key)
                 if final.exists() and self._forced(kind, key):  # recomputed: replace it
-                    shutil.rmtree(final)
+                    old = kind_dir / f".old-{key}-{uuid.uuid4().hex[:8]}"
+                    os.replace(final, old)
                 elif final.exists():  # a folder with no valid manifest: never trust it
                     self._quarantine(final, "no valid manifest")
                 os.replace(tmp, final)
+                fsync_dir(kind_dir)
                 self._rebuilt.add((kind, key))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+        log.info("store: built %s/%s in %.1fs", kind, key[:12], manifest["build_seconds"])
         return Entry(kind, key, self._dir(kind, key), manifest), True

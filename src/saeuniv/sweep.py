@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import re
-import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -42,6 +41,7 @@ from typing import Any
 
 from .config import (CONFIG_DIR, METRICS, Config, ConfigError, MatchConfig, SimilarityConfig,
                      digest, load_config, safe_yaml)
+from .procs import worker_gone, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -561,61 +561,6 @@ def open_storage(url: str | None, tracking_uri: str) -> StorageInfo:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise StorageError(f"cannot open the Optuna storage {shown}: {first}") from None
     raise AssertionError("unreachable")
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
-    except OSError:
-        return "-"
-
-
-def machine_id() -> str:
-    return f"{socket.gethostname()}:{_boot_id()}"
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (state first), or None."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _start_time(pid: int) -> str:
-    stat = _proc_stat(pid)
-    return stat[19] if stat and len(stat) > 19 else "0"  # clock ticks after boot
-
-
-def worker_id() -> str:
-    """``host:boot:pid:start``: which process runs a trial, so a rerun on the same machine
-    can tell a dead worker's trial from a live one's (the start time guards against a
-    reused process id)."""
-    return f"{machine_id()}:{os.getpid()}:{_start_time(os.getpid())}"
-
-
-def _pid_alive(pid: int, start: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True  # no /proc: the process exists
-    # an exited child nobody has reaped is dead too, and so is a reused process id
-    return stat[0] != "Z" and (start == "0" or _start_time(pid) == start)
-
-
-def worker_gone(owner: str) -> bool:
-    """True when ``owner`` (a worker id) ran on this machine and its process has ended.
-    A worker on another machine is never judged here (the heartbeat does that)."""
-    parts = owner.rsplit(":", 2)
-    if len(parts) != 3 or not parts[1].isdigit():
-        return False
-    machine, pid, start = parts
-    return machine == machine_id() and not _pid_alive(int(pid), start)
 
 
 # -- the sweep (shell) ----------------------------------------------------------------------

@@ -3,9 +3,11 @@
 With no ``MLFLOW_TRACKING_URI`` set, runs go to ``sqlite:///mlflow.db`` in the
 working directory. Every stage runs inside ``stage_run``: a nested child when a
 parent is active, the project run when launched by ``mlflow run`` (which sets
-``MLFLOW_RUN_ID``), or a new top-level run. An exception, Ctrl-C or SIGTERM
-ends the run as FAILED with the error in the ``saeuniv.error`` tag and an
-``error.txt`` artefact; no run is left RUNNING by a failure the process sees.
+``MLFLOW_RUN_ID``), or a new top-level run. An exception, Ctrl-C, SIGTERM or
+SIGHUP ends the run (and so its parent) as FAILED with the error in the
+``saeuniv.error`` tag and an ``error.txt`` artefact; no run is left RUNNING by a
+failure the process sees. SIGKILL cannot be seen: its runs stay RUNNING, and
+each run's ``saeuniv.host``/``saeuniv.pid`` tags let ``saeuniv doctor`` find them.
 """
 
 from __future__ import annotations
@@ -40,13 +42,35 @@ def setup_tracking(experiment: str | None = None) -> str:
     return uri
 
 
-def _sigterm_to_exit(signum, frame):  # pragma: no cover - exercised by subprocess tests
-    raise SystemExit(128 + signum)
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP arrived: leave with status 128 + signal, closing runs as FAILED."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"terminated by {signal.Signals(self.signum).name}"
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _while_stopping(signum, frame):  # pragma: no cover - exercised by subprocess tests
+    """A second signal while the first one's cleanup runs: let the cleanup finish."""
+
+
+def _terminate(signum, frame):  # pragma: no cover - exercised by subprocess tests
+    for sig in STOP_SIGNALS:  # the runs must still be closed: do not cut that short
+        signal.signal(sig, _while_stopping)
+    raise Terminated(signum)
 
 
 def install_signal_handlers() -> None:
-    """Turn SIGTERM into SystemExit so open runs are closed as FAILED."""
-    signal.signal(signal.SIGTERM, _sigterm_to_exit)
+    """Turn SIGTERM and SIGHUP into ``Terminated`` (a SystemExit) so open runs are closed
+    as FAILED; a repeated signal does not interrupt that cleanup."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _terminate)
 
 
 def git_info() -> dict[str, str]:
@@ -144,11 +168,16 @@ def stage_run(stage: str, run_name: str | None = None, tags: dict | None = None)
     """Open the MLflow run of one stage; end it FINISHED, or FAILED with the error recorded.
 
     A run that ends FINISHED first logs ``artifacts.sha256.json`` (``log_checksums``), the
-    record that ``saeuniv audit`` checks its artefacts against."""
+    record that ``saeuniv audit`` checks its artefacts against. The run is tagged with the
+    process that runs it (``saeuniv.host``, ``saeuniv.boot_id``, ``saeuniv.pid``,
+    ``saeuniv.pid_start``)."""
+    from .procs import owner_tags
+
     nested = mlflow.active_run() is not None
     run = mlflow.start_run(run_name=run_name or stage, nested=nested)
-    mlflow.set_tags({"saeuniv.stage": stage, **(tags or {})})
     try:
+        # who runs it: `saeuniv doctor` finds a RUNNING run whose process is gone
+        mlflow.set_tags({"saeuniv.stage": stage, **owner_tags(), **(tags or {})})
         yield run
     except BaseException as err:
         _record_failure(err)

@@ -1,0 +1,298 @@
+"""``saeuniv doctor``: find what crashes left behind; with ``--fix``, clean it up.
+
+MLflow runs: a run in state RUNNING whose process is gone. Every saeuniv run is
+tagged at its start with the process that runs it (``saeuniv.host``,
+``saeuniv.boot_id``, ``saeuniv.pid``, ``saeuniv.pid_start``). On this host the
+run is orphaned when that process has ended, its id now belongs to a process that
+started at another time, or the machine has rebooted since; on another host (or
+with no owner tags) when it started longer than ``stale_after`` ago. ``--fix``
+marks it FAILED with ``saeuniv.error=orphaned: process <pid> on <host> is gone``.
+A sweep's parent run is left alone: the sweep itself closes it on its next run.
+
+The store: temporary build folders (``<kind>/.tmp-*``, ``.old-*``) that no
+builder holds the lock of; partial folders of an entry that is finished (left by
+a kill between the entry's rename and the clean-up), or untouched for longer
+than ``older_than``; temporary files no writer holds; and finished entries whose
+files do not match their manifest (or that have none). ``--fix`` removes the
+stray pieces and moves a bad entry aside (``<key>.corrupt-<time>``), as a read
+of it would; a finished entry that matches its manifest is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from .procs import boot_id, hostname, pid_alive
+from .store import MANIFEST, Store, StoreError, sha256_file
+
+TEMP_GRACE_S = 600  # a lock-free temporary file younger than this may still be written
+
+
+@dataclass
+class Finding:
+    """One problem (or, with ``problem=False``, one thing worth knowing)."""
+
+    what: str          # ORPHANED, STALE-TEMP, CORRUPT, LEFTOVER-PARTIAL, STALE-PARTIAL, ...
+    where: str
+    detail: str
+    problem: bool = True
+    fixed: str = ""    # what --fix did
+
+    def line(self) -> str:
+        return (f"{self.what} {self.where}: {self.detail}"
+                + (f" [fixed: {self.fixed}]" if self.fixed else ""))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90``, ``90s``, ``30m``, ``24h`` or ``7d``."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+    if not m:
+        raise ValueError(f"{text!r} is not a duration; use e.g. 90s, 30m, 24h or 7d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+# -- MLflow runs ----------------------------------------------------------------------
+
+def orphan_reason(tags: dict, start_ms: int, stale_after: float,
+                  now: float | None = None) -> str | None:
+    """Why a RUNNING run with these tags is orphaned, or None while its process may live."""
+    now = time.time() if now is None else now
+    host, pid = tags.get("saeuniv.host"), tags.get("saeuniv.pid")
+    age = now - start_ms / 1000
+    if host == hostname() and pid and pid.isdigit():
+        gone = f"orphaned: process {pid} on {host} is gone"
+        if tags.get("saeuniv.boot_id") not in (None, boot_id()):
+            return gone + " (the machine has restarted since)"
+        if not pid_alive(int(pid), tags.get("saeuniv.pid_start") or "0"):
+            return gone
+        return None
+    if age <= stale_after:
+        return None
+    if host and pid:
+        return (f"orphaned: process {pid} on {host} is gone (presumed: another host, started "
+                f"{_age(age)} ago, over --stale-after {_age(stale_after)})")
+    return (f"orphaned: no owning process recorded, started {_age(age)} ago (over "
+            f"--stale-after {_age(stale_after)})")
+
+
+def check_runs(client, stale_after: float, fix: bool) -> list[Finding]:
+    """RUNNING saeuniv runs, in every active experiment, whose process is gone."""
+    out = []
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return out
+    token = None
+    while True:
+        page = client.search_runs(experiments, "attributes.status = 'RUNNING'",
+                                  max_results=1000, page_token=token)
+        for run in page:
+            tags = run.data.tags
+            stage = tags.get("saeuniv.stage")
+            if stage is None or stage == "sweep":  # not ours, or closed by the sweep itself
+                continue
+            why = orphan_reason(tags, run.info.start_time, stale_after)
+            if why is None:
+                continue
+            f = Finding("ORPHANED", f"run {run.info.run_id}",
+                        f"{stage} run, experiment {run.info.experiment_id}: {why}")
+            if fix:
+                client.set_tag(run.info.run_id, "saeuniv.error", why)
+                client.set_terminated(run.info.run_id, "FAILED")
+                f.fixed = "marked FAILED"
+            out.append(f)
+        token = page.token
+        if not token:
+            return out
+
+
+# -- the store ------------------------------------------------------------------------
+
+def _lock_free(lock: Path) -> bool:
+    """Whether no process holds ``lock`` (a builder always holds it while it works)."""
+    if not lock.exists():
+        return True
+    try:
+        FileLock(str(lock), timeout=0).acquire().lock.release()
+    except Timeout:
+        return False
+    return True
+
+
+def _newest_mtime(path: Path) -> float:
+    times = [path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")]
+    return max(times)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def verify_entry(path: Path, quick: bool = False) -> str | None:
+    """What is wrong with the finished entry at ``path``, or None when it matches its
+    manifest (``quick``: file sizes only, no checksums)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no manifest.json (not a finished entry)"
+    except (OSError, ValueError) as err:
+        return f"manifest.json is unreadable ({err})"
+    if manifest.get("key") not in (None, path.name):
+        return f"its manifest describes key {manifest.get('key')}"
+    for name, info in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != info["size"]:
+            return f"{name} has {f.stat().st_size} bytes, its manifest says {info['size']}"
+        if not quick and sha256_file(f) != info["sha256"]:
+            return f"{name} does not match its SHA-256 checksum"
+    return None
+
+
+def check_store(root: Path, older_than: float, fix: bool, now: float | None = None,
+                quick: bool = False) -> tuple[list[Finding], int]:
+    """Stray temporary pieces, stale partial folders and entries that do not match their
+    manifest. Returns the findings and the number of entries verified intact."""
+    now = time.time() if now is None else now
+    store = Store(root)
+    out: list[Finding] = []
+    n_ok = 0
+
+    def found(what, path, detail, fixer=None, problem=True):
+        f = Finding(what, str(path), detail, problem)
+        if fix and fixer is not None:
+            f.fixed = fixer()
+        out.append(f)
+
+    def remover(path):
+        return lambda: (_remove(path), "removed")[1]
+
+    for kind_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if kind_dir.name in ("partial", "memo"):
+            continue
+        for path in sorted(kind_dir.iterdir()):
+            name = path.name
+            if name.endswith(".lock"):
+                continue
+            if name.startswith((".tmp-", ".old-")):
+                key = name.split("-")[1]
+                lock = store.lock_path(kind_dir.name, key)
+                if len(key) == 64 and not _lock_free(lock):
+                    found("BUSY", path, "a build in progress (its lock is held)", problem=False)
+                elif len(key) == 64 or now - _newest_mtime(path) > TEMP_GRACE_S:
+                    found("STALE-TEMP", path, "the temporary folder of an interrupted build "
+                          "(no process holds its lock); never a finished entry",
+                          remover(path))
+            elif ".corrupt-" in name:
+                found("QUARANTINED", path, "a corrupt entry moved aside earlier; inspect, then "
+                      "delete it", problem=False)
+            elif name.startswith(".") and path.is_file():
+                if now - path.stat().st_mtime > TEMP_GRACE_S:
+                    found("STALE-TEMP", path, "a temporary file of an interrupted write",
+                          remover(path))
+            elif path.is_dir():
+                try:
+                    why = verify_entry(path, quick)
+                except FileNotFoundError:  # replaced or moved by a concurrent process
+                    continue
+                if why is None:
+                    n_ok += 1
+                    continue
+
+                def quarantine(path=path, why=why):
+                    dest = store._quarantine(path, why)
+                    return f"moved to {dest.name}" if dest else "already gone"
+                found("CORRUPT", path, why + "; a run would move it aside and rebuild it",
+                      quarantine)
+
+    partial = root / "partial"
+    for kind_dir in sorted(p for p in partial.iterdir() if p.is_dir()) if partial.is_dir() \
+            else []:
+        for path in sorted(kind_dir.iterdir()):
+            if not path.is_dir():
+                continue
+            kind, key = kind_dir.name, path.name
+            if not _lock_free(store.partial_lock(kind, key)):
+                found("BUSY", path, "an extraction in progress (its lock is held)",
+                      problem=False)
+                continue
+            pieces = sorted(p.name for p in path.iterdir())
+            shards = [p for p in pieces if p.startswith("shard-")]
+            temps = [path / p for p in pieces if p.startswith(".")]
+            age = now - _newest_mtime(path)
+            if (root / kind / key / MANIFEST).exists():
+                found("LEFTOVER-PARTIAL", path, f"the entry {kind}/{key[:12]} is finished; "
+                      f"{len(pieces)} leftover piece(s)", remover(path))
+            elif age > older_than:
+                found("STALE-PARTIAL", path, f"{len(shards)} shard(s) of an interrupted "
+                      f"extraction, untouched for {_age(age)} (over --older-than "
+                      f"{_age(older_than)}); a rerun of the same config would resume from them",
+                      remover(path))
+            else:
+                for t in temps:
+                    found("STALE-TEMP", t, "a shard file its writer never finished (no process "
+                          "holds the folder's lock)", remover(t))
+                found("RESUMABLE", path, f"{len(shards)} shard(s) of an interrupted "
+                      f"extraction, {_age(age)} old: rerun the same command to resume",
+                      problem=False)
+    memo = root / "memo"
+    if memo.is_dir():
+        for path in memo.glob(".*"):
+            if now - path.stat().st_mtime > TEMP_GRACE_S:
+                found("STALE-TEMP", path, "a temporary file of an interrupted write",
+                      remover(path))
+    for path in root.glob(".probe-*"):
+        if now - path.stat().st_mtime > TEMP_GRACE_S:
+            found("STALE-TEMP", path, "a write probe of an interrupted start", remover(path))
+    return out, n_ok
+
+
+def doctor(store_root: Path | None, tracking_uri: str | None, fix: bool = False,
+           stale_after: float = 86400.0, older_than: float = 7 * 86400.0,
+           quick: bool = False) -> tuple[int, str]:
+    """Check the MLflow runs at ``tracking_uri`` and the store at ``store_root`` (either
+    may be None to skip it). Returns (exit status, report): 0 when nothing is wrong or
+    everything found was fixed, 1 otherwise."""
+    lines, findings = [], []
+    if tracking_uri is not None:
+        import mlflow
+
+        runs = check_runs(mlflow.MlflowClient(tracking_uri), stale_after, fix)
+        findings += runs
+        lines.append(f"runs ({tracking_uri}): {len(runs)} orphaned")
+    if store_root is not None:
+        if not Path(store_root).is_dir():
+            lines.append(f"store ({store_root}): does not exist")
+        else:
+            try:
+                found, n_ok = check_store(Path(store_root), older_than, fix, quick=quick)
+            except StoreError as err:
+                return 1, f"saeuniv doctor: {err}"
+            findings += found
+            lines.append(f"store ({store_root}): {n_ok} entries intact"
+                         + (" (sizes checked, --quick)" if quick else "") + ", "
+                         f"{sum(f.problem for f in found)} problem(s)")
+    problems = [f for f in findings if f.problem]
+    unfixed = [f for f in problems if not f.fixed]
+    body = [f.line() for f in findings]
+    summary = (f"doctor: {len(problems)} problem(s)"
+               + (f", {len(problems) - len(unfixed)} fixed" if fix else
+                  ("; run with --fix to repair them" if problems else "")))
+    return (1 if unfixed else 0), "\n".join(body + lines + [summary])
