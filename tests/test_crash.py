@@ -129,7 +129,9 @@ def _runs(uri: str, experiment: str | None = None):
 
 
 def _by_stage(runs) -> dict:
-    return {r.data.tags["saeuniv.stage"]: r for r in runs}
+    """Runs by stage; a concept-subspace layer-pair run by its name (subspaces:aI-bJ)."""
+    return {r.info.run_name if r.data.tags["saeuniv.stage"] == "subspaces.pair"
+            else r.data.tags["saeuniv.stage"]: r for r in runs}
 
 
 # -- the reference: two cold runs, two fresh stores ------------------------------------
@@ -161,7 +163,9 @@ def test_same_config_and_seed_give_identical_results(ref):
     (models, SAEs, codes, matches, scores.json) from two cold runs."""
     client, _ = _runs(ref["uri"])
     one, two = (_by_stage(_runs(ref["uri"], f"det{i}")[1]) for i in (1, 2))
-    assert sorted(one) == sorted(two) == sorted(("main",) + STAGES)
+    pairs = [f"subspaces:a{la}-b{lb}" for la, lb in Pipeline(
+        ref["cfg"], Store(ref["store"])).subspace_pairs()]
+    assert sorted(one) == sorted(two) == sorted(("main",) + STAGES + tuple(pairs))
     for stage, run in one.items():
         other = two[stage]
         assert run.info.status == other.info.status == "FINISHED"
@@ -174,8 +178,9 @@ def test_same_config_and_seed_give_identical_results(ref):
              for r in (one, two)]
     assert grids[0] == grids[1]
     kinds = ("corpus", "tokenizer", "windows", "model", "sae", "preflight", "codes", "matches",
-             "scores")
-    assert _same_store(ref["store"], ref["root"] / "store2", kinds) == 29
+             "scores", "labels", "subspaces")
+    assert _same_store(ref["store"], ref["root"] / "store2", kinds) == 29 + 5 + 6  # + labels
+    # of 5 layers and subspace scores of 6 layer pairs
     scores = sorted((ref["store"] / "scores").glob("*/scores.json"))
     assert len(scores) == 6 and all(
         p.read_bytes() == (ref["root"] / "store2" / "scores" / p.parent.name
@@ -595,7 +600,12 @@ def test_two_runs_at_once_share_the_store_and_build_each_entry_once(ref, tmp_pat
     _, runs = _runs(uri, "both")
     assert {r.info.status for r in runs} == {"FINISHED"}
     mains = [r for r in runs if r.data.tags["saeuniv.stage"] == "main"]
-    assert len(mains) == 2 and len(runs) == 2 * (1 + len(STAGES))
+    stages = [r for r in runs if r.data.tags["saeuniv.stage"] != "subspaces.pair"]
+    assert len(mains) == 2 and len(stages) == 2 * (1 + len(STAGES))
+    for sub in (r for r in stages if r.data.tags["saeuniv.stage"] == "subspaces"):
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sub.info.run_id]
+        # a layer-pair run each, unless the stage reused the other run's finished stage
+        assert len(children) == (0 if "saeuniv.reused_from" in sub.data.tags else 6)
     assert max(r.info.start_time for r in mains) < min(r.info.end_time for r in mains)  # at once
     print("  lock waits:", [t.count("store: waiting for another process") for t in texts])
     reference = _by_stage(_runs(ref["uri"], "det1")[1])["main"]
