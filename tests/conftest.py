@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -50,6 +51,37 @@ def corpus_dir(tmp_path_factory):
     for i, text in enumerate(synthetic_text(120)):
         (path / f"doc{i:03d}.txt").write_text(text, encoding="utf-8")
     return path
+
+
+@contextlib.contextmanager
+def env_vars(**values):
+    """Set environment variables for a block and restore them after (for module-scoped
+    fixtures, which cannot use monkeypatch)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def private_runs(root, chdir: bool = False):
+    """A private MLflow SQLite database and artefact store under ``root`` for a block
+    (and ``root`` as the working directory when ``chdir``); yields the tracking URI."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cwd = os.getcwd()
+    with env_vars(MLFLOW_TRACKING_URI=uri, SAEUNIV_HOME=str(root / "store")):
+        if chdir:
+            os.chdir(root)
+        try:
+            yield uri
+        finally:
+            os.chdir(cwd)
 
 
 @pytest.fixture()

@@ -24,6 +24,7 @@ import mlflow
 import pytest
 import yaml
 
+from conftest import private_runs
 import saeuniv
 from saeuniv import cli
 from saeuniv.store import Store
@@ -55,54 +56,41 @@ def _sae_folder(root: Path, name: str, d_in: int, hooks: dict[int, str] | None =
 def ctx(tmp_path_factory, corpus_dir):
     """A private MLflow database and store, and the bad files the rows point at."""
     root = tmp_path_factory.mktemp("bad")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "SAEUNIV_HOME": str(root / "store")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    cwd = os.getcwd()
-    os.chdir(root)
-    from saeuniv.tracking import setup_tracking
+    with private_runs(root, chdir=True):
+        from saeuniv.tracking import setup_tracking
 
-    setup_tracking()  # the database's tables, once, outside the timed rows
-    (root / "binary.txt").write_bytes(b"a text with a NUL \x00 byte " * 5)
-    (root / "latin1.txt").write_bytes("Caf\u00e9 au lait. ".encode("latin-1") * 20)
-    (root / "empty").mkdir()
-    (root / "one.txt").write_text("only one document here")
-    (root / "evil.yaml").write_text(
-        f"name: !!python/object/apply:os.system ['touch {root / 'pwned'}']\n")
-    (root / "list.yaml").write_text("- name: tiny\n")
-    (root / "no-corpus.yaml").write_text(yaml.safe_dump(
-        {"name": "no-corpus", "corpus": {"source": str(root / "no-such-corpus")}}))
-    (root / "file").write_text("a file, not a folder")
-    base = {"config": "tiny", "set": {"corpus.source": str(corpus_dir)}}
-    spec = {"study": "s", "base": base, "n_trials": 2,
-            "objectives": [{"metric": "rsa", "layers": "all"}],
-            "params": {"match.threshold": {"type": "float", "low": 0.0, "high": 0.5}}}
-    specs = {
-        "spec_range": {**spec, "params": {"match.threshold": {"type": "float", "low": 0.5,
-                                                              "high": 0.1}}},
-        "spec_section": {**spec, "params": {"sae.expansion": {"type": "int", "low": 2,
-                                                              "high": 8}}},
-        "spec_metric": {**spec, "objectives": [{"metric": "bleu"}]},
-        "spec_ok": spec,
-    }
-    for name, data in specs.items():
-        (root / f"{name}.yaml").write_text(yaml.safe_dump(data))
-    (root / "spec_tag.yaml").write_text("study: !!python/name:os.system\n")
-    saes = root / "saes"
-    saes.mkdir()
-    paths = {"sae_width": _sae_folder(saes, "width", 99),
-             "sae_hook": _sae_folder(saes, "hook", 32, {1: "blocks.0.hook_resid_post"}),
-             "sae_pickle": _sae_folder(saes, "noweights", 16, weights=False)}
-    try:
+        setup_tracking()  # the database's tables, once, outside the timed rows
+        (root / "binary.txt").write_bytes(b"a text with a NUL \x00 byte " * 5)
+        (root / "latin1.txt").write_bytes("Caf\u00e9 au lait. ".encode("latin-1") * 20)
+        (root / "empty").mkdir()
+        (root / "one.txt").write_text("only one document here")
+        (root / "evil.yaml").write_text(
+            f"name: !!python/object/apply:os.system ['touch {root / 'pwned'}']\n")
+        (root / "list.yaml").write_text("- name: tiny\n")
+        (root / "no-corpus.yaml").write_text(yaml.safe_dump(
+            {"name": "no-corpus", "corpus": {"source": str(root / "no-such-corpus")}}))
+        (root / "file").write_text("a file, not a folder")
+        base = {"config": "tiny", "set": {"corpus.source": str(corpus_dir)}}
+        spec = {"study": "s", "base": base, "n_trials": 2,
+                "objectives": [{"metric": "rsa", "layers": "all"}],
+                "params": {"match.threshold": {"type": "float", "low": 0.0, "high": 0.5}}}
+        specs = {
+            "spec_range": {**spec, "params": {"match.threshold": {"type": "float", "low": 0.5,
+                                                                  "high": 0.1}}},
+            "spec_section": {**spec, "params": {"sae.expansion": {"type": "int", "low": 2,
+                                                                  "high": 8}}},
+            "spec_metric": {**spec, "objectives": [{"metric": "bleu"}]},
+            "spec_ok": spec,
+        }
+        for name, data in specs.items():
+            (root / f"{name}.yaml").write_text(yaml.safe_dump(data))
+        (root / "spec_tag.yaml").write_text("study: !!python/name:os.system\n")
+        saes = root / "saes"
+        saes.mkdir()
+        paths = {"sae_width": _sae_folder(saes, "width", 99),
+                 "sae_hook": _sae_folder(saes, "hook", 32, {1: "blocks.0.hook_resid_post"}),
+                 "sae_pickle": _sae_folder(saes, "noweights", 16, weights=False)}
         yield {"root": root, "corpus": str(corpus_dir), **paths}
-    finally:
-        os.chdir(cwd)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def tiny(c, *extra):

@@ -10,7 +10,6 @@ libraries once (a fresh interpreter costs seconds of imports per kill point); th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
 import os
@@ -29,6 +28,7 @@ import pytest
 from filelock import FileLock
 
 import saeuniv
+from conftest import env_vars
 from saeuniv import cli
 from saeuniv.config import load_config
 from saeuniv.doctor import check_store, orphan_reason, verify_entry
@@ -49,20 +49,6 @@ def _overrides(corpus_dir) -> dict:
 def _args(corpus_dir) -> list[str]:
     return ["--config", "tiny"] + [a for k, v in _overrides(corpus_dir).items()
                                    for a in ("--set", f"{k}={v}")]
-
-
-@contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _entries(root: Path, kinds) -> dict[tuple[str, str], Path]:
@@ -146,7 +132,7 @@ def ref(tmp_path_factory, corpus_dir):
     times, cwd = [], os.getcwd()
     os.chdir(root)  # the runs' artefacts (./mlruns) go there too
     try:
-        with _env(MLFLOW_TRACKING_URI=uri):
+        with env_vars(MLFLOW_TRACKING_URI=uri):
             for i in (1, 2):
                 t0 = time.time()
                 assert cli.main(["run", *_args(corpus_dir), "--store", str(root / f"store{i}"),

@@ -21,6 +21,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from conftest import private_runs
 from saeuniv import cli, metrics
 from saeuniv.matching import POLICIES, correlation, dead_features, match
 from saeuniv.models import ActivationError, LoadedModel, build_model, check_finite, tl_config
@@ -91,25 +92,12 @@ def world(tmp_path_factory, corpus_dir):
     A (xs: 2 layers x 16) with a constant feature at layer 0, B (s: 3 layers x 32) with
     every feature dead at layer 0."""
     root = tmp_path_factory.mktemp("hazards")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "SAEUNIV_HOME": str(root / "store")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    cwd = os.getcwd()
-    os.chdir(root)
-    saes = root / "saes"
-    args = ["--config", "tiny", "--set", f"corpus.source={corpus_dir}",
-            "--set", f"sae_a={{source: folder, path: '{_folder_saes(saes, 'a', 16, 2, _constant_a0)}'}}",
-            "--set", f"sae_b={{source: folder, path: '{_folder_saes(saes, 'b', 32, 3, _dead_b0)}'}}"]
-    try:
+    with private_runs(root, chdir=True):
+        saes = root / "saes"
+        args = ["--config", "tiny", "--set", f"corpus.source={corpus_dir}",
+                "--set", f"sae_a={{source: folder, path: '{_folder_saes(saes, 'a', 16, 2, _constant_a0)}'}}",
+                "--set", f"sae_b={{source: folder, path: '{_folder_saes(saes, 'b', 32, 3, _dead_b0)}'}}"]
         yield {"root": root, "args": args}
-    finally:
-        os.chdir(cwd)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture()

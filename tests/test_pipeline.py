@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import private_runs
 from saeuniv import cli, matching
 from saeuniv.alignment import valid_positions
 from saeuniv.config import ConfigError, load_config
@@ -25,12 +26,8 @@ from saeuniv.tracking import git_info
 def tiny_run(tmp_path_factory, corpus_dir):
     """One tiny `saeuniv run` into a private store and MLflow database, then a warm rerun."""
     root = tmp_path_factory.mktemp("run")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "SAEUNIV_HOME": str(root / "store")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     args = ["run", "--config", "tiny", "--set", f"corpus.source={corpus_dir}"]
-    try:
+    with private_runs(root) as uri:
         t0 = time.time()
         assert cli.main(args) == 0
         cold = time.time() - t0
@@ -39,15 +36,9 @@ def tiny_run(tmp_path_factory, corpus_dir):
         assert cli.main(args) == 0
         warm = time.time() - t0
         entries_after = sorted(p.name for p in (root / "store").rglob("manifest.json"))
-        yield {"root": root, "uri": env["MLFLOW_TRACKING_URI"], "cold": cold, "warm": warm,
+        yield {"root": root, "uri": uri, "cold": cold, "warm": warm,
                "n_entries": (len(entries), len(entries_after)),
                "cfg": load_config("tiny", {"corpus.source": str(corpus_dir)})}
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _runs(uri):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 from . import faults
 from .models import NONFINITE_FIX, LoadedModel, check_finite, set_threads
 from .saes import STAT_KEYS, check_compatible, merge_quality, quality_stats
-from .store import Entry, Store, atomic_write_text, fsync_dir, locked, temp_name
+from .store import Entry, Store, atomic_file, atomic_write_text, locked
 from .tokens import Windows
 
 log = logging.getLogger(__name__)
@@ -47,21 +46,12 @@ def codes_spec(model_key: str, layer: int, sae_key: str, windows: Entry, side: s
 
 def _save_shard(path: Path, codes: sp.csr_matrix, stats: list[dict]) -> None:
     """Write one shard whole or not at all: a flushed temporary file, then a rename."""
-    tmp = temp_name(path, ".tmp.npz")
     merged = {k: sum(s[k] for s in stats) for k in STAT_KEYS}
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, data=codes.data, indices=codes.indices, indptr=codes.indptr,
-                     shape=np.asarray(codes.shape), sum=np.sum([s["sum"] for s in stats], axis=0),
-                     alive=np.any([s["alive"] for s in stats], axis=0),
-                     **{k: np.asarray(v) for k, v in merged.items()})
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(path, ".tmp.npz") as fh:
+        np.savez(fh, data=codes.data, indices=codes.indices, indptr=codes.indptr,
+                 shape=np.asarray(codes.shape), sum=np.sum([s["sum"] for s in stats], axis=0),
+                 alive=np.any([s["alive"] for s in stats], axis=0),
+                 **{k: np.asarray(v) for k, v in merged.items()})
 
 
 def _load_shard(path: Path) -> tuple[sp.csr_matrix, dict]:

@@ -80,14 +80,16 @@ def temp_name(path: Path, suffix: str = ".tmp") -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}{suffix}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a flushed temporary file and a rename: a crash
-    leaves the old file or the new one, never a part."""
+@contextlib.contextmanager
+def atomic_file(path: Path, suffix: str = ".tmp"):
+    """Open a temporary sibling of ``path`` for binary writing; on a clean exit it is
+    flushed to disk and renamed onto ``path``, on an error removed. A crash leaves the old
+    file or the new one, never a part."""
     path = Path(path)
-    tmp = temp_name(path)
+    tmp = temp_name(path, suffix)
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -95,6 +97,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (:func:`atomic_file`)."""
+    with atomic_file(path) as fh:
+        fh.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
