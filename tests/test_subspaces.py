@@ -249,3 +249,14 @@ def test_category_pairs_match_only_within_the_category():
     m = subspaces.category_pairs(corr, [4, 7, 9], [2, 5], "one_to_one", 0.1)
     assert list(zip(m.a.tolist(), m.b.tolist())) == [(4, 2), (7, 5)]
     assert subspaces.category_pairs(np.zeros((0, 2)), [], [2, 5]).n == 0
+
+
+def test_random_subspaces_of_other_metrics_are_scored_draw_by_draw():
+    rng = np.random.default_rng(4)
+    A, B = _aligned(rng, 120, 16, 1.0)
+    r = subspaces.random_subspace_null("procrustes", A, B, np.arange(120), np.arange(120), 15,
+                                       5, 2, 0.5)
+    draws = np.random.default_rng([2, 1])
+    direct = [metrics.procrustes(A[p], B[p]) for p in
+              (draws.choice(120, 15, replace=False) for _ in range(5))]
+    assert r.null.tolist() == pytest.approx(direct, abs=1e-12)

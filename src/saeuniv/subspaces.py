@@ -327,8 +327,7 @@ def random_subspace_null(name: str, dec_a, dec_b, pool_a, pool_b, size: int, n_d
         step = max(1, (1 << 25) // (8 * size * size))
         null = np.concatenate([_draw_scores(name, ga, gb, p, k) for p in
                                np.array_split(picks, range(step, n_draws, step))])
-    else:
-        kw = {"k": k} if name == "pwcca" else {}
+    else:  # defaults, as in the shuffled-pairing null of score_category
         null = np.array([_score(name, A[p], B[p]) for p in picks])
     return metrics.summarise_null(observed, null, seed)
 
