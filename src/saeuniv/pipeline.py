@@ -335,6 +335,18 @@ class Pipeline:
         rows = int(self.windows_entry.meta["n_valid_tokens"])
         return min(rows, self.cfg.match.n_tokens) if self.cfg.match.n_tokens else rows
 
+    def analysis_codes(self, entry: Entry):
+        """The rows of a codes entry that matching and labelling read: all of them, or the
+        first ``match.n_tokens`` (the windows of a smaller token budget)."""
+        codes, n = load_codes(entry), self.cfg.match.n_tokens
+        if not n:
+            return codes
+        if n > codes.shape[0]:
+            raise ValueError(
+                f"match.n_tokens={n} exceeds the {codes.shape[0]} code rows extracted; raise "
+                f"extract.n_tokens to at least {n} (or lower match.n_tokens)")
+        return codes[:n]
+
     @cached_property
     def occurrences(self) -> subspaces.Occurrences:
         """Phrase occurrences of every concept category in the analysis documents."""
@@ -359,7 +371,7 @@ class Pipeline:
                 "top_k": sub.top_k, "min_hits": sub.min_hits, "rows": self.n_rows()}
 
         def build(out: Path) -> dict:
-            top = matching.top_activations(load_codes(codes)[:self.n_rows()], sub.top_k)
+            top = matching.top_activations(self.analysis_codes(codes), sub.top_k)
             lab = subspaces.label_features(top.rows, self.row_spans(side), self.occurrences,
                                            sub.min_hits)
             np.savez(out / "labels.npz", hits=lab.hits, phrase=lab.phrase, rows=top.rows,
@@ -559,6 +571,13 @@ def pipeline_lineage(pipe: Pipeline) -> dict[str, str]:
     return tags
 
 
+def load_top(entry: Entry) -> tuple[matching.TopActivations, matching.TopActivations]:
+    """The top activations of every A and B feature stored with a matches entry."""
+    with np.load(entry.file("top.npz")) as npz:  # each array read once
+        return (matching.TopActivations(npz["rows_a"], npz["values_a"]),
+                matching.TopActivations(npz["rows_b"], npz["values_b"]))
+
+
 def load_matches(entry: Entry) -> matching.Matches:
     data = np.load(entry.file("pairs.npz"))
     return matching.Matches(data["a"], data["b"], data["corr"])
@@ -587,14 +606,7 @@ def _filter_pairs(pipe: Pipeline, m: matching.Matches, top_a: matching.TopActiva
 
 def _build_matches(pipe: Pipeline, ca: Entry, cb: Entry, out: Path) -> dict:
     mc = pipe.cfg.match
-    codes_a, codes_b = load_codes(ca), load_codes(cb)
-    if mc.n_tokens:  # a prefix of the rows: the windows of a smaller token budget
-        rows = min(codes_a.shape[0], codes_b.shape[0])
-        if mc.n_tokens > rows:
-            raise ValueError(
-                f"match.n_tokens={mc.n_tokens} exceeds the {rows} code rows extracted; raise "
-                f"extract.n_tokens to at least {mc.n_tokens} (or lower match.n_tokens)")
-        codes_a, codes_b = codes_a[:mc.n_tokens], codes_b[:mc.n_tokens]
+    codes_a, codes_b = pipe.analysis_codes(ca), pipe.analysis_codes(cb)
     corr = matching.correlation(codes_a, codes_b)
     counts = {"n_tokens": int(codes_a.shape[0]),
               "n_dead_a": int(matching.dead_features(codes_a).sum()),
@@ -666,14 +678,11 @@ def load_labels(entry: Entry, min_hits: int) -> tuple[subspaces.Labels,
 def _build_subspaces(pipe: Pipeline, la: int, lb: int, lab_a: Entry, lab_b: Entry,
                      m_entry: Entry, out: Path) -> dict:
     sub, mc = pipe.cfg.subspaces, pipe.cfg.match
-    rows = pipe.n_rows()
-    codes_a = load_codes(pipe.all_codes["a"][la])[:rows]
-    codes_b = load_codes(pipe.all_codes["b"][lb])[:rows]
+    codes_a = pipe.analysis_codes(pipe.all_codes["a"][la])
+    codes_b = pipe.analysis_codes(pipe.all_codes["b"][lb])
     dec_a, dec_b = _decoder(pipe.sae("a", la)[1]), _decoder(pipe.sae("b", lb)[1])
     pool = load_matches(m_entry)
-    with np.load(m_entry.file("top.npz")) as npz:  # the token filters' top activations
-        top_a = matching.TopActivations(npz["rows_a"], npz["values_a"])
-        top_b = matching.TopActivations(npz["rows_b"], npz["values_b"])
+    top_a, top_b = load_top(m_entry)  # the token filters' top activations
     member_a = load_labels(lab_a, sub.min_hits)[0].member
     member_b = load_labels(lab_b, sub.min_hits)[0].member
     result = {"layer_a": la, "layer_b": lb, "n_pool": pool.n, "categories": []}
@@ -839,8 +848,7 @@ def stage_match(pipe: Pipeline) -> None:
 
 def _top_pairs(pipe: Pipeline, la: int, lb: int, entry: Entry, n: int | None) -> list[dict]:
     m = load_matches(entry)
-    with np.load(entry.file("top.npz")) as npz:  # read each array once, not per pair
-        top = dict(npz)
+    rows_a, rows_b = (t.rows for t in load_top(entry))
     order = np.argsort(-m.corr)[:n]
 
     def words(side, rows):
@@ -851,10 +859,10 @@ def _top_pairs(pipe: Pipeline, la: int, lb: int, entry: Entry, n: int | None) ->
         return pipe.context(int(row), side) if row >= 0 else ""
 
     return [{"layer_a": la, "layer_b": lb, "a": int(m.a[i]), "b": int(m.b[i]),
-             "corr": round(float(m.corr[i]), 4), "top_tokens_a": words("a", top["rows_a"][m.a[i]]),
-             "top_tokens_b": words("b", top["rows_b"][m.b[i]]),
-             "context_a": context("a", top["rows_a"][m.a[i], 0]),
-             "context_b": context("b", top["rows_b"][m.b[i], 0])} for i in order]
+             "corr": round(float(m.corr[i]), 4), "top_tokens_a": words("a", rows_a[m.a[i]]),
+             "top_tokens_b": words("b", rows_b[m.b[i]]),
+             "context_a": context("a", rows_a[m.a[i], 0]),
+             "context_b": context("b", rows_b[m.b[i], 0])} for i in order]
 
 
 def stage_similarity(pipe: Pipeline) -> None:
@@ -1296,15 +1304,8 @@ def report(pipe: Pipeline) -> None:
 
 
 def _pairs_csv(pipe: Pipeline) -> str:
-    buf = io.StringIO()
-    writer = None
-    for la, lb in pipe.pairs():
-        for row in _top_pairs(pipe, la, lb, pipe.matches(la, lb), None):
-            if writer is None:
-                writer = csv.DictWriter(buf, fieldnames=list(row))
-                writer.writeheader()
-            writer.writerow(row)
-    return buf.getvalue()
+    return _csv([row for la, lb in pipe.pairs()
+                 for row in _top_pairs(pipe, la, lb, pipe.matches(la, lb), None)])
 
 
 def _subspace_lines(pipe: Pipeline) -> list[str]:
