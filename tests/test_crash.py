@@ -384,19 +384,27 @@ def _wait_for(log: Path, proc: subprocess.Popen, text: str, timeout: float = 180
         time.sleep(0.1)
 
 
+def _signal_paused_run(args: list[str], log: Path, uri: str, shard: int, sig: int,
+                       status: int) -> subprocess.Popen:
+    """``saeuniv ARGS`` paused at extraction shard ``shard``, then sent ``sig``; checks
+    that it exits with ``status`` and returns the ended process."""
+    proc = _start_cli(args, log, MLFLOW_TRACKING_URI=uri, SAEUNIV_FAULT=f"shard:{shard}:pause")
+    try:
+        _wait_for(log, proc, f"saeuniv fault: pause at shard {shard}")
+        proc.send_signal(sig)
+        assert proc.wait(120) == status
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc
+
+
 def test_sigterm_fails_the_main_run_and_its_active_child(ref, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     store = _copy(ref["store"], tmp_path / "store", DOWNSTREAM)
     log = tmp_path / "run.log"
-    proc = _start_cli(["run", *_args(ref["corpus"]), "--store", str(store)], log,
-                      MLFLOW_TRACKING_URI=uri, SAEUNIV_FAULT="shard:3:pause")
-    try:
-        _wait_for(log, proc, "saeuniv fault: pause at shard 3")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 128 + signal.SIGTERM
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = _signal_paused_run(["run", *_args(ref["corpus"]), "--store", str(store)], log, uri,
+                              3, signal.SIGTERM, 128 + signal.SIGTERM)
     client, runs = _runs(uri)
     by = _by_stage(runs)
     assert {s: r.info.status for s, r in by.items()} == {
@@ -419,14 +427,7 @@ def test_sigkill_leaves_runs_that_doctor_finds_and_fixes_then_a_rerun_resumes(
     args = ["run", *_args(ref["corpus"]), "--store", str(store)]
     n_shards = -(-len(Pipeline(ref["cfg"], Store(store)).windows("a").tokens) // SHARD_WINDOWS)
     stop = n_shards + 3  # A done, B three shards in
-    proc = _start_cli(args, log, MLFLOW_TRACKING_URI=uri, SAEUNIV_FAULT=f"shard:{stop}:pause")
-    try:
-        _wait_for(log, proc, f"saeuniv fault: pause at shard {stop}")
-        proc.kill()
-        assert proc.wait(60) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = _signal_paused_run(args, log, uri, stop, signal.SIGKILL, -signal.SIGKILL)
     client, runs = _runs(uri)
     by = _by_stage(runs)
     assert {s: r.info.status for s, r in by.items()} == {
