@@ -154,21 +154,46 @@ def _aligned(rng, n, d, noise):
     return A, A @ R + noise * rng.normal(size=(n, d))
 
 
-@pytest.mark.parametrize("name", ["svcca", "rsa", "cka"])
-def test_random_subspace_draws_equal_the_metrics_computed_directly(name):
+@pytest.mark.parametrize("name, kw", [("svcca", {"k": subspaces.svcca_k(17)}), ("rsa", {}),
+                                      ("cka", {"debiased": False}),
+                                      ("cka", {"debiased": True})])
+def test_random_subspace_draws_equal_the_metrics_computed_directly(name, kw):
     rng = np.random.default_rng(1)
     A, B = _aligned(rng, 300, 24, 1.0)
     pool_a, pool_b = rng.permutation(300)[:120], rng.permutation(300)[:120]
-    r = subspaces.random_subspace_null(name, A, B, pool_a, pool_b, 17, 40, 5, 0.5)
+    debiased = kw.get("debiased", False)
+    r = subspaces.random_subspace_null(name, A, B, pool_a, pool_b, 17, 40, 5, 0.5,
+                                       debiased=debiased)
     draws = np.random.default_rng([5, 1])
     for i in range(40):
         pick = draws.choice(120, 17, replace=False)
-        kw = {"k": subspaces.svcca_k(17)} if name == "svcca" else {}
         direct = getattr(metrics, name)(A[pool_a[pick]], B[pool_b[pick]], **kw)
         assert r.null[i] == pytest.approx(direct, abs=1e-10)
-    again = subspaces.random_subspace_null(name, A, B, pool_a, pool_b, 17, 40, 5, 0.5)
+    again = subspaces.random_subspace_null(name, A, B, pool_a, pool_b, 17, 40, 5, 0.5,
+                                           debiased=debiased)
     assert np.array_equal(r.null, again.null)
     assert r.p == (1 + np.sum(r.null >= 0.5)) / 41 and r.seed == 5
+
+
+def test_category_cka_is_debiased_where_the_biased_one_is_near_one_for_anything():
+    """Unrelated isotropic vectors, 20 pairs in 600 dimensions: the biased linear CKA is
+    1 / (1 + n / d) = 0.968 in expectation, for the category and every random subspace
+    alike; the debiased one is near 0. Both nulls agree that nothing is there."""
+    rng = np.random.default_rng(5)
+    n_pool, d, n = 400, 600, 20
+    A, B = rng.normal(size=(n_pool, d)), rng.normal(size=(n_pool, d))
+    biased = subspaces.score_category("c", A, B, _pairs(np.arange(n)), n, n, np.arange(n_pool),
+                                      np.arange(n_pool), ("cka",), 99, 0, cka_debiased=False)
+    default = subspaces.score_category("c", A, B, _pairs(np.arange(n)), n, n, np.arange(n_pool),
+                                       np.arange(n_pool), ("cka",), 99, 0)
+    b, u = biased.metrics["cka"], default.metrics["cka"]
+    assert (b["debiased"], u["debiased"]) == (False, True)
+    assert b["random"]["null_mean"] == pytest.approx(1 / (1 + n / d), abs=0.01)
+    assert b["observed"] > 0.95 and abs(u["observed"]) < 0.3
+    assert abs(u["random"]["null_mean"]) < 0.03 and abs(u["shuffle"]["null_mean"]) < 0.03
+    assert u["observed"] == pytest.approx(metrics.cka(A[:n], B[:n], debiased=True))
+    for r in (b, u):
+        assert r["random"]["p"] > 0.05 and r["shuffle"]["p"] > 0.05
 
 
 def test_random_subspaces_need_a_pool_larger_than_the_draw():

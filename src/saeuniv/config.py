@@ -156,7 +156,9 @@ class SubspacesConfig:
     reported, not scored. Each metric is compared with ``n_perm`` shuffled
     pairings and ``n_perm`` random subspaces of the same size (seeded by
     ``seed``). SVCCA keeps ``svcca_k`` directions (0: a quarter of the pairs,
-    at least 2). ``pairs``: ``all`` compared layer pairs, or ``depth`` (each A
+    at least 2). CKA uses the unbiased HSIC estimator unless ``cka_debiased``
+    is false: with far fewer pairs than dimensions the biased one is near 1
+    for any two sets of vectors. ``pairs``: ``all`` compared layer pairs, or ``depth`` (each A
     layer with the B layer at the nearest relative depth). ``context``: tokens
     shown on each side of a top activation in the labelled-features CSV.
     """
@@ -169,6 +171,7 @@ class SubspacesConfig:
     n_perm: int = 1000
     seed: int = 0
     svcca_k: int = 0
+    cka_debiased: bool = True
     pairs: str = "all"
     context: int = 8
 

@@ -335,15 +335,16 @@ def pwcca(A, B, variance=0.99):
 def _hsic(cross, rows_x, rows_y, debiased):
     """HSIC of linear kernels K, L (up to a constant factor) from cross = tr(K L).
 
-    ``rows_x``, ``rows_y`` are the Gram diagonals. The debiased form is the
-    unbiased estimator of Song et al. (2012, eq. 5), written for centred
-    features as in Kornblith et al. (2019); the 1 / (n (n - 3)) factor cancels in CKA.
+    ``rows_x``, ``rows_y`` are the Gram diagonals (n,), or stacks of them (D, n)
+    with ``cross`` (D,). The debiased form is the unbiased estimator of Song et
+    al. (2012, eq. 5), written for centred features as in Kornblith et al.
+    (2019); the 1 / (n (n - 3)) factor cancels in CKA.
     """
     if not debiased:
         return cross
-    n = rows_x.size
-    correction = rows_x.sum() * rows_y.sum() / ((n - 1) * (n - 2))
-    return cross - n / (n - 2) * (rows_x @ rows_y) + correction
+    n = rows_x.shape[-1]
+    correction = rows_x.sum(-1) * rows_y.sum(-1) / ((n - 1) * (n - 2))
+    return cross - n / (n - 2) * np.einsum("...i,...i->...", rows_x, rows_y) + correction
 
 
 def _cka_sides(A, B, debiased):

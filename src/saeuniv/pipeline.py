@@ -695,7 +695,7 @@ def _build_subspaces(pipe: Pipeline, la: int, lb: int, lab_a: Entry, lab_b: Entr
                                                          mc.threshold), top_a, top_b)
         score = subspaces.score_category(
             cat, dec_a, dec_b, m, fa.size, fb.size, pool.a, pool.b, sub.metrics, sub.n_perm,
-            sub.seed, sub.min_pairs, sub.svcca_k)
+            sub.seed, sub.min_pairs, sub.svcca_k, sub.cka_debiased)
         result["categories"].append(asdict(score))
         pairs.update({f"{cat}.a": m.a, f"{cat}.b": m.b, f"{cat}.corr": m.corr})
     np.savez(out / "pairs.npz", **pairs)
@@ -1035,6 +1035,10 @@ def stage_subspaces(pipe: Pipeline) -> None:
 
 def _subspace_summary(pipe: Pipeline, table: list[dict], pairs) -> str:
     sub, concepts = pipe.cfg.subspaces, pipe.concepts
+    directions = (f"{sub.svcca_k} directions" if sub.svcca_k
+                  else "a quarter of the pairs as directions (at least 2)")
+    cka = ("debiased" if sub.cka_debiased
+           else "biased (near 1 for few pairs in many dimensions)")
     lines = [f"# Concept subspaces: {pipe.name('a')} vs {pipe.name('b')}", "",
              f"- concept set `{concepts.name}`: {len(concepts.categories)} categories; a feature "
              f"belongs to a category when {sub.min_hits} or more of its top {sub.top_k} "
@@ -1042,6 +1046,7 @@ def _subspace_summary(pipe: Pipeline, table: list[dict], pairs) -> str:
              f"- {len(pairs)} layer pairs; pairs within a category by {pipe.cfg.match.policy}, "
              f"correlation > {pipe.cfg.match.threshold}; categories with fewer than "
              f"{sub.min_pairs} pairs are not scored",
+             f"- SVCCA keeps {directions}; CKA is {cka}",
              f"- nulls: {sub.n_perm} shuffled pairings and {sub.n_perm} random subspaces of the "
              f"same size (seed {sub.seed}); significant = Benjamini-Hochberg q < {ALPHA} "
              "against both, over all layer pairs and categories of a metric", ""]

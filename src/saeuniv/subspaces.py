@@ -248,8 +248,10 @@ def svcca_k(n_pairs: int, k: int = 0) -> int:
     return int(k) if k else max(2, n_pairs // 4)
 
 
-def _metric_kwargs(name: str, n_pairs: int, k: int) -> dict:
-    return {"k": svcca_k(n_pairs, k)} if name == "svcca" else {}
+def _metric_kwargs(name: str, n_pairs: int, k: int, cka_debiased: bool) -> dict:
+    if name == "svcca":
+        return {"k": svcca_k(n_pairs, k)}
+    return {"debiased": bool(cka_debiased)} if name == "cka" else {}
 
 
 def _score(name: str, A, B, **kw) -> float:
@@ -276,13 +278,14 @@ def _centred(K: np.ndarray) -> np.ndarray:
 
 
 def _draw_scores(name: str, ga: np.ndarray, gb: np.ndarray, picks: np.ndarray,
-                 k: int) -> np.ndarray:
+                 k: int, debiased: bool = False) -> np.ndarray:
     """``name`` for each draw (row of ``picks``, indices into the pool) -> (D,).
 
     From the pool matrices of :func:`_pool_matrices`, as :mod:`saeuniv.metrics`
     defines them: SVCCA with ``k`` directions (the top-k eigenvectors of the
-    centred Gram are SVD's left singular vectors), linear CKA, and RSA with
-    correlation similarities compared by Spearman (ranked as float32).
+    centred Gram are SVD's left singular vectors), linear CKA (``debiased``:
+    the unbiased HSIC estimator), and RSA with correlation similarities
+    compared by Spearman (ranked as float32).
     """
     ka, kb = (g[picks[:, :, None], picks[:, None, :]] for g in (ga, gb))
     if name == "svcca":
@@ -291,8 +294,15 @@ def _draw_scores(name: str, ga: np.ndarray, gb: np.ndarray, picks: np.ndarray,
         return np.sqrt(np.clip(np.linalg.eigvalsh(M @ M.swapaxes(1, 2)), 0.0, 1.0)).mean(1)
     if name == "cka":
         ka, kb = _centred(ka), _centred(kb)
-        dot = lambda x, y: np.einsum("kij,kij->k", x, y)
-        return dot(ka, kb) / np.sqrt(dot(ka, ka) * dot(kb, kb))
+        rows_a, rows_b = (np.einsum("kii->ki", K) for K in (ka, kb))
+        hsic = lambda x, y, rx, ry: metrics._hsic(np.einsum("kij,kij->k", x, y), rx, ry,
+                                                  debiased)
+        self_a, self_b = hsic(ka, ka, rows_a, rows_a), hsic(kb, kb, rows_b, rows_b)
+        if debiased and not (np.all(self_a > 0) and np.all(self_b > 0)):
+            raise ValueError(f"the debiased HSIC of a random subspace of {picks.shape[1]} "
+                             "pairs with itself is not positive; raise subspaces.min_pairs "
+                             "or set subspaces.cka_debiased=false")
+        return hsic(ka, kb, rows_a, rows_b) / np.sqrt(self_a * self_b)
     iu = np.triu_indices(picks.shape[1], 1)
     ra, rb = (stats.rankdata(K[:, iu[0], iu[1]].astype(np.float32), axis=1) for K in (ka, kb))
     ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
@@ -301,13 +311,14 @@ def _draw_scores(name: str, ga: np.ndarray, gb: np.ndarray, picks: np.ndarray,
 
 
 def random_subspace_null(name: str, dec_a, dec_b, pool_a, pool_b, size: int, n_draws: int,
-                         seed: int, observed: float, k: int = 0) -> metrics.NullResult:
+                         seed: int, observed: float, k: int = 0,
+                         debiased: bool = False) -> metrics.NullResult:
     """``observed`` against ``n_draws`` random subspaces of ``size`` matched pairs.
 
     Each draw takes ``size`` pairs at random (without replacement) from the
     pool, ``pool_a[i]`` with ``pool_b[i]`` (rows of ``dec_a``/``dec_b``), and
     scores their decoder rows with metric ``name`` (SVCCA: ``k`` directions,
-    0 for :func:`svcca_k`). Draws come from ``numpy.random.default_rng([seed,
+    0 for :func:`svcca_k`; CKA: ``debiased`` or not). Draws come from ``numpy.random.default_rng([seed,
     1])``, a stream apart from the shuffled-pairing null's ``default_rng(seed)``.
     SVCCA, CKA and RSA read every draw off P x P matrices of the pool computed
     once; other metrics are computed draw by draw.
@@ -325,7 +336,7 @@ def random_subspace_null(name: str, dec_a, dec_b, pool_a, pool_b, size: int, n_d
     if name in ("svcca", "cka", "rsa"):
         ga, gb = _pool_matrices(name, A, B)
         step = max(1, (1 << 25) // (8 * size * size))
-        null = np.concatenate([_draw_scores(name, ga, gb, p, k) for p in
+        null = np.concatenate([_draw_scores(name, ga, gb, p, k, debiased) for p in
                                np.array_split(picks, range(step, n_draws, step))])
     else:  # defaults, as in the shuffled-pairing null of score_category
         null = np.array([_score(name, A[p], B[p]) for p in picks])
@@ -347,7 +358,7 @@ class CategoryScore:
 def score_category(category: str, dec_a, dec_b, pairs: matching.Matches, n_features_a: int,
                    n_features_b: int, pool_a, pool_b, metric_names=("svcca", "rsa", "cka"),
                    n_perm: int = 1000, seed: int = 0, min_pairs: int = 8,
-                   k: int = 0) -> CategoryScore:
+                   k: int = 0, cka_debiased: bool = True) -> CategoryScore:
     """Score a category's pairs against shuffled pairing and random subspaces.
 
     Parameters
@@ -364,6 +375,11 @@ def score_category(category: str, dec_a, dec_b, pairs: matching.Matches, n_featu
         Fewer pairs than this: ``status`` says so and nothing is scored.
     k : int
         SVCCA directions (0: :func:`svcca_k`).
+    cka_debiased : bool
+        CKA with the unbiased HSIC estimator. With far fewer pairs than
+        dimensions, as in most categories, the biased estimator is close to 1
+        for any two sets of vectors (about ``1 / (1 + n / d)`` for unrelated
+        isotropic ones), the category's and the random subspaces' alike.
 
     Returns
     -------
@@ -378,11 +394,11 @@ def score_category(category: str, dec_a, dec_b, pairs: matching.Matches, n_featu
         return out
     A, B = dec_a[pairs.a], dec_b[pairs.b]
     for name in metric_names:
-        kw = _metric_kwargs(name, pairs.n, k)
+        kw = _metric_kwargs(name, pairs.n, k, cka_debiased)
         try:
             shuffle = metrics.permutation_null(name, A, B, n_perm=n_perm, seed=seed, **kw)
             random = random_subspace_null(name, dec_a, dec_b, pool_a, pool_b, pairs.n, n_perm,
-                                          seed, shuffle.observed, k)
+                                          seed, shuffle.observed, k, cka_debiased)
         except ValueError as err:
             out.metrics[name] = {"error": str(err)}
             continue
