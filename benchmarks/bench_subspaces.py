@@ -40,18 +40,20 @@ def main() -> None:
     print(f"{'m':>5} {'metric':>7} {'batched s':>10} {'naive s (extrap.)':>18} {'speed-up':>9} "
           f"{'max |diff|':>11}")
     for m in (int(x) for x in args.sizes.split(",")):
-        for name in ("svcca", "rsa", "cka"):
+        for name, debiased in (("svcca", False), ("rsa", False), ("cka", False), ("cka", True)):
             t = time.perf_counter()
-            r = subspaces.random_subspace_null(name, A, B, pool, pool, m, args.draws, 0, 0.0)
+            r = subspaces.random_subspace_null(name, A, B, pool, pool, m, args.draws, 0, 0.0,
+                                               debiased=debiased)
             batched = time.perf_counter() - t
             draws = np.random.default_rng([0, 1])
             picks = [draws.choice(pool.size, m, replace=False) for _ in range(args.naive)]
-            kw = {"k": subspaces.svcca_k(m)} if name == "svcca" else {}
+            kw = subspaces._metric_kwargs(name, m, 0, debiased)
             t = time.perf_counter()
             direct = [getattr(metrics, name)(A[pool[p]], B[pool[p]], **kw) for p in picks]
             naive = (time.perf_counter() - t) / args.naive * args.draws
             diff = np.max(np.abs(r.null[:args.naive] - direct))
-            print(f"{m:>5} {name:>7} {batched:>10.2f} {naive:>18.2f} {naive / batched:>8.1f}x "
+            label = "cka-deb" if name == "cka" and debiased else name
+            print(f"{m:>5} {label:>7} {batched:>10.2f} {naive:>18.2f} {naive / batched:>8.1f}x "
                   f"{diff:>11.1e}", flush=True)
 
 
