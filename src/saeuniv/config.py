@@ -158,8 +158,8 @@ class SubspacesConfig:
     ``seed``). SVCCA keeps ``svcca_k`` directions (0: a quarter of the pairs,
     at least 2). CKA uses the unbiased HSIC estimator unless ``cka_debiased``
     is false: with far fewer pairs than dimensions the biased one is near 1
-    for any two sets of vectors. ``pairs``: ``all`` compared layer pairs, or ``depth`` (each A
-    layer with the B layer at the nearest relative depth). ``context``: tokens
+    for any two sets of vectors. ``pairs``: ``all`` compared layer pairs, or
+    ``depth`` (each A layer with the B layer at the nearest relative depth). ``context``: tokens
     shown on each side of a top activation in the labelled-features CSV.
     """
 

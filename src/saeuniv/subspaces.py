@@ -318,8 +318,9 @@ def random_subspace_null(name: str, dec_a, dec_b, pool_a, pool_b, size: int, n_d
     Each draw takes ``size`` pairs at random (without replacement) from the
     pool, ``pool_a[i]`` with ``pool_b[i]`` (rows of ``dec_a``/``dec_b``), and
     scores their decoder rows with metric ``name`` (SVCCA: ``k`` directions,
-    0 for :func:`svcca_k`; CKA: ``debiased`` or not). Draws come from ``numpy.random.default_rng([seed,
-    1])``, a stream apart from the shuffled-pairing null's ``default_rng(seed)``.
+    0 for :func:`svcca_k`; CKA: the unbiased HSIC estimator when ``debiased``).
+    Draws come from ``numpy.random.default_rng([seed, 1])``, a stream apart
+    from the shuffled-pairing null's ``default_rng(seed)``.
     SVCCA, CKA and RSA read every draw off P x P matrices of the pool computed
     once; other metrics are computed draw by draw.
     """
