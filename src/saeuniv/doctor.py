@@ -217,7 +217,7 @@ def check_store(root: Path, older_than: float, fix: bool, now: float | None = No
                     continue
 
                 def quarantine(path=path, why=why):
-                    dest = store._quarantine(path, why)
+                    dest = store.quarantine(path, why)
                     return f"moved to {dest.name}" if dest else "already gone"
                 found("CORRUPT", path, why + "; a run would move it aside and rebuild it",
                       quarantine)

@@ -719,7 +719,7 @@ def load_scores(entry: Entry) -> dict:
 
 # -- stage functions: each logs into the active MLflow run ------------------
 
-def _pair_key(la: int, lb: int) -> str:
+def pair_key(la: int, lb: int) -> str:
     return f"a{la}-b{lb}"
 
 
@@ -832,7 +832,7 @@ def stage_match(pipe: Pipeline) -> None:
     rows = []
     for la, lb in tqdm(pipe.pairs(), desc="match", unit="layer pair"):
         entry = pipe.matches(la, lb)
-        key = _pair_key(la, lb)
+        key = pair_key(la, lb)
         meta = entry.meta
         mlflow.log_metrics({f"{k}/{key}": v for k, v in meta.items() if v is not None})
         if meta["n_pairs"] == 0:
@@ -868,10 +868,10 @@ def _top_pairs(pipe: Pipeline, la: int, lb: int, entry: Entry, n: int | None) ->
 def stage_similarity(pipe: Pipeline) -> None:
     for la, lb in tqdm(pipe.pairs(), desc="similarity", unit="layer pair"):
         scores = load_scores(pipe.scores(la, lb))
-        _log_scores(scores, _pair_key(la, lb))
+        log_scores(scores, pair_key(la, lb))
 
 
-def _log_scores(scores: dict, key: str) -> None:
+def log_scores(scores: dict, key: str) -> None:
     out = {f"n_pairs/{key}": scores["n_pairs"]}
     if scores.get("status", "ok") != "ok":
         _warn(f"scores.{key}", f"A layer {scores['layer_a']} / B layer {scores['layer_b']} not "
@@ -987,7 +987,7 @@ def stage_subspaces(pipe: Pipeline) -> None:
     results = {pair: load_subspaces(e) for pair, e in entries.items()}
     table = subspace_table(list(results.values()))
     for (la, lb), entry in entries.items():
-        key = _pair_key(la, lb)
+        key = pair_key(la, lb)
         rows = [r for r in table if (r["layer_a"], r["layer_b"]) == (la, lb)]
         with stage_run("subspaces.pair", run_name=f"subspaces:{key}",
                        tags={"saeuniv.layer_a": str(la), "saeuniv.layer_b": str(lb),
@@ -1237,7 +1237,7 @@ def grids(pipe: Pipeline) -> dict:
                 if f in r and r[f] is not None:
                     out["metrics"][name][f][i, j] = r[f]
         if why:
-            problems[_pair_key(la, lb)] = "; ".join(why)
+            problems[pair_key(la, lb)] = "; ".join(why)
     out["n_pairs"] = n_pairs
     out["problems"] = problems
     return out
@@ -1268,7 +1268,7 @@ def report(pipe: Pipeline) -> None:
     la_list, lb_list = g["layers_a"], g["layers_b"]
     name_a, name_b = pipe.name("a"), pipe.name("b")
     for la, lb in pipe.pairs():
-        _log_scores(load_scores(pipe.scores(la, lb)), _pair_key(la, lb))
+        log_scores(load_scores(pipe.scores(la, lb)), pair_key(la, lb))
     quality = _log_quality(pipe)
     mlflow.log_dict(_nan_to_none(g), "grids.json")
     images = {}

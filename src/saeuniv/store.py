@@ -264,7 +264,7 @@ class Store:
             if verify:
                 self._verify(path, manifest)
         except (ValueError, OSError, StoreError) as err:
-            self._quarantine(path, str(err))
+            self.quarantine(path, str(err))
             return None
         return Entry(kind, key, path, manifest)
 
@@ -276,7 +276,7 @@ class Store:
             if f.stat().st_size != info["size"] or sha256_file(f) != info["sha256"]:
                 raise StoreError(f"{f} does not match its checksum")
 
-    def _quarantine(self, path: Path, why: str) -> Path | None:
+    def quarantine(self, path: Path, why: str) -> Path | None:
         """Move a corrupt entry aside (``<key>.corrupt-<time>``); returns where it went."""
         dest = path.with_name(f"{path.name}.corrupt-{int(time.time())}-{uuid.uuid4().hex[:6]}")
         log.warning("store entry %s is corrupt (%s); moved to %s and rebuilding", path, why, dest)
@@ -339,7 +339,7 @@ class Store:
                     old = kind_dir / f".old-{key}-{uuid.uuid4().hex[:8]}"
                     os.replace(final, old)
                 elif final.exists():  # a folder with no valid manifest: never trust it
-                    self._quarantine(final, "no valid manifest")
+                    self.quarantine(final, "no valid manifest")
                 os.replace(tmp, final)
                 fsync_dir(kind_dir)
                 self._rebuilt.add((kind, key))

@@ -873,7 +873,7 @@ class _Sweep:
         """The trial's nested MLflow run: its parameters, per-layer-pair metrics and values."""
         import mlflow
 
-        from .pipeline import _log_scores, _pair_key
+        from .pipeline import log_scores, pair_key
         from .tracking import stage_run
 
         params = {p.path: p.suggest(trial) for p in self.spec.params}
@@ -889,8 +889,8 @@ class _Sweep:
             mlflow.set_tag("saeuniv.config_hash", pipe.cfg.hash())
             scored = score_trial(pipe)
             for (la, lb), r in scored.items():
-                key = _pair_key(la, lb)
-                _log_scores(r["scores"], key)
+                key = pair_key(la, lb)
+                log_scores(r["scores"], key)
                 mlflow.log_metrics({f"{k}/{key}": v for k, v in r["match"].items()
                                     if isinstance(v, (int, float)) and k != "n_pairs"})
             values = [objective_value(o, pipe, scored) for o in self.spec.objectives]
@@ -1058,7 +1058,7 @@ class _Sweep:
         import mlflow
         from optuna.trial import TrialState
 
-        from .tracking import _record_failure
+        from .tracking import record_failure
 
         if error is not None and not (self.parent_created or self.optimizing):
             # this worker stopped before its first trial (e.g. its artefacts differ from the
@@ -1084,7 +1084,7 @@ class _Sweep:
         self.best = self.summary()
         complete = self.counts().get("COMPLETE", 0)
         if error is not None:
-            _record_failure(error)
+            record_failure(error)
             mlflow.end_run("FAILED" if isinstance(error, Exception) else "KILLED")
         elif complete < self.n_trials:
             mlflow.set_tag("saeuniv.error", self.stop_reason or

@@ -180,20 +180,20 @@ def stage_run(stage: str, run_name: str | None = None, tags: dict | None = None)
         mlflow.set_tags({"saeuniv.stage": stage, **owner_tags(), **(tags or {})})
         yield run
     except BaseException as err:
-        _record_failure(err)
+        record_failure(err)
         mlflow.end_run("FAILED")
         raise
     else:
         try:
             log_checksums()
         except BaseException as err:
-            _record_failure(err)
+            record_failure(err)
             mlflow.end_run("FAILED")
             raise
         mlflow.end_run("FINISHED")
 
 
-def _record_failure(err: BaseException) -> None:
+def record_failure(err: BaseException) -> None:
     text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     with contextlib.suppress(Exception):
         mlflow.set_tag("saeuniv.error", f"{type(err).__name__}: {err}"[:4900])
