@@ -146,7 +146,7 @@ def draw_subsets(n_pool, size, n_draws, seed):
     Each row is ``rng.choice(n_pool, size, replace=False)`` on
     ``rng = numpy.random.default_rng([seed, 1])``: a stream apart from the
     shuffled-pairing null's ``default_rng(seed)``, so the two nulls of one
-    seed are independent.
+    seed share no random numbers.
     """
     rng = np.random.default_rng([seed, 1])
     return np.stack([rng.choice(n_pool, size, replace=False) for _ in range(n_draws)])
