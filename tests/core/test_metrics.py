@@ -540,8 +540,10 @@ def test_rsa_rejects_all_equal_similarities():
     [
         (
             lambda A, B: metrics.rsa(A, B, inner="dot"),
-            r"inner='dot' is not supported; choose one of "
-            r"'correlation', 'cosine', 'euclidean'",
+            (
+                r"inner='dot' is not supported; choose one of "
+                r"'correlation', 'cosine', 'euclidean'"
+            ),
         ),
         (
             lambda A, B: metrics.rsa(A, B, outer="tau"),
@@ -549,8 +551,10 @@ def test_rsa_rejects_all_equal_similarities():
         ),
         (
             lambda A, B: metrics.permutation_null("cca", A, B),
-            r"metric='cca' is not supported; choose one of "
-            r"'svcca', 'pwcca', 'rsa', 'cka', 'mutual_knn'",
+            (
+                r"metric='cca' is not supported; choose one of "
+                r"'svcca', 'pwcca', 'rsa', 'cka', 'mutual_knn'"
+            ),
         ),
         (
             lambda A, B: metrics.permutation_null("cka", A, B, n_perm=0),

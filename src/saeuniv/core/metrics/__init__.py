@@ -107,7 +107,7 @@ class Metric:
 
     def __post_init__(self):
         if not callable(self.score):
-            raise ValueError(f"metric {self.name!r}: score must be callable")
+            raise TypeError(f"metric {self.name!r}: score must be callable")
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
     def kwargs(self, **available) -> dict:
