@@ -1,0 +1,174 @@
+"""Null distributions shared by the metrics: the result and the fast paths' machinery.
+
+Two nulls score a pairing of rows, ``A`` (n, d_a) with ``B`` (n, d_b):
+
+* shuffled pairings: the rows of ``B`` permuted. A permutation only reorders
+  rows, so the fast nulls compute once what it leaves unchanged and batch what
+  it changes (:func:`permuted_products`, :func:`singular_values`);
+* random subsets: ``size`` pairs drawn at random from a larger pool of pairs.
+  The fast draws read each subset off P x P matrices of the pool computed
+  once (:func:`subset_grams`, :func:`centred_grams`), in batches that fit the
+  memory budget (:func:`subset_batches`).
+
+Pure core: arrays in, arrays out; no I/O, no logging, no global state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .inputs import BLOCK_BYTES
+
+__all__ = [
+    "NullResult",
+    "batches",
+    "centred_grams",
+    "draw_subsets",
+    "naive_null",
+    "permuted_products",
+    "singular_values",
+    "subset_batches",
+    "subset_grams",
+    "summarise_null",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class NullResult:
+    """A metric's observed score against its permutation null.
+
+    Attributes
+    ----------
+    observed : float
+        ``metric(A, B)``.
+    null_mean, null_sd : float
+        Mean and standard deviation (ddof=1) of the null scores.
+    z : float
+        ``(observed - null_mean) / null_sd``; +inf or -inf if ``null_sd`` is 0
+        and observed lies above or below the null, nan if it equals it.
+    p : float
+        One-sided p-value ``(1 + #{null >= observed}) / (1 + n_perm)``.
+    n_perm : int
+        Number of permutations.
+    seed : int
+        Seed of ``numpy.random.default_rng`` that drew the permutations.
+    null : ndarray of shape (n_perm,)
+        Null scores (read-only), in the order the permutations were drawn.
+    """
+
+    observed: float
+    null_mean: float
+    null_sd: float
+    z: float
+    p: float
+    n_perm: int
+    seed: int
+    null: np.ndarray
+
+
+def summarise_null(observed, null, seed):
+    """A :class:`NullResult` for ``observed`` against null scores drawn with ``seed``.
+
+    ``null`` (1-D float array) is made read-only. z and p follow
+    :class:`NullResult`: p = (1 + #{null >= observed}) / (1 + n).
+    """
+    null = np.asarray(null, dtype=float)
+    if null.ndim != 1 or null.size < 1:
+        raise ValueError(f"null must be a non-empty 1-D array, got shape {null.shape}")
+    null.setflags(write=False)
+    mean = float(null.mean())
+    sd = float(null.std(ddof=1)) if null.size > 1 else float("nan")
+    diff = observed - mean
+    if sd > 0 or np.isnan(sd):
+        z = diff / sd
+    else:
+        z = float(np.copysign(np.inf, diff)) if diff != 0 else float("nan")
+    p = (1 + np.count_nonzero(null >= observed)) / (1 + null.size)
+    return NullResult(observed, mean, sd, z, p, null.size, seed, null)
+
+
+# ----------------------------------------------------------------------------
+# shuffled pairings
+
+
+def batches(iterable, size):
+    """Yield lists of up to ``size`` consecutive items of ``iterable``."""
+    it = iter(iterable)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def naive_null(metric, A, B, perms, **kwargs):
+    """``metric(A, B[p], **kwargs)`` for each permutation ``p``, from scratch.
+
+    Returns an ndarray of float64, shape (n_perm,).
+    """
+    return np.array([metric(A, B[p], **kwargs) for p in perms], dtype=np.float64)
+
+
+def permuted_products(left, right, perms):
+    """Yield (batch, stack): K permutations, their float32 products left.T @ right[p].
+
+    ``left`` is (n, d_l), ``right`` (n, d_r); ``stack`` has shape (K, d_l, d_r).
+    The K gathered copies of ``right`` sit side by side, so one matmul serves
+    the whole batch; K keeps the gathered copies within ``BLOCK_BYTES``.
+    """
+    left, right = left.astype(np.float32), right.astype(np.float32)
+    n, d = right.shape
+    for batch in batches(perms, max(1, BLOCK_BYTES // (4 * n * d))):
+        gathered = right[np.stack(batch, axis=1)].reshape(n, -1)  # (n, K * d)
+        stack = (left.T @ gathered).reshape(left.shape[1], len(batch), d)
+        yield batch, stack.swapaxes(0, 1)
+
+
+def singular_values(stack):
+    """Singular values (ascending) of each matrix in a stack (..., r, c).
+
+    From the eigenvalues of its smaller Gram, formed in float64 so the
+    float32 products of :func:`permuted_products` lose no more precision.
+    """
+    m = stack.astype(np.float64)
+    mt = m.swapaxes(-1, -2)
+    gram = m @ mt if m.shape[-2] <= m.shape[-1] else mt @ m
+    return np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))
+
+
+# ----------------------------------------------------------------------------
+# random subsets of a pool
+
+
+def draw_subsets(n_pool, size, n_draws, seed):
+    """Indices (n_draws, size) of random subsets of a pool of ``n_pool`` pairs.
+
+    Each row is ``rng.choice(n_pool, size, replace=False)`` on
+    ``rng = numpy.random.default_rng([seed, 1])``: a stream apart from the
+    shuffled-pairing null's ``default_rng(seed)``, so the two nulls of one
+    seed share no random numbers.
+    """
+    rng = np.random.default_rng([seed, 1])
+    return np.stack([rng.choice(n_pool, size, replace=False) for _ in range(n_draws)])
+
+
+def subset_batches(picks):
+    """Split ``picks`` (D, m) into consecutive batches of draws.
+
+    A batch holds as many draws as fit ``BLOCK_BYTES`` of float64 m x m
+    matrices (at least one).
+    """
+    n_draws, size = picks.shape
+    step = max(1, BLOCK_BYTES // (8 * size * size))
+    return np.array_split(picks, range(step, n_draws, step))
+
+
+def subset_grams(gram, picks):
+    """Blocks ``gram[p][:, p]`` (D, m, m) of a pool matrix (P, P), picks (D, m)."""
+    return gram[picks[:, :, None], picks[:, None, :]]
+
+
+def centred_grams(K):
+    """H K H for a stack of Grams (D, m, m): the Grams of column-centred rows."""
+    rows = K.mean(2, keepdims=True)
+    return K - rows - rows.swapaxes(1, 2) + K.mean((1, 2), keepdims=True)
