@@ -15,24 +15,32 @@ a kill between the entry's rename and the clean-up), or untouched for longer
 than ``older_than``; temporary files no writer holds; and finished entries whose
 files do not match their manifest (or that have none). ``--fix`` removes the
 stray pieces and moves a bad entry aside (``<key>.corrupt-<time>``), as a read
-of it would; a finished entry that matches its manifest is never touched.
+of it would; a finished entry that matches its manifest is never touched. The
+names are the store's (:meth:`Store.scan` tells what each thing is); this module
+judges them: what is busy, stale or corrupt, what to say and what to fix.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
 from .procs import boot_id, hostname, pid_alive
-from .store import MANIFEST, Store, StoreError, sha256_file
+from .store import (  # verify_entry was defined here: doctor.verify_entry still works
+    Found,
+    Store,
+    StoreError,
+    What,
+    is_temp_name,
+    lock_held,
+    verify_entry,
+)
 
 TEMP_GRACE_S = 600  # a lock-free temporary file younger than this may still be written
+SHARD_PREFIX = "shard-"  # extract.py's shard files (extract imports torch: too slow here)
 
 
 @dataclass
@@ -121,147 +129,122 @@ def check_runs(client, stale_after: float, fix: bool) -> list[Finding]:
 
 # -- the store ------------------------------------------------------------------------
 
-def _lock_free(lock: Path) -> bool:
-    """Whether no process holds ``lock`` (a builder always holds it while it works)."""
-    if not lock.exists():
-        return True
-    try:
-        FileLock(str(lock), timeout=0).acquire().lock.release()
-    except Timeout:
-        return False
-    return True
-
-
 def _newest_mtime(path: Path) -> float:
     times = [path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")]
     return max(times)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
+def _remover(path: Path):
+    """The fix that removes ``path`` (a file or a folder)."""
+    def remove() -> str:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return "removed"
+    return remove
 
 
-def verify_entry(path: Path, quick: bool = False) -> str | None:
-    """What is wrong with the finished entry at ``path``, or None when it matches its
-    manifest (``quick``: file sizes only, no checksums)."""
+class _Findings:
+    """The findings of one check of a store, fixed as they are found when ``fix``."""
+
+    def __init__(self, fix: bool):
+        self.fix, self.out, self.n_ok = fix, [], 0
+
+    def add(self, what: str, path: Path, detail: str, fixer=None, problem: bool = True):
+        f = Finding(what, str(path), detail, problem)
+        if self.fix and fixer is not None:
+            f.fixed = fixer()
+        self.out.append(f)
+
+    def stale(self, path: Path, detail: str) -> None:
+        """A stray piece that ``--fix`` removes."""
+        self.add("STALE-TEMP", path, detail, _remover(path))
+
+
+def _judge_build(thing: Found, found: _Findings, now: float) -> None:
+    """A build folder (or a replaced entry's): busy while its builder holds the lock; else
+    stale, at once when its name gives the lock, after TEMP_GRACE_S when it does not."""
+    if thing.lock is not None and lock_held(thing.lock):
+        found.add("BUSY", thing.path, "a build in progress (its lock is held)", problem=False)
+    elif thing.lock is not None or now - _newest_mtime(thing.path) > TEMP_GRACE_S:
+        found.stale(thing.path, "the temporary folder of an interrupted build (no process "
+                    "holds its lock); never a finished entry")
+
+
+def _judge_entry(store: Store, thing: Found, found: _Findings, quick: bool) -> None:
+    """A finished entry: intact, or CORRUPT (``--fix`` moves it aside, as a read would)."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        return "no manifest.json (not a finished entry)"
-    except (OSError, ValueError) as err:
-        return f"manifest.json is unreadable ({err})"
-    if manifest.get("key") not in (None, path.name):
-        return f"its manifest describes key {manifest.get('key')}"
-    for name, info in manifest.get("files", {}).items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != info["size"]:
-            return f"{name} has {f.stat().st_size} bytes, its manifest says {info['size']}"
-        if not quick and sha256_file(f) != info["sha256"]:
-            return f"{name} does not match its SHA-256 checksum"
-    return None
+        why = verify_entry(thing.path, quick)
+    except FileNotFoundError:  # replaced or moved by a concurrent process
+        return
+    if why is None:
+        found.n_ok += 1
+        return
+
+    def quarantine():
+        dest = store.quarantine(thing.path, why)
+        return f"moved to {dest.name}" if dest else "already gone"
+    found.add("CORRUPT", thing.path, why + "; a run would move it aside and rebuild it",
+              quarantine)
+
+
+def _judge_partial(store: Store, thing: Found, found: _Findings, now: float,
+                   older_than: float) -> None:
+    """A partial folder: busy while its writer holds the lock; left over when its entry is
+    finished; stale when untouched for ``older_than``; else resumable (its temporary
+    files, of a dead writer since no one holds the lock, are stale)."""
+    path, kind, key = thing.path, thing.kind, thing.key
+    if lock_held(thing.lock):
+        found.add("BUSY", path, "an extraction in progress (its lock is held)", problem=False)
+        return
+    pieces = sorted(p.name for p in path.iterdir())
+    shards = [p for p in pieces if p.startswith(SHARD_PREFIX)]
+    age = now - _newest_mtime(path)
+    remove = _remover(path)
+    if store.finished(kind, key):
+        found.add("LEFTOVER-PARTIAL", path, f"the entry {kind}/{key[:12]} is finished; "
+                  f"{len(pieces)} leftover piece(s)", remove)
+    elif age > older_than:
+        found.add("STALE-PARTIAL", path, f"{len(shards)} shard(s) of an interrupted "
+                  f"extraction, untouched for {_age(age)} (over --older-than "
+                  f"{_age(older_than)}); a rerun of the same config would resume from them",
+                  remove)
+    else:
+        for name in filter(is_temp_name, pieces):
+            found.stale(path / name, "a shard file its writer never finished (no process "
+                        "holds the folder's lock)")
+        found.add("RESUMABLE", path, f"{len(shards)} shard(s) of an interrupted "
+                  f"extraction, {_age(age)} old: rerun the same command to resume",
+                  problem=False)
+
+
+def _judge_file(thing: Found, found: _Findings, now: float) -> None:
+    """A temporary file or a write probe: stale once older than TEMP_GRACE_S (before,
+    its writer may still be at work: these have no lock)."""
+    if now - thing.path.stat().st_mtime > TEMP_GRACE_S:
+        found.stale(thing.path, "a write probe of an interrupted start"
+                    if thing.what is What.PROBE else "a temporary file of an interrupted write")
 
 
 def check_store(root: Path, older_than: float, fix: bool, now: float | None = None,
                 quick: bool = False) -> tuple[list[Finding], int]:
     """Stray temporary pieces, stale partial folders and entries that do not match their
-    manifest. Returns the findings and the number of entries verified intact."""
+    manifest, judged thing by thing as :meth:`Store.scan` finds them. Returns the
+    findings and the number of entries verified intact."""
     now = time.time() if now is None else now
     store = Store(root)
-    out: list[Finding] = []
-    n_ok = 0
-
-    def found(what, path, detail, fixer=None, problem=True):
-        f = Finding(what, str(path), detail, problem)
-        if fix and fixer is not None:
-            f.fixed = fixer()
-        out.append(f)
-
-    def remover(path):
-        return lambda: (_remove(path), "removed")[1]
-
-    for kind_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        if kind_dir.name in ("partial", "memo"):
-            continue
-        for path in sorted(kind_dir.iterdir()):
-            name = path.name
-            if name.endswith(".lock"):
-                continue
-            if name.startswith((".tmp-", ".old-")):
-                key = name.split("-")[1]
-                lock = store.lock_path(kind_dir.name, key)
-                if len(key) == 64 and not _lock_free(lock):
-                    found("BUSY", path, "a build in progress (its lock is held)", problem=False)
-                elif len(key) == 64 or now - _newest_mtime(path) > TEMP_GRACE_S:
-                    found("STALE-TEMP", path, "the temporary folder of an interrupted build "
-                          "(no process holds its lock); never a finished entry",
-                          remover(path))
-            elif ".corrupt-" in name:
-                found("QUARANTINED", path, "a corrupt entry moved aside earlier; inspect, then "
-                      "delete it", problem=False)
-            elif name.startswith(".") and path.is_file():
-                if now - path.stat().st_mtime > TEMP_GRACE_S:
-                    found("STALE-TEMP", path, "a temporary file of an interrupted write",
-                          remover(path))
-            elif path.is_dir():
-                try:
-                    why = verify_entry(path, quick)
-                except FileNotFoundError:  # replaced or moved by a concurrent process
-                    continue
-                if why is None:
-                    n_ok += 1
-                    continue
-
-                def quarantine(path=path, why=why):
-                    dest = store.quarantine(path, why)
-                    return f"moved to {dest.name}" if dest else "already gone"
-                found("CORRUPT", path, why + "; a run would move it aside and rebuild it",
-                      quarantine)
-
-    partial = root / "partial"
-    for kind_dir in sorted(p for p in partial.iterdir() if p.is_dir()) if partial.is_dir() \
-            else []:
-        for path in sorted(kind_dir.iterdir()):
-            if not path.is_dir():
-                continue
-            kind, key = kind_dir.name, path.name
-            if not _lock_free(store.partial_lock(kind, key)):
-                found("BUSY", path, "an extraction in progress (its lock is held)",
-                      problem=False)
-                continue
-            pieces = sorted(p.name for p in path.iterdir())
-            shards = [p for p in pieces if p.startswith("shard-")]
-            temps = [path / p for p in pieces if p.startswith(".")]
-            age = now - _newest_mtime(path)
-            if (root / kind / key / MANIFEST).exists():
-                found("LEFTOVER-PARTIAL", path, f"the entry {kind}/{key[:12]} is finished; "
-                      f"{len(pieces)} leftover piece(s)", remover(path))
-            elif age > older_than:
-                found("STALE-PARTIAL", path, f"{len(shards)} shard(s) of an interrupted "
-                      f"extraction, untouched for {_age(age)} (over --older-than "
-                      f"{_age(older_than)}); a rerun of the same config would resume from them",
-                      remover(path))
-            else:
-                for t in temps:
-                    found("STALE-TEMP", t, "a shard file its writer never finished (no process "
-                          "holds the folder's lock)", remover(t))
-                found("RESUMABLE", path, f"{len(shards)} shard(s) of an interrupted "
-                      f"extraction, {_age(age)} old: rerun the same command to resume",
-                      problem=False)
-    memo = root / "memo"
-    if memo.is_dir():
-        for path in memo.glob(".*"):
-            if now - path.stat().st_mtime > TEMP_GRACE_S:
-                found("STALE-TEMP", path, "a temporary file of an interrupted write",
-                      remover(path))
-    for path in root.glob(".probe-*"):
-        if now - path.stat().st_mtime > TEMP_GRACE_S:
-            found("STALE-TEMP", path, "a write probe of an interrupted start", remover(path))
-    return out, n_ok
+    found = _Findings(fix)
+    for thing in store.scan():
+        if thing.what in (What.BUILD, What.REPLACED):
+            _judge_build(thing, found, now)
+        elif thing.what is What.QUARANTINED:
+            found.add("QUARANTINED", thing.path, "a corrupt entry moved aside earlier; "
+                      "inspect, then delete it", problem=False)
+        elif thing.what is What.ENTRY:
+            _judge_entry(store, thing, found, quick)
+        elif thing.what is What.PARTIAL:
+            _judge_partial(store, thing, found, now, older_than)
+        else:  # TEMP, MEMO_TEMP, PROBE
+            _judge_file(thing, found, now)
+    return found.out, found.n_ok
 
 
 def doctor(store_root: Path | None, tracking_uri: str | None, fix: bool = False,

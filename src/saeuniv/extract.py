@@ -12,6 +12,8 @@ temporary name, flushed and renamed, so a shard file is always whole; the
 partial folder's ``layout.json`` records the shard size, and shards of another
 layout are discarded. One process at a time extracts a layer (a lock per partial
 folder): a concurrent run with the same inputs waits, then finds the entry made.
+Where the partial folder and its lock are is the store's business; the names of
+the files in it (``shard-<i>.npz``, ``layout.json``) are this module's.
 """
 
 from __future__ import annotations
@@ -19,24 +21,38 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from . import faults
 from .models import NONFINITE_FIX, LoadedModel, check_finite, set_threads
 from .saes import STAT_KEYS, check_compatible, merge_quality, quality_stats
-from .store import Entry, Store, atomic_file, atomic_write_text, locked
+from .store import Entry, Store, atomic_file, atomic_write_text
 from .tokens import Windows
 
 log = logging.getLogger(__name__)
-LAYOUT = "layout.json"
+KIND = "codes"  # the store kind of a layer's codes
+LAYOUT = "layout.json"  # in the partial folder: the shard size its shards were made with
+SHARD_PREFIX = "shard-"  # shard-<i>.npz in the partial folder (doctor counts these too)
+
+
+class ExtractionError(ValueError):
+    """The shards kept in a layer's partial folder cannot be joined into its codes entry:
+    a shard file is unreadable (a damaged disk: it is removed, so a rerun recomputes it)
+    or the shards hold another number of rows than the windows have compared positions
+    (the message says to remove the folder). A ValueError: the command line prints the
+    message on one line and exits with status 2."""
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard ``index`` of a layer in its partial folder."""
+    return f"{SHARD_PREFIX}{index:05d}.npz"
 
 
 def codes_spec(model_key: str, layer: int, sae_key: str, windows: Entry, side: str) -> dict:
@@ -69,97 +85,105 @@ def _sparse(codes: torch.Tensor) -> sp.csr_matrix:
 
 
 def extract_codes(get_model: Callable[[], LoadedModel], model_key: str,
-                  sae_keys: dict[int, str], get_sae: Callable[[int], object], windows: Windows,
-                  windows_entry: Entry, side: str, store: Store, batch_size: int = 32,
-                  shard_windows: int = 256, layers_per_pass: int = 0,
+                  sae_keys: dict[int, str], get_sae: Callable[[int], object],
+                  windows: Windows, windows_entry: Entry, side: str, store: Store,
+                  batch_size: int = 32, shard_windows: int = 256, layers_per_pass: int = 0,
                   label: str = "") -> dict[int, Entry]:
     """SAE codes of one model at every layer in ``sae_keys`` (layer -> SAE key).
 
     Layers already in the store are returned without loading the model or the
     SAEs; shards already written by an interrupted run are reused. Returns
-    layer -> codes entry.
+    layer -> codes entry. ExtractionError when kept shards cannot be joined.
     """
-    specs = {l: codes_spec(model_key, l, k, windows_entry, side) for l, k in sae_keys.items()}
-    out = {l: store.get("codes", spec) for l, spec in specs.items()}
+    specs = {layer: codes_spec(model_key, layer, k, windows_entry, side)
+             for layer, k in sae_keys.items()}
+    out = {layer: store.get(KIND, spec) for layer, spec in specs.items()}
     for entry in out.values():
-        if entry is not None:
-            _drop_leftover(store, entry.key)
-    missing = [l for l, e in out.items() if e is None]
+        if entry is not None:  # a kill after the entry's rename may leave its shards
+            store.drop_partial(KIND, entry.key)
+    missing = [layer for layer, e in out.items() if e is None]
     if not missing:
         return out
     model = get_model()
     label = label or model.name
-    saes = {l: get_sae(l) for l in missing}
+    saes = {layer: get_sae(layer) for layer in missing}
     for layer, sae in saes.items():
         check_compatible(sae, model, layer, label)
     set_threads()
-    n = len(windows.tokens)
-    shard_starts = list(range(0, n, shard_windows))
     step = layers_per_pass or len(missing)
-    keys = {l: store.key("codes", specs[l]) for l in missing}
     for g in range(0, len(missing), step):
-        group = missing[g:g + step]
-        with contextlib.ExitStack() as held:
-            for l in sorted(group, key=keys.get):  # one order everywhere: no deadlock
-                lock = store.partial_lock("codes", keys[l])
-                lock.parent.mkdir(parents=True, exist_ok=True)
-                held.enter_context(locked(lock, f"extracting {label} layer {l}"))
-            for l in group:  # made by a concurrent run while this one waited
-                out[l] = store.get("codes", specs[l])
-            group = [l for l in group if out[l] is None]
-            if not group:
-                continue
-            layout = {"shard_windows": shard_windows, "n_windows": n}
-            partial = {l: _partial(store, specs[l], layout) for l in group}
-            name = lambda s: f"shard-{s:05d}.npz"
-            have = sum((partial[l] / name(s)).exists() for l in group
-                       for s in range(len(shard_starts)))
-            log.info("extract %s L%s: computing %d of %d shards (%d kept from an interrupted "
-                     "run)", label, ",".join(map(str, group)),
-                     len(group) * len(shard_starts) - have, len(group) * len(shard_starts), have)
-            for l in group:
-                saes[l].to(model.device)
-            bar = tqdm(shard_starts, desc=f"extract {label} L{group[0]}..{group[-1]}",
-                       unit="shard", mininterval=2)
-            for s, start in enumerate(bar):
-                todo = [l for l in group if not (partial[l] / name(s)).exists()]
-                if todo:
-                    _extract_shard(model, {l: saes[l] for l in todo}, windows, start,
-                                   min(start + shard_windows, n), batch_size,
-                                   {l: partial[l] / name(s) for l in todo}, label)
-                    faults.point("shard")
-            for l in group:
-                out[l] = _finish(store, specs[l], partial[l], len(shard_starts),
-                                 int(windows.mask.sum()))
-                saes[l].to("cpu")
+        group = {layer: saes[layer] for layer in missing[g:g + step]}
+        out.update(_extract_pass(model, group, specs, windows, store, batch_size,
+                                 shard_windows, label))
     return dict(sorted(out.items()))
 
 
-def _drop_leftover(store: Store, key: str) -> None:
-    """Remove the partial folder of a finished entry (a kill between the entry's rename and
-    the clean-up leaves one), unless a process holds its lock."""
-    path = store.root / "partial" / "codes" / key
-    if not path.is_dir():
-        return
-    try:
-        with FileLock(str(store.partial_lock("codes", key)), timeout=0):
-            for f in path.iterdir():
-                f.unlink()
-            path.rmdir()
-    except (Timeout, OSError):
-        pass
+def _extract_pass(model: LoadedModel, saes: dict[int, object], specs: dict[int, dict],
+                  windows: Windows, store: Store, batch_size: int, shard_windows: int,
+                  label: str) -> dict[int, Entry]:
+    """The codes entries of the layers of ``saes``, from one forward pass per shard,
+    holding every layer's partial folder lock (a concurrent run with the same inputs
+    waits, then finds the entries made)."""
+    keys = {layer: store.key(KIND, specs[layer]) for layer in saes}
+    out = {}
+    with contextlib.ExitStack() as held:
+        for layer in sorted(saes, key=keys.get):  # one order everywhere: no deadlock
+            held.enter_context(store.lock_partial(KIND, keys[layer],
+                                                  f"extracting {label} layer {layer}"))
+        for layer in saes:  # made by a concurrent run while this one waited
+            out[layer] = store.get(KIND, specs[layer])
+        group = [layer for layer in saes if out[layer] is None]
+        if not group:
+            return out
+        n = len(windows.tokens)
+        layout = {"shard_windows": shard_windows, "n_windows": n}
+        partial = {layer: _partial(store, specs[layer], layout) for layer in group}
+        n_shards = _write_shards(model, {layer: saes[layer] for layer in group}, windows,
+                                 partial, batch_size, shard_windows, label)
+        for layer in group:
+            out[layer] = _finish(store, specs[layer], partial[layer], n_shards,
+                                 int(windows.mask.sum()))
+            saes[layer].to("cpu")
+    return out
+
+
+def _write_shards(model: LoadedModel, saes: dict[int, object], windows: Windows,
+                  partial: dict[int, Path], batch_size: int, shard_windows: int,
+                  label: str) -> int:
+    """Write every shard missing from the layers' partial folders; returns the number of
+    shards per layer."""
+    n = len(windows.tokens)
+    shard_starts = list(range(0, n, shard_windows))
+    group = list(saes)
+    have = sum((partial[layer] / shard_name(s)).exists() for layer in group
+               for s in range(len(shard_starts)))
+    log.info("extract %s L%s: computing %d of %d shards (%d kept from an interrupted "
+             "run)", label, ",".join(map(str, group)),
+             len(group) * len(shard_starts) - have, len(group) * len(shard_starts), have)
+    for layer in group:
+        saes[layer].to(model.device)
+    bar = tqdm(shard_starts, desc=f"extract {label} L{group[0]}..{group[-1]}",
+               unit="shard", mininterval=2)
+    for s, start in enumerate(bar):
+        todo = [layer for layer in group if not (partial[layer] / shard_name(s)).exists()]
+        if todo:
+            _extract_shard(model, {layer: saes[layer] for layer in todo}, windows, start,
+                           min(start + shard_windows, n), batch_size,
+                           {layer: partial[layer] / shard_name(s) for layer in todo}, label)
+            faults.point("shard")
+    return len(shard_starts)
 
 
 def _partial(store: Store, spec: dict, layout: dict) -> Path:
     """The layer's partial folder, holding only shards of ``layout`` (others are removed:
     a shard of another size covers other windows)."""
-    path = store.partial_dir("codes", spec)
+    path = store.partial_dir(KIND, spec)
     try:
         same = json.loads((path / LAYOUT).read_text()) == layout
     except (OSError, ValueError):
         same = False
     if not same:
-        for f in path.glob("shard-*.npz"):
+        for f in path.glob(f"{SHARD_PREFIX}*.npz"):
             f.unlink()
         atomic_write_text(path / LAYOUT, json.dumps(layout))
     return path
@@ -168,8 +192,8 @@ def _partial(store: Store, spec: dict, layout: dict) -> Path:
 @torch.no_grad()
 def _extract_shard(model: LoadedModel, saes: dict[int, object], windows: Windows, lo: int,
                    hi: int, batch_size: int, dest: dict[int, Path], label: str) -> None:
-    parts: dict[int, list[sp.csr_matrix]] = {l: [] for l in saes}
-    stats: dict[int, list[dict]] = {l: [] for l in saes}
+    parts: dict[int, list[sp.csr_matrix]] = {layer: [] for layer in saes}
+    stats: dict[int, list[dict]] = {layer: [] for layer in saes}
     layers = sorted(saes)
     for start in range(lo, hi, batch_size):
         stop = min(start + batch_size, hi)
@@ -196,7 +220,7 @@ def _finish(store: Store, spec: dict, partial: Path, n_shards: int, n_rows: int)
     def build(path: Path) -> dict:
         shards, stats = [], []
         for s in range(n_shards):
-            shard = partial / f"shard-{s:05d}.npz"
+            shard = partial / shard_name(s)
             try:
                 codes, st = _load_shard(shard)
             except Exception as err:  # noqa: BLE001 - only a damaged disk gets here
@@ -213,10 +237,8 @@ def _finish(store: Store, spec: dict, partial: Path, n_shards: int, n_rows: int)
         return {"n_tokens": codes.shape[0], "d_sae": codes.shape[1], "nnz": int(codes.nnz),
                 "quality": asdict(merge_quality(stats)), "n_shards": n_shards}
 
-    entry, _ = store.get_or_create("codes", spec, build)
-    for f in partial.iterdir():
-        f.unlink()
-    partial.rmdir()
+    entry, _ = store.get_or_create(KIND, spec, build)
+    store.clear_partial(KIND, entry.key)
     return entry
 
 
