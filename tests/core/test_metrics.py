@@ -13,7 +13,7 @@ from scipy import linalg, stats
 from scipy.spatial.distance import pdist, squareform
 
 from saeuniv.core import metrics
-from saeuniv.core.metrics.rsa import float_keys
+from saeuniv.core.metrics.representational import float_keys
 
 try:
     from threadpoolctl import threadpool_limits

@@ -15,7 +15,7 @@ Two nulls tell whether a score is special:
 
 Modules: ``inputs`` (validation), ``nulls`` (the null result and the shared
 machinery of the fast paths), ``cca`` (SVCCA, PWCCA), ``kernel`` (CKA,
-Procrustes), ``knn`` (mutual k-NN), ``rsa`` (RSA).
+Procrustes), ``knn`` (mutual k-NN), ``representational`` (RSA).
 
 Pure core: numpy/scipy in, floats out; no I/O, no logging, no global state.
 """
@@ -42,7 +42,7 @@ from .inputs import as_matrix, check_int, check_option, check_pair
 from .kernel import cka, cka_null, cka_subsets, hsic, procrustes, procrustes_null
 from .knn import mutual_knn, mutual_knn_null
 from .nulls import NullResult, draw_subsets, naive_null, subset_batches, summarise_null
-from .rsa import INNER_SIMILARITIES, OUTER_CORRELATIONS, rsa, rsa_null, rsa_subsets
+from .representational import INNER_SIMILARITIES, OUTER_CORRELATIONS, rsa, rsa_null, rsa_subsets
 
 __all__ = [
     "INNER_SIMILARITIES",

@@ -1,4 +1,5 @@
-"""Semantic subspaces, the pure core: phrase spans, feature labels, both nulls, q-values."""
+"""Semantic subspaces, the pure core: phrase spans, feature labels, category pairs and both
+nulls."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import re
 import numpy as np
 import pytest
 
-from saeuniv import matching, metrics, subspaces
-from saeuniv.config import ConfigError, load_concepts
-from saeuniv.subspaces import ConceptSet
+from saeuniv.core import matching, metrics, subspaces
+from saeuniv.core.significance import fdr_bh
+from saeuniv.core.subspaces import ConceptSet
+
+RULE = matching.Rule("one_to_one", 0.1, junk_filter=False)
 
 
 # -- phrases on character spans --------------------------------------------------
@@ -104,48 +107,6 @@ def test_label_features_rejects_rows_beyond_the_spans():
         subspaces.label_features(np.array([[0]]), np.zeros((3, 2)), occ, min_hits=0)
 
 
-# -- concept-set files ---------------------------------------------------------------
-
-def test_the_reference_set_has_eight_categories_with_multi_word_phrases():
-    c = load_concepts("reference")
-    assert c.categories == ("time", "calendar", "people_roles", "nature", "emotions",
-                            "month_names", "countries", "biology")
-    every = [p for ps in c.phrases for p in ps]
-    for phrase in ("New York", "United States", "last week", "red blood cell"):
-        assert phrase in every
-    assert all(any(len(p.split()) > 1 for p in ps) for ps in c.phrases)
-
-
-@pytest.mark.parametrize("text, message", [
-    ("categories: {}", "non-empty 'categories'"),
-    ("categories: {time: {keywords: []}}", "category 'time' needs a non-empty list"),
-    ("categories: {time: {words: [a]}}", "unknown key"),
-    ("categories: {time: [today, today]}", "lists \\['today'\\] more than once"),
-    ("categories: {time: [1, today]}", "not text"),
-    ("categories: {time: [a]}\nextra: 1", "unknown key"),
-    ("categories: [", "not valid YAML"),
-    ("!!python/object/apply:os.system [echo]", r"tag 'tag:yaml.org,2002:python/object/apply:"
-                                               r"os.system' .*is not allowed"),
-])
-def test_bad_concept_sets_are_refused_naming_the_problem(tmp_path, text, message):
-    path = tmp_path / "mine.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError, match=message):
-        load_concepts(str(path))
-
-
-def test_a_missing_concept_set_names_what_was_tried_and_the_shipped_sets(tmp_path):
-    with pytest.raises(ConfigError, match=r"no concept-set file .*'reference'"):
-        load_concepts("nonexistent-set")
-
-
-def test_a_user_concept_set_loads_with_plain_lists(tmp_path):
-    path = tmp_path / "mine.yaml"
-    path.write_text("name: mine\ncategories:\n  ships: [harpoon, white   whale]\n")
-    c = load_concepts(str(path))
-    assert c.name == "mine" and c.phrases == (("harpoon", "white whale"),)
-
-
 # -- nulls and q-values --------------------------------------------------------------
 
 def _aligned(rng, n, d, noise):
@@ -161,16 +122,13 @@ def test_random_subspace_draws_equal_the_metrics_computed_directly(name, kw):
     rng = np.random.default_rng(1)
     A, B = _aligned(rng, 300, 24, 1.0)
     pool_a, pool_b = rng.permutation(300)[:120], rng.permutation(300)[:120]
-    debiased = kw.get("debiased", False)
-    r = subspaces.random_subspace_null(name, A, B, pool_a, pool_b, 17, 40, 5, 0.5,
-                                       debiased=debiased)
+    r = subspaces.random_subspace_null(name, A, B, pool_a, pool_b, 17, 40, 5, 0.5, **kw)
     draws = np.random.default_rng([5, 1])
     for i in range(40):
         pick = draws.choice(120, 17, replace=False)
         direct = getattr(metrics, name)(A[pool_a[pick]], B[pool_b[pick]], **kw)
         assert r.null[i] == pytest.approx(direct, abs=1e-10)
-    again = subspaces.random_subspace_null(name, A, B, pool_a, pool_b, 17, 40, 5, 0.5,
-                                           debiased=debiased)
+    again = subspaces.random_subspace_null(name, A, B, pool_a, pool_b, 17, 40, 5, 0.5, **kw)
     assert np.array_equal(r.null, again.null)
     assert r.p == (1 + np.sum(r.null >= 0.5)) / 41 and r.seed == 5
 
@@ -205,17 +163,6 @@ def test_random_subspaces_need_a_pool_larger_than_the_draw():
 def test_svcca_keeps_a_quarter_of_the_pairs_and_never_one_direction():
     assert [subspaces.svcca_k(n) for n in (5, 8, 40, 41)] == [2, 2, 10, 10]
     assert subspaces.svcca_k(40, 3) == 3
-
-
-def test_fdr_bh_matches_the_step_up_rule():
-    q = subspaces.fdr_bh([0.01, 0.04, 0.03, 0.2])
-    assert q == pytest.approx([0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.2])
-    p = np.random.default_rng(0).uniform(size=50)
-    brute = [min(min(p[j] * 50 / (np.sum(p <= p[j])), 1) for j in range(50) if p[j] >= p[i])
-             for i in range(50)]
-    assert subspaces.fdr_bh(p) == pytest.approx(brute)
-    with pytest.raises(ValueError):
-        subspaces.fdr_bh([0.5, np.nan])
 
 
 def _pairs(idx):
@@ -257,7 +204,7 @@ def test_shuffled_labels_are_not_significant_against_random_subspaces():
     p_random, p_shuffle = np.asarray(p_random), np.asarray(p_shuffle)
     assert np.mean(p_random < 0.05) <= 0.125
     assert 0.35 < p_random.mean() < 0.65
-    assert not np.any(subspaces.fdr_bh(p_random) < 0.05)
+    assert not np.any(fdr_bh(p_random) < 0.05)
     assert np.mean(p_shuffle < 0.05) > 0.9
 
 
@@ -271,9 +218,31 @@ def test_a_category_with_too_few_pairs_is_reported_not_scored():
 
 def test_category_pairs_match_only_within_the_category():
     corr = np.array([[0.9, 0.2], [0.3, 0.8], [0.5, 0.4]])
-    m = subspaces.category_pairs(corr, [4, 7, 9], [2, 5], "one_to_one", 0.1)
+    m = subspaces.category_pairs(corr, [4, 7, 9], [2, 5], RULE)
     assert list(zip(m.a.tolist(), m.b.tolist())) == [(4, 2), (7, 5)]
-    assert subspaces.category_pairs(np.zeros((0, 2)), [], [2, 5]).n == 0
+    assert subspaces.category_pairs(np.zeros((0, 2)), [], [2, 5], RULE).n == 0
+    with pytest.raises(ValueError, match="expected \\(3, 2\\)"):
+        subspaces.category_pairs(corr.T, [4, 7, 9], [2, 5], RULE)
+
+
+def test_category_pairs_apply_the_layer_pairs_token_filters():
+    """The rule of the whole layer pair, junk filter included, read off the top tokens of
+    ALL features (category features are a subset, indexed into all)."""
+    corr = np.array([[0.9, 0.2], [0.3, 0.8]])
+    top = matching.TopActivations(np.array([[0], [1], [2], [3], [4], [5], [6], [7], [8], [9]]),
+                                  np.ones((10, 1), np.float32))
+    row_ids = np.array([10, 11, 12, 13, 14, 15, 16, 17, 18, 19])
+
+    def decode(ids):
+        return np.asarray([f"t{i}" for i in ids], dtype=object)
+
+    tokens = matching.top_tokens(top, row_ids, [17], decode)  # feature 7 fires on junk
+    rule = matching.Rule("one_to_one", 0.1, junk_filter=True)
+    m = subspaces.category_pairs(corr, [4, 7], [2, 5], rule, tokens, tokens)
+    assert list(zip(m.a.tolist(), m.b.tolist())) == [(4, 2)]  # (7, 5) dropped: junk
+    assert subspaces.category_pairs(corr, [4, 7], [2, 5], RULE, tokens, tokens).n == 2
+    with pytest.raises(ValueError, match="tokens"):
+        subspaces.category_pairs(corr, [4, 7], [2, 5], rule)
 
 
 def test_random_subspaces_of_other_metrics_are_scored_draw_by_draw():

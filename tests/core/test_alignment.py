@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from saeuniv.alignment import last_ends, pair_segments
+from saeuniv.core.alignment import last_ends, pair_segments, valid_positions
 
 
 def spans_of(text: str, pattern: str) -> np.ndarray:
@@ -80,3 +80,9 @@ def test_bad_input_is_named():
         pair_segments(np.zeros((1, 2)), np.zeros((1, 2)), 0, 4)
     with pytest.raises(ValueError, match="non-decreasing"):
         pair_segments(np.array([[0, 5], [5, 3]]), np.array([[0, 5]]), 4, 4)
+
+
+def test_valid_positions_masks_pad_and_leading_bos_only():
+    toks = np.array([[0, 5, 6, 1, 1], [0, 0, 7, 8, 9]])
+    mask = valid_positions(toks, pad_id=1, bos_id=0)
+    assert mask.tolist() == [[False, True, True, False, False], [False, True, True, True, True]]

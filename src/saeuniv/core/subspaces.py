@@ -26,13 +26,12 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
 
 from . import matching, metrics
 
 __all__ = ["ConceptSet", "Occurrences", "Labels", "CategoryScore", "find_phrases",
-           "occurrences", "label_features", "category_pairs", "svcca_k",
-           "random_subspace_null", "score_category", "fdr_bh"]
+           "occurrences", "label_features", "category_pairs", "svcca_k", "metric_options",
+           "random_subspace_null", "score_category"]
 
 
 @dataclass(frozen=True)
@@ -220,12 +219,26 @@ def label_features(top_rows, row_spans, occ: Occurrences, min_hits: int = 1) -> 
     return Labels(hits, phrase, hits >= min_hits, k)
 
 
-def category_pairs(corr, features_a, features_b, policy: str = "one_to_one",
-                   threshold: float = 0.1) -> matching.Matches:
-    """Pair the category's A features with its B features only.
+def category_pairs(corr, features_a, features_b, rule: matching.Rule,
+                   tokens_a: matching.TopTokens | None = None,
+                   tokens_b: matching.TopTokens | None = None) -> matching.Matches:
+    """Pair the category's A features with its B features only, by the layer pair's rule.
 
-    ``corr`` is the correlation block ``(len(features_a), len(features_b))``
-    of those features; the returned pairs hold indices into all features.
+    Parameters
+    ----------
+    corr : ndarray, shape (len(features_a), len(features_b))
+        Correlations of the category's features (NaN: dead).
+    features_a, features_b : array-like of int
+        The category's features of each side, ascending.
+    rule : matching.Rule
+        Policy, threshold and token filters, as for the whole layer pair.
+    tokens_a, tokens_b : matching.TopTokens, optional
+        The top tokens of ALL features of each side (needed by the token filters).
+
+    Returns
+    -------
+    matching.Matches
+        Pairs as indices into all features, sorted by b.
     """
     features_a, features_b = np.asarray(features_a, np.int64), np.asarray(features_b, np.int64)
     corr = np.asarray(corr)
@@ -234,7 +247,9 @@ def category_pairs(corr, features_a, features_b, policy: str = "one_to_one",
                          f"({features_a.size}, {features_b.size})")
     if not features_a.size or not features_b.size:
         return matching.Matches(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
-    m = matching.match(corr, policy=policy, threshold=threshold)
+    sub_a = None if tokens_a is None else tokens_a.take(features_a)
+    sub_b = None if tokens_b is None else tokens_b.take(features_b)
+    m = matching.pair(corr, rule, sub_a, sub_b).matches
     return matching.Matches(features_a[m.a], features_b[m.b], m.corr)
 
 
@@ -248,81 +263,27 @@ def svcca_k(n_pairs: int, k: int = 0) -> int:
     return int(k) if k else max(2, n_pairs // 4)
 
 
-def _metric_kwargs(name: str, n_pairs: int, k: int, cka_debiased: bool) -> dict:
-    if name == "svcca":
-        return {"k": svcca_k(n_pairs, k)}
-    return {"debiased": bool(cka_debiased)} if name == "cka" else {}
-
-
-def _score(name: str, A, B, **kw) -> float:
-    return float({"svcca": metrics.svcca, "rsa": metrics.rsa, "cka": metrics.cka,
-                  "mutual_knn": metrics.mutual_knn, "procrustes": metrics.procrustes,
-                  "pwcca": metrics.pwcca}[name](A, B, **kw))
-
-
-def _pool_matrices(name: str, A: np.ndarray, B: np.ndarray):
-    """What a draw of metric ``name`` needs from the pool's rows A (P, d_a), B (P, d_b):
-    the linear Grams (SVCCA, CKA) or the row-correlation matrices (RSA), P x P."""
-    if name == "rsa":
-        def unit(X):
-            Z = X - X.mean(1, keepdims=True)
-            return Z / np.linalg.norm(Z, axis=1, keepdims=True)
-        A, B = unit(A), unit(B)
-    return A @ A.T, B @ B.T
-
-
-def _centred(K: np.ndarray) -> np.ndarray:
-    """H K H for a stack of Grams (D, m, m): the Grams of column-centred rows."""
-    rows = K.mean(2, keepdims=True)
-    return K - rows - rows.swapaxes(1, 2) + K.mean((1, 2), keepdims=True)
-
-
-def _draw_scores(name: str, ga: np.ndarray, gb: np.ndarray, picks: np.ndarray,
-                 k: int, debiased: bool = False) -> np.ndarray:
-    """``name`` for each draw (row of ``picks``, indices into the pool) -> (D,).
-
-    From the pool matrices of :func:`_pool_matrices`, as :mod:`saeuniv.metrics`
-    defines them: SVCCA with ``k`` directions (the top-k eigenvectors of the
-    centred Gram are SVD's left singular vectors), linear CKA (``debiased``:
-    the unbiased HSIC estimator), and RSA with correlation similarities
-    compared by Spearman (ranked as float32).
-    """
-    ka, kb = (g[picks[:, :, None], picks[:, None, :]] for g in (ga, gb))
-    if name == "svcca":
-        qa, qb = (np.linalg.eigh(_centred(K))[1][:, :, -k:] for K in (ka, kb))
-        M = qa.swapaxes(1, 2) @ qb
-        return np.sqrt(np.clip(np.linalg.eigvalsh(M @ M.swapaxes(1, 2)), 0.0, 1.0)).mean(1)
-    if name == "cka":
-        ka, kb = _centred(ka), _centred(kb)
-        rows_a, rows_b = (np.einsum("kii->ki", K) for K in (ka, kb))
-        hsic = lambda x, y, rx, ry: metrics._hsic(np.einsum("kij,kij->k", x, y), rx, ry,
-                                                  debiased)
-        self_a, self_b = hsic(ka, ka, rows_a, rows_a), hsic(kb, kb, rows_b, rows_b)
-        if debiased and not (np.all(self_a > 0) and np.all(self_b > 0)):
-            raise ValueError(f"the debiased HSIC of a random subspace of {picks.shape[1]} "
-                             "pairs with itself is not positive; raise subspaces.min_pairs "
-                             "or set subspaces.cka_debiased=false")
-        return hsic(ka, kb, rows_a, rows_b) / np.sqrt(self_a * self_b)
-    iu = np.triu_indices(picks.shape[1], 1)
-    ra, rb = (stats.rankdata(K[:, iu[0], iu[1]].astype(np.float32), axis=1) for K in (ka, kb))
-    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
-    dot = lambda x, y: np.einsum("ki,ki->k", x, y)
-    return dot(ra, rb) / np.sqrt(dot(ra, ra) * dot(rb, rb))
+def metric_options(name: str, n_pairs: int, k: int, cka_debiased: bool) -> dict:
+    """The keyword options metric ``name`` takes in a category of ``n_pairs`` pairs: SVCCA
+    keeps :func:`svcca_k` directions, CKA is debiased or not, the others use their
+    defaults."""
+    return metrics.METRICS[name].kwargs(svcca_k=svcca_k(n_pairs, k),
+                                        cka_debiased=bool(cka_debiased))
 
 
 def random_subspace_null(name: str, dec_a, dec_b, pool_a, pool_b, size: int, n_draws: int,
-                         seed: int, observed: float, k: int = 0,
-                         debiased: bool = False) -> metrics.NullResult:
+                         seed: int, observed: float, **kwargs) -> metrics.NullResult:
     """``observed`` against ``n_draws`` random subspaces of ``size`` matched pairs.
 
     Each draw takes ``size`` pairs at random (without replacement) from the
     pool, ``pool_a[i]`` with ``pool_b[i]`` (rows of ``dec_a``/``dec_b``), and
-    scores their decoder rows with metric ``name`` (SVCCA: ``k`` directions,
-    0 for :func:`svcca_k`; CKA: the unbiased HSIC estimator when ``debiased``).
-    Draws come from ``numpy.random.default_rng([seed, 1])``, a stream apart
-    from the shuffled-pairing null's ``default_rng(seed)``.
-    SVCCA, CKA and RSA read every draw off P x P matrices of the pool computed
-    once; other metrics are computed draw by draw.
+    scores their decoder rows with metric ``name`` and its keyword options
+    ``kwargs`` (see :func:`metric_options`), as :func:`metrics.subset_null` does.
+
+    Raises
+    ------
+    ValueError
+        When the pool holds no more pairs than ``size``: such subspaces cannot vary.
     """
     pool_a, pool_b = np.asarray(pool_a, np.int64), np.asarray(pool_b, np.int64)
     if pool_a.size <= size:
@@ -331,17 +292,7 @@ def random_subspace_null(name: str, dec_a, dec_b, pool_a, pool_b, size: int, n_d
                          "match.threshold or use more tokens for a larger pool")
     A = np.asarray(dec_a, np.float64)[pool_a]
     B = np.asarray(dec_b, np.float64)[pool_b]
-    k = svcca_k(size, k)
-    rng = np.random.default_rng([seed, 1])
-    picks = np.stack([rng.choice(pool_a.size, size, replace=False) for _ in range(n_draws)])
-    if name in ("svcca", "cka", "rsa"):
-        ga, gb = _pool_matrices(name, A, B)
-        step = max(1, (1 << 25) // (8 * size * size))
-        null = np.concatenate([_draw_scores(name, ga, gb, p, k, debiased) for p in
-                               np.array_split(picks, range(step, n_draws, step))])
-    else:  # defaults, as in the shuffled-pairing null of score_category
-        null = np.array([_score(name, A[p], B[p]) for p in picks])
-    return metrics.summarise_null(observed, null, seed)
+    return metrics.subset_null(name, A, B, size, n_draws, seed, observed, **kwargs)
 
 
 @dataclass
@@ -385,9 +336,9 @@ def score_category(category: str, dec_a, dec_b, pairs: matching.Matches, n_featu
     Returns
     -------
     CategoryScore
-        ``metrics[name]`` holds ``observed``, ``shuffle`` and ``random`` (each
-        ``null_mean``, ``null_sd``, ``z``, ``p``), or ``error`` when the metric
-        rejects the pairs.
+        ``metrics[name]`` holds ``observed``, the metric's options, ``shuffle`` and
+        ``random`` (each ``null_mean``, ``null_sd``, ``z``, ``p``), or ``error`` when the
+        metric rejects the pairs.
     """
     out = CategoryScore(category, int(n_features_a), int(n_features_b), pairs.n)
     if pairs.n < min_pairs:
@@ -395,37 +346,15 @@ def score_category(category: str, dec_a, dec_b, pairs: matching.Matches, n_featu
         return out
     A, B = dec_a[pairs.a], dec_b[pairs.b]
     for name in metric_names:
-        kw = _metric_kwargs(name, pairs.n, k, cka_debiased)
+        kw = metric_options(name, pairs.n, k, cka_debiased)
         try:
             shuffle = metrics.permutation_null(name, A, B, n_perm=n_perm, seed=seed, **kw)
             random = random_subspace_null(name, dec_a, dec_b, pool_a, pool_b, pairs.n, n_perm,
-                                          seed, shuffle.observed, k, cka_debiased)
+                                          seed, shuffle.observed, **kw)
         except ValueError as err:
             out.metrics[name] = {"error": str(err)}
             continue
         out.metrics[name] = {"observed": shuffle.observed, **kw, **{
             null_name: {"null_mean": r.null_mean, "null_sd": r.null_sd, "z": r.z, "p": r.p}
             for null_name, r in (("shuffle", shuffle), ("random", random))}}
-    return out
-
-
-def fdr_bh(pvalues) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (q-values), in the input order.
-
-    ``q_(i) = min_{j >= i} p_(j) n / j`` over the p-values sorted ascending,
-    capped at 1. Controls the false discovery rate over the tests given.
-    """
-    p = np.asarray(pvalues, float)
-    if p.ndim != 1:
-        raise ValueError(f"pvalues must be 1-D, got shape {p.shape}")
-    if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
-        raise ValueError("pvalues must be finite and in [0, 1]")
-    n = p.size
-    if not n:
-        return p.copy()
-    order = np.argsort(p, kind="stable")
-    scaled = p[order] * n / np.arange(1, n + 1)
-    q = np.minimum.accumulate(scaled[::-1])[::-1]
-    out = np.empty(n)
-    out[order] = np.minimum(q, 1.0)
     return out
