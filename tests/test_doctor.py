@@ -15,7 +15,8 @@ import pytest
 from filelock import FileLock
 
 from saeuniv.doctor import check_store, doctor, verify_entry
-from saeuniv.store import Store, temp_name
+from saeuniv.files import temp_name
+from saeuniv.store import Store
 
 DAY = 86400.0
 KEY = {c: c * 64 for c in "0123456789abcdef"}  # made-up keys of 64 hex digits

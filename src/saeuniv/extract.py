@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from . import faults
 from .models import NONFINITE_FIX, LoadedModel, check_finite, set_threads
 from .saes import STAT_KEYS, check_compatible, merge_quality, quality_stats
-from .store import Entry, Store, atomic_file, atomic_write_text
+from .files import atomic_file, atomic_write_text
+from .store import Entry, Store
 from .tokens import Windows
 
 log = logging.getLogger(__name__)
