@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from . import stages
 from .config import ConfigError, load_config, safe_yaml
 
 SHORTCUTS = {
@@ -28,15 +29,6 @@ SHORTCUTS = {
     "seed": (("similarity.seed", "subspaces.seed"), int,
              "seed of the permutation nulls (similarity and subspaces)"),
     "n_tokens": (("extract.n_tokens",), int, "analysis tokens (pad/BOS excluded)"),
-}
-STAGE_HELP = {
-    "models": "prepare the corpus and tokenizer, train (or load) the two models",
-    "saes": "train (or load) one SAE per (model, layer) with sae-lens",
-    "extract": "residual stream -> SAE codes, stored sparse per (model, layer)",
-    "match": "correlate features of A and B and pair them (policy, threshold, filters)",
-    "similarity": "SVCCA, RSA, CKA, mutual-kNN on paired decoder rows, with permutation nulls",
-    "subspaces": "label features by concept (configs/concepts/), score each category per "
-                 "layer pair against shuffled-pairing and random-subspace nulls",
 }
 
 
@@ -58,32 +50,29 @@ def _or_word(typ, word: str = "config"):
     return parse
 
 
+def _common(p: argparse.ArgumentParser) -> None:
+    """The options of ``run`` and of every stage subcommand."""
+    p.add_argument("--config", default="default",
+                   help="YAML config file or built-in name (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set match.threshold=0.2")
+    for name, (_, typ, text) in SHORTCUTS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_or_word(typ),
+                       default=None, help=f"{text} (overrides the config; 'config' "
+                       "keeps the config's value)")
+    _store_option(p)
+    p.add_argument("--experiment", default=None, help="MLflow experiment name")
+    p.add_argument("--force", action="store_true",
+                   help="recompute: reuse no finished run with the same inputs, and "
+                   "rebuild (overwrite) the stage's store entries")
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="saeuniv", description="Compare the SAE features of two language models, "
-        "layer by layer, tracked in MLflow.")
-    sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p):
-        p.add_argument("--config", default="default",
-                       help="YAML config file or built-in name (default: %(default)s)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set match.threshold=0.2")
-        for name, (_, typ, text) in SHORTCUTS.items():
-            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_or_word(typ),
-                           default=None, help=f"{text} (overrides the config; 'config' "
-                           "keeps the config's value)")
-        p.add_argument("--store", default=None,
-                       help="artefact store folder (default: $SAEUNIV_HOME or ~/.cache/saeuniv)")
-        p.add_argument("--experiment", default=None, help="MLflow experiment name")
-        p.add_argument("--force", action="store_true",
-                       help="recompute: reuse no finished run with the same inputs, and "
-                       "rebuild (overwrite) the stage's store entries")
+def _store_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=None,
+                   help="artefact store folder (default: $SAEUNIV_HOME or ~/.cache/saeuniv)")
 
-    common(sub.add_parser("run", help="run the whole pipeline (main)"))
-    for stage, text in STAGE_HELP.items():
-        common(sub.add_parser(stage, help=text))
+
+def _add_sweep(sub) -> None:
     sweep = sub.add_parser(
         "sweep", help="Optuna sweep over the analysis settings (a spec in sweeps/); resumes "
         "a study that exists, and joins it when other workers run it",
@@ -101,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--study", default=None, help="study name (default: the spec's)")
     sweep.add_argument("--n-trials", dest="n_trials", type=_or_word(int, "spec"), default=None,
                        help="COMPLETE trials wanted, over all workers (default: the spec's)")
-    sweep.add_argument("--store", default=None,
-                       help="artefact store folder (default: $SAEUNIV_HOME or ~/.cache/saeuniv)")
+    _store_option(sweep)
     sweep.add_argument("--experiment", default=None, help="MLflow experiment name")
+
+
+def _add_audit_and_compare(sub) -> None:
     audit = sub.add_parser(
         "audit", help="print a run's provenance and check that its artefacts are intact",
         description="Print RUN_ID's inputs (params, lineage tags), parent and children, and "
@@ -112,15 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
         "changed (named on its own line).")
     audit.add_argument("run_id", help="MLflow run id")
     comp = sub.add_parser(
-        "compare", help="line up two or more main runs: depth curves, difference heatmap, "
+        "compare", help="line up two or more main runs: depth curves, difference heatmaps, "
         "params that differ", description="Compare main runs in a new MLflow run (tag "
-        "saeuniv.stage=compare): per-layer SVCCA and RSA against relative depth, the "
-        "difference heatmap of the first two runs, and the table of params that differ "
-        "(printed, and logged as params_diff.csv).")
+        "saeuniv.stage=compare): per-layer scores against relative depth and the difference "
+        "heatmap of the first two runs, for every metric they all scored, and the table of "
+        "params that differ (printed, and logged as params_diff.csv).")
     comp.add_argument("runs", nargs="+", metavar="RUN_ID",
                       help="main run ids (an argument may hold several, split by spaces or "
                       "commas)")
     comp.add_argument("--experiment", default=None, help="MLflow experiment name")
+
+
+def _add_doctor(sub) -> None:
     doc = sub.add_parser(
         "doctor", help="find runs left RUNNING by a killed process and what crashes left in "
         "the store; --fix repairs them",
@@ -132,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bad entries moved aside; a finished, intact entry is never touched. Exit status 0 "
         "when nothing is (left) wrong, 1 otherwise.")
     doc.add_argument("--fix", action="store_true", help="repair what is found")
-    doc.add_argument("--store", default=None,
-                     help="artefact store folder (default: $SAEUNIV_HOME or ~/.cache/saeuniv)")
+    _store_option(doc)
     doc.add_argument("--stale-after", dest="stale_after", default="24h",
                      help="a RUNNING run from another host (or with no owner recorded) is "
                      "orphaned after this long (default: %(default)s; e.g. 90s, 30m, 7d)")
@@ -142,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--older-than", dest="older_than", default="7d",
                      help="remove the shards of an interrupted extraction untouched this long "
                      "(default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saeuniv", description="Compare the SAE features of two language models, "
+        "layer by layer, tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("run", help="run the whole pipeline (main)"))
+    for stage in stages.STAGES:
+        _common(sub.add_parser(stage.name, help=stage.help))
+    _add_sweep(sub)
+    _add_audit_and_compare(sub)
+    _add_doctor(sub)
     return parser
 
 
@@ -162,7 +168,7 @@ def project_launcher(project_dir: Path, tmp: Path):
     """
     import mlflow
 
-    from .store import atomic_write_text
+    from .files import atomic_write_text
 
     def launch(stage, pipe):
         run = mlflow.active_run()
@@ -215,7 +221,9 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         return doctor_main(args)
     try:
         cfg = _config(args)
-        from .pipeline import Pipeline, run_main, run_stage
+        from .main import run_main
+        from .pipeline import Pipeline
+        from .stages.runner import run_stage
         from .store import Store
         from .tracking import install_signal_handlers, setup_tracking
 

@@ -3,12 +3,14 @@
 Each run's ``grids.json`` and params are read back from MLflow. The comparison logs, into
 a new run tagged ``saeuniv.stage=compare`` and ``saeuniv.compared`` (the run ids):
 
-- ``compare_depth_curves.png``: per-layer SVCCA and RSA of every run against the relative
-  depth of the A layer, (layer + 1) / n_layers, each A layer scored against the B layer at
-  the nearest relative depth (the curves of the runs' ``svcca`` / ``rsa`` metrics);
+- ``compare_depth_curves.png``: per metric, each run's per-layer score against the
+  relative depth of the A layer, (layer + 1) / n_layers, each A layer scored against the B
+  layer at the nearest relative depth (the curves of the runs' ``<metric>`` metrics);
 - ``diff_heatmap_<metric>.png``: second run minus first run, layer pair by layer pair
   (the two runs must share one layer grid);
 - ``params_diff.csv``: the params whose values differ between the runs (also printed).
+
+The curves and heatmaps cover every metric all the runs scored, in the registry's order.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import re
 import mlflow
 import numpy as np
 
-CURVE_METRICS = ("svcca", "rsa")
+from .core.depth import nearest_layer, relative_depth
+from .core.metrics import METRICS
 
 
 class CompareError(ValueError):
@@ -73,13 +76,17 @@ def depth_curve(r: dict, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(relative depth of each A layer, score against the B layer nearest in depth)."""
     g, n = r["grids"], r["n_layers"]
     obs = np.asarray(g["metrics"][metric]["observed"], dtype=float)  # None -> nan
-    depth_b = np.asarray([(lb + 1) / n["b"] for lb in g["layers_b"]])
     xs, ys = [], []
     for i, la in enumerate(g["layers_a"]):
-        x = (la + 1) / n["a"]
+        x = relative_depth(la, n["a"])
         xs.append(x)
-        ys.append(obs[i, int(np.argmin(np.abs(depth_b - x)))])
+        ys.append(obs[i, g["layers_b"].index(nearest_layer(x, g["layers_b"], n["b"]))])
     return np.asarray(xs), np.asarray(ys)
+
+
+def shared_metrics(runs: list[dict]) -> list[str]:
+    """The metrics every run scored, in the registry's order."""
+    return [m for m in METRICS if all(m in r["grids"]["metrics"] for r in runs)]
 
 
 def params_diff(runs: list[dict]) -> list[dict]:
@@ -115,41 +122,62 @@ def table(rows: list[dict], ids: list[str]) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
 
 
+def _label(r: dict) -> str:
+    return f"{r['name']} ({r['id'][:8]})"
+
+
+def curves_figure(runs: list[dict], names: list[str]):
+    """One panel per metric: every run's per-layer curve against relative depth."""
+    from .plots import plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5))
+    for ax, metric in zip(np.atleast_1d(axes), names):
+        for r in runs:
+            x, y = depth_curve(r, metric)
+            ax.plot(x, y, marker="o", label=_label(r))
+        ax.set_xlabel("relative depth of A layer")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric}, B layer at nearest relative depth", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def params_csv(rows: list[dict], run_ids: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["param"] + run_ids)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 def compare(run_ids: list[str]) -> tuple[str, str]:
-    """Compare the main runs ``run_ids`` in a new ``compare`` run; (its id, the params table)."""
+    """Compare the main runs ``run_ids`` in a new ``compare`` run; (its id, the params table).
+
+    The curves and difference heatmaps cover every metric all the runs scored, in the
+    order of the metric registry."""
     from .plots import heatmap, plt
     from .tracking import lineage_tags, stage_run
 
     client = mlflow.MlflowClient()
     runs = [load_run(client, i) for i in run_ids]
-    diffs = {m: diff_grid(runs[0], runs[1], m) for m in CURVE_METRICS}  # fail before logging
+    names = shared_metrics(runs)
+    if not names:
+        raise CompareError(f"the runs {run_ids} share no scored metric")
+    diffs = {m: diff_grid(runs[0], runs[1], m) for m in names}  # fail before logging
     rows = params_diff(runs)
     text = table(rows, run_ids) if rows else "no param differs between the runs"
-    label = lambda r: f"{r['name']} ({r['id'][:8]})"
     with stage_run("compare", run_name="compare:" + ",".join(i[:8] for i in run_ids),
                    tags={"saeuniv.compared": ",".join(run_ids), **lineage_tags()}) as run:
-        fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(5 * len(CURVE_METRICS), 3.5))
-        for ax, metric in zip(np.atleast_1d(axes), CURVE_METRICS):
-            for r in runs:
-                x, y = depth_curve(r, metric)
-                ax.plot(x, y, marker="o", label=label(r))
-            ax.set_xlabel("relative depth of A layer")
-            ax.set_ylabel(metric)
-            ax.set_title(f"{metric}, B layer at nearest relative depth", fontsize=10)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
+        fig = curves_figure(runs, names)
         mlflow.log_figure(fig, "compare_depth_curves.png")
         plt.close(fig)
         g = runs[0]["grids"]
         for metric, grid in diffs.items():
             fig = heatmap(grid, g["layers_a"], g["layers_b"],
-                          f"{metric}: {label(runs[1])} minus {label(runs[0])}", "A", "B")
+                          f"{metric}: {_label(runs[1])} minus {_label(runs[0])}", "A", "B")
             mlflow.log_figure(fig, f"diff_heatmap_{metric}.png")
             plt.close(fig)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["param"] + run_ids)
-        writer.writeheader()
-        writer.writerows(rows)
-        mlflow.log_text(buf.getvalue(), "params_diff.csv")
+        mlflow.log_text(params_csv(rows, run_ids), "params_diff.csv")
         mlflow.log_metric("n_params_differ", len(rows))
         return run.info.run_id, text

@@ -47,7 +47,7 @@ def _table(columns: list[str], rows: list[dict]) -> str:
 def render(title: str, summary: str, heatmaps: dict[str, str], curves: str,
            quality: list[tuple[str, int, dict]], pairs: list[dict]) -> str:
     """The page. ``heatmaps``: metric -> base64 PNG; ``curves``: base64 PNG; ``quality``:
-    (side, layer, {l0, fvu, dead_fraction}); ``pairs``: rows of ``pipeline._top_pairs``."""
+    (side, layer, {l0, fvu, dead_fraction}); ``pairs``: rows of ``stages.match.top_pairs``."""
     img = lambda b64, alt: f'<img alt="{escape(alt)}" src="data:image/png;base64,{b64}">'
     parts = [f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{escape(title)}"
              f"</title><style>{STYLE}</style></head><body>", f"<h1>{escape(title)}</h1>",

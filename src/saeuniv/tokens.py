@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .alignment import pair_segments
+from .core.alignment import pair_segments
 from .config import TokenizerConfig
 from .corpus import read_split
 from .store import Entry, Store

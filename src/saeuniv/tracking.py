@@ -13,8 +13,12 @@ each run's ``saeuniv.host``/``saeuniv.pid`` tags let ``saeuniv doctor`` find the
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import logging
 import os
 import platform
+import re
 import signal
 import subprocess
 import tempfile
@@ -24,6 +28,9 @@ from pathlib import Path
 import mlflow
 
 from . import __version__
+from .files import sha256_file
+
+log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "saeuniv"
@@ -127,21 +134,11 @@ def lineage_tags(config_hash: str | None = None) -> dict[str, str]:
     return tags
 
 
-def _artifact_paths(client, run_id: str, path: str | None = None) -> list:
+def artifact_paths(client, run_id: str, path: str | None = None) -> list:
     out = []
     for info in client.list_artifacts(run_id, path):
-        out += _artifact_paths(client, run_id, info.path) if info.is_dir else [info]
+        out += artifact_paths(client, run_id, info.path) if info.is_dir else [info]
     return out
-
-
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def artifact_checksums(run_id: str) -> dict[str, dict]:
@@ -149,7 +146,7 @@ def artifact_checksums(run_id: str) -> dict[str, dict]:
     client = mlflow.MlflowClient()
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for info in _artifact_paths(client, run_id):
+        for info in artifact_paths(client, run_id):
             if info.path == CHECKSUMS:
                 continue
             local = Path(client.download_artifacts(run_id, info.path, tmp))
@@ -203,5 +200,28 @@ def record_failure(err: BaseException) -> None:
             mlflow.log_artifact(str(path))
 
 
-def log_json(obj, name: str) -> None:
-    mlflow.log_dict(obj, name)
+def pair_key(la: int, lb: int) -> str:
+    """The suffix of every per-layer-pair metric: ``a{la}-b{lb}`` (``svcca/a1-b2``)."""
+    return f"a{la}-b{lb}"
+
+
+def warn(key: str, msg: str) -> None:
+    """A problem that does not stop the stage but must not pass unseen: a log line and a
+    ``saeuniv.warning.<key>`` tag on the active run."""
+    log.warning(msg)
+    mlflow.set_tag(f"saeuniv.warning.{key}", msg[:4900])
+
+
+def metric_name(text: str) -> str:
+    """``text`` with the characters MLflow refuses in a metric name replaced by ``_``."""
+    return re.sub(r"[^\w\-. /]", "_", text)
+
+
+def csv_text(rows: list[dict]) -> str:
+    """Rows (dicts with the same keys) as CSV text with a header, for ``mlflow.log_text``."""
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()

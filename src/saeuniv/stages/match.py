@@ -1,0 +1,113 @@
+"""The ``match`` stage: pair the SAE features of A and B at every layer pair.
+
+Inputs: the codes of A layer ``la`` and B layer ``lb`` (the first ``match.n_tokens`` rows,
+or all). Build (``matches`` store entry): the exact correlation of every A feature with
+every B feature, each feature's top activations, and the pairs of the matching rule
+(``saeuniv.core.matching.pair``: policy, threshold, junk and shared-token filters), with
+the pairs left after each step. Logged per layer pair (``aI-bJ``): ``n_tokens``,
+``n_dead_a``, ``n_dead_b``, ``n_policy``, ``mean_corr_before``, ``n_threshold``, ``n_junk``,
+``n_shared_token``, ``n_pairs``, ``mean_corr_after``, ``unique_a_fraction``; the table
+``top_pairs.json`` (the ten best pairs of each layer pair with their top tokens and
+contexts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..core import matching
+from ..store import Entry
+from ..tracking import pair_key, warn
+
+
+def spec(pipe, la: int, lb: int) -> dict:
+    match = asdict(pipe.cfg.match)
+    if not match["n_tokens"]:  # every row: the key of entries made before n_tokens existed
+        del match["n_tokens"]
+    return {"codes_a": pipe.a.codes[la].key, "codes_b": pipe.b.codes[lb].key, "match": match}
+
+
+def entry(pipe, la: int, lb: int) -> Entry:
+    """The ``matches`` entry of A layer ``la`` and B layer ``lb``, built when missing."""
+    return pipe.store.get_or_create("matches", spec(pipe, la, lb),
+                                    lambda out: build(pipe, la, lb, out))[0]
+
+
+def build(pipe, la: int, lb: int, out: Path) -> dict:
+    """Correlate, pair and filter; write ``pairs.npz`` and ``top.npz``; return the counts."""
+    mc = pipe.cfg.match
+    codes_a = pipe.analysis_codes(pipe.a.codes[la])
+    codes_b = pipe.analysis_codes(pipe.b.codes[lb])
+    corr = matching.correlation(codes_a, codes_b)
+    top_a = matching.top_activations(codes_a, mc.top_k)
+    top_b = matching.top_activations(codes_b, mc.top_k)
+    paired = matching.pair(corr, mc.rule(), pipe.a.top_tokens(top_a), pipe.b.top_tokens(top_b))
+    m = paired.matches
+    counts = {"n_tokens": int(codes_a.shape[0]),
+              "n_dead_a": int(matching.dead_features(codes_a).sum()),
+              "n_dead_b": int(matching.dead_features(codes_b).sum()), **paired.counts}
+    np.savez(out / "pairs.npz", a=m.a, b=m.b, corr=m.corr)
+    np.savez(out / "top.npz", rows_a=top_a.rows, values_a=top_a.values, rows_b=top_b.rows,
+             values_b=top_b.values)
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in counts.items()}
+
+
+def load(entry: Entry) -> matching.Matches:
+    """The pairs of a ``matches`` entry."""
+    data = np.load(entry.file("pairs.npz"))
+    return matching.Matches(data["a"], data["b"], data["corr"])
+
+
+def load_top(entry: Entry) -> tuple[matching.TopActivations, matching.TopActivations]:
+    """The top activations of every A and B feature stored with a ``matches`` entry."""
+    with np.load(entry.file("top.npz")) as npz:  # each array read once
+        return (matching.TopActivations(npz["rows_a"], npz["values_a"]),
+                matching.TopActivations(npz["rows_b"], npz["values_b"]))
+
+
+def run(pipe) -> None:
+    rows = []
+    for la, lb in tqdm(pipe.pairs, desc="match", unit="layer pair"):
+        e = entry(pipe, la, lb)
+        key, meta = pair_key(la, lb), e.meta
+        mlflow.log_metrics({f"{k}/{key}": v for k, v in meta.items() if v is not None})
+        if meta["n_pairs"] == 0:
+            warn(f"match.{key}", no_pairs_message(pipe, la, lb, meta))
+        rows += top_pairs(pipe, la, lb, e, 10)
+    if rows:
+        mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "top_pairs.json")
+
+
+def no_pairs_message(pipe, la: int, lb: int, meta: dict) -> str:
+    mc = pipe.cfg.match
+    return (f"A layer {la} / B layer {lb}: no pairs left after matching ({meta['n_policy']} "
+            f"by policy {mc.policy}, {meta['n_threshold']} above match.threshold="
+            f"{mc.threshold}, {meta['n_junk']} after the junk filter; dead or constant "
+            f"features: {meta['n_dead_a']} of A, {meta['n_dead_b']} of B); lower "
+            "match.threshold, or check the SAEs")
+
+
+def top_pairs(pipe, la: int, lb: int, e: Entry, n: int | None) -> list[dict]:
+    """The ``n`` best pairs of a layer pair (all: None), best first, with each feature's
+    top tokens and the context of its strongest activation."""
+    m = load(e)
+    rows_a, rows_b = (t.rows for t in load_top(e))
+    order = np.argsort(-m.corr)[:n]
+
+    def words(side, rows):
+        return " | ".join(repr(side.row_text[r]) for r in rows if r >= 0)
+
+    def context(side, row):
+        return side.context(int(row)) if row >= 0 else ""
+
+    a, b = pipe.a, pipe.b
+    return [{"layer_a": la, "layer_b": lb, "a": int(m.a[i]), "b": int(m.b[i]),
+             "corr": round(float(m.corr[i]), 4), "top_tokens_a": words(a, rows_a[m.a[i]]),
+             "top_tokens_b": words(b, rows_b[m.b[i]]),
+             "context_a": context(a, rows_a[m.a[i], 0]),
+             "context_b": context(b, rows_b[m.b[i], 0])} for i in order]

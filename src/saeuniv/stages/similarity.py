@@ -1,0 +1,109 @@
+"""The ``similarity`` stage: score the paired decoder rows of every layer pair with each
+metric of ``similarity.metrics``, against its seeded permutation null.
+
+Inputs: the layer pair's matched pairs (``stages.match``) and the two SAEs' decoder rows.
+Build (``scores`` store entry, ``scores.json``): per metric of the registry
+``saeuniv.core.metrics.METRICS``, the observed score, null mean and sd, z, p, and the
+metric's details (SVCCA: directions kept, the Lan-compatible score). Logged per layer pair
+(``aI-bJ``): ``n_pairs/aI-bJ``, ``<metric>/aI-bJ`` and ``<metric>_<field>/aI-bJ`` for
+``null_mean``, ``z``, ``p`` and the details (``k_a``, ``k_b``, ``lan_compatible``), e.g. ``svcca/a1-b2``, ``svcca_z/a1-b2``,
+``svcca_k_a/a1-b2`` (see ``log_scores``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..core import metrics
+from ..store import Entry
+from ..tracking import pair_key, warn
+from . import match
+
+# stored in scores.json with each score but not logged per layer pair: the score itself is
+# logged under the metric's own name, the null's spread and settings are in the config
+NOT_LOGGED = ("observed", "null_sd", "n_perm", "seed")
+
+
+def spec(pipe, la: int, lb: int, matches: Entry) -> dict:
+    return {"matches": matches.key, "sae_a": pipe.a.sae_keys[la], "sae_b": pipe.b.sae_keys[lb],
+            "similarity": asdict(pipe.cfg.similarity)}
+
+
+def entry(pipe, la: int, lb: int) -> Entry:
+    """The ``scores`` entry of A layer ``la`` and B layer ``lb``, built when missing."""
+    m = match.entry(pipe, la, lb)
+    return pipe.store.get_or_create("scores", spec(pipe, la, lb, m),
+                                    lambda out: build(pipe, la, lb, m, out))[0]
+
+
+def score(name: str, A: np.ndarray, B: np.ndarray, sim) -> dict:
+    """One metric against its permutation null, as stored in ``scores.json``."""
+    metric = metrics.METRICS[name]
+    kwargs = metric.kwargs(variance=sim.variance)
+    try:
+        null = metrics.permutation_null(name, A, B, n_perm=sim.n_perm, seed=sim.seed, **kwargs)
+    except ValueError as err:  # e.g. fewer pairs than SVCCA directions
+        return {"error": str(err)}
+    if not np.isfinite(null.observed):
+        return {"error": f"{name} came out {null.observed} on {len(A)} pairs (degenerate "
+                         "decoder rows)"}
+    out = {"observed": null.observed, "null_mean": null.null_mean, "null_sd": null.null_sd,
+           "z": null.z, "p": null.p, "n_perm": null.n_perm, "seed": null.seed}
+    if metric.details is not None:
+        out.update(metric.details(A, B, **kwargs))
+    return out
+
+
+def build(pipe, la: int, lb: int, matches: Entry, out: Path) -> dict:
+    sim = pipe.cfg.similarity
+    m = match.load(matches)
+    result = {"layer_a": la, "layer_b": lb, "n_pairs": m.n, "metrics": {}, "status": "ok"}
+    if m.n < sim.min_pairs:
+        result["status"] = (f"too few pairs ({m.n} < similarity.min_pairs={sim.min_pairs}); "
+                            "lower match.threshold or similarity.min_pairs")
+    else:
+        A, B = pipe.a.decoder(la)[m.a], pipe.b.decoder(lb)[m.b]
+        result["metrics"] = {name: score(name, A, B, sim) for name in sim.metrics}
+    (out / "scores.json").write_text(json.dumps(result, indent=1, default=json_default))
+    return {"status": result["status"], "n_pairs": m.n}
+
+
+def json_default(x):
+    """numpy scalars as Python numbers in stored JSON."""
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(type(x))
+
+
+def load(e: Entry) -> dict:
+    """The stored scores of a layer pair (``scores.json``)."""
+    return json.loads(e.file("scores.json").read_text())
+
+
+def log_scores(scores: dict, key: str) -> None:
+    """Log a layer pair's stored scores under ``<metric>/<key>``, ``<metric>_<field>/<key>``
+    and ``n_pairs/<key>``; a pair or metric without a score gets a warning or error tag."""
+    out = {f"n_pairs/{key}": scores["n_pairs"]}
+    if scores.get("status", "ok") != "ok":
+        warn(f"scores.{key}", f"A layer {scores['layer_a']} / B layer {scores['layer_b']} not "
+             f"scored: {scores['status']}")
+    for name, r in scores["metrics"].items():
+        if "error" in r:
+            mlflow.set_tag(f"saeuniv.error.{name}.{key}", r["error"][:500])
+            continue
+        out[f"{name}/{key}"] = r["observed"]
+        for field, value in r.items():  # null_mean, z, p and the metric's details
+            if field not in NOT_LOGGED and value is not None and np.isfinite(value):
+                out[f"{name}_{field}/{key}"] = value
+    mlflow.log_metrics(out)
+
+
+def run(pipe) -> None:
+    for la, lb in tqdm(pipe.pairs, desc="similarity", unit="layer pair"):
+        log_scores(load(entry(pipe, la, lb)), pair_key(la, lb))
