@@ -1,47 +1,22 @@
-"""Shared fixtures: an offline environment, a synthetic corpus and one tiny pipeline run."""
+"""Shared fixtures: an offline environment, a synthetic corpus, a private MLflow store, and
+the tiny pipeline run that many tests read.
+
+``tiny_run`` is one ``saeuniv run`` of the tiny config on the synthetic corpus into a
+private store and MLflow database, then a warm rerun. Tests only read it. A test that
+writes (new store entries, new runs, changed artefacts) works on ``own_store`` (a copy of
+the store) and ``own_tracking`` (its own MLflow database)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
+import shutil
+import time
 
 import pytest
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-    "WANDB_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+from helpers import OFFLINE_ENV, private_runs, synthetic_text
+
 os.environ.update(OFFLINE_ENV)
-
-SUBJECTS = ["the whale", "the captain", "a sailor", "the ship", "the sea", "the harbour",
-            "the president", "congress", "the nation", "the people", "a merchant", "the crew"]
-VERBS = ["sees", "follows", "praises", "fears", "remembers", "builds", "crosses", "defends",
-         "finds", "loses", "welcomes", "questions"]
-OBJECTS = ["the storm", "the law", "a new treaty", "the white whale", "the budget", "the coast",
-           "the old harpoon", "the union", "a long voyage", "the treasury", "the island",
-           "the fleet"]
-TAILS = ["in the morning", "last week", "in New York", "across the United States",
-         "before the winter", "with great care", "at night", "in March", "for many years"]
-
-
-def synthetic_text(n_docs: int, seed: int = 0) -> list[str]:
-    """Templated English documents: a few hundred words each, reproducible by seed."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n_docs):
-        paras = []
-        for _ in range(rng.randint(2, 4)):
-            sents = []
-            for _ in range(rng.randint(3, 6)):
-                s = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}"
-                if rng.random() < 0.6:
-                    s += f" {rng.choice(TAILS)}"
-                sents.append(s[0].upper() + s[1:] + rng.choice([".", ".", ".", "!", "?"]))
-            paras.append(" ".join(sents))
-        docs.append("\n\n".join(paras))
-    return docs
 
 
 @pytest.fixture(scope="session")
@@ -53,37 +28,6 @@ def corpus_dir(tmp_path_factory):
     return path
 
 
-@contextlib.contextmanager
-def env_vars(**values):
-    """Set environment variables for a block and restore them after (for module-scoped
-    fixtures, which cannot use monkeypatch)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
-def private_runs(root, chdir: bool = False):
-    """A private MLflow SQLite database and artefact store under ``root`` for a block
-    (and ``root`` as the working directory when ``chdir``); yields the tracking URI."""
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    cwd = os.getcwd()
-    with env_vars(MLFLOW_TRACKING_URI=uri, SAEUNIV_HOME=str(root / "store")):
-        if chdir:
-            os.chdir(root)
-        try:
-            yield uri
-        finally:
-            os.chdir(cwd)
-
-
 @pytest.fixture()
 def tracking(tmp_path, monkeypatch):
     """A private MLflow SQLite store and artefact store for one test."""
@@ -93,6 +37,60 @@ def tracking(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     import mlflow
 
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, corpus_dir):
+    """One tiny `saeuniv run` into a private store and MLflow database, then a warm rerun."""
+    root = tmp_path_factory.mktemp("run")
+    from saeuniv import cli
+    from saeuniv.config import load_config
+
+    args = ["run", "--config", "tiny", "--set", f"corpus.source={corpus_dir}"]
+    with private_runs(root) as uri:
+        t0 = time.time()
+        assert cli.main(args) == 0
+        cold = time.time() - t0
+        entries = sorted(p.name for p in (root / "store").rglob("manifest.json"))
+        t0 = time.time()
+        assert cli.main(args) == 0
+        warm = time.time() - t0
+        entries_after = sorted(p.name for p in (root / "store").rglob("manifest.json"))
+    return {"root": root, "uri": uri, "cold": cold, "warm": warm, "store": root / "store",
+            "n_entries": (len(entries), len(entries_after)), "args": args,
+            "cfg": load_config("tiny", {"corpus.source": str(corpus_dir)})}
+
+
+@pytest.fixture()
+def tiny_pipe(tiny_run):
+    """A pipeline of the tiny run's config on its store (read only)."""
+    from saeuniv.pipeline import Pipeline
+    from saeuniv.store import Store
+
+    return Pipeline(tiny_run["cfg"], Store(tiny_run["store"]))
+
+
+@pytest.fixture()
+def own_store(tiny_run, tmp_path):
+    """A copy of the tiny run's store, for a test that adds or rebuilds entries."""
+    return shutil.copytree(tiny_run["store"], tmp_path / "store",
+                           ignore=shutil.ignore_patterns("*.lock"))
+
+
+@pytest.fixture()
+def own_tracking(tmp_path, monkeypatch, own_store):
+    """A private MLflow database in a private working folder, with ``own_store`` as the
+    default store; yields the tracking URI."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("SAEUNIV_HOME", str(own_store))
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run():

@@ -3,7 +3,7 @@ fix, with exit status 2, nothing trained, no partial artefact, and no MLflow run
 
 One table drives the test. Each row is a command of ``saeuniv`` (run in this process through
 ``saeuniv.cli.main``) or of an MLproject entry point (the entry point's own command from
-``MLproject``, run as ``python mlflow_project/entry.py ...`` in a subprocess), the patterns its
+``MLproject``, run as ``python -m saeuniv.cli ...`` in a subprocess), the patterns its
 error must match, and how many MLflow runs it opens: a config error opens none; an error found
 by ``Pipeline.validate`` opens the stage's (or main) run, which must end FAILED with the error
 in its ``saeuniv.error`` tag.
@@ -24,7 +24,7 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import private_runs
+from helpers import private_runs
 import saeuniv
 from saeuniv import cli
 from saeuniv.store import Store
@@ -266,7 +266,7 @@ def _store_state(store: Path) -> tuple[list[str], list[str]]:
     heavy = sorted(str(p) for kind in HEAVY for p in (store / kind).glob("*/manifest.json"))
     stray = sorted(str(p) for p in store.rglob("*")
                    if p.name.startswith((".tmp-", ".probe-")) or p.name.endswith(".tmp")
-                   or (p.name.startswith("shard-") and "partial" in p.parts))
+                   or p.name.startswith("shard-"))
     return heavy, stray
 
 
@@ -275,8 +275,8 @@ def test_the_table_covers_every_entry_point(ctx):
     commands = {r[1](ctx)[0] for r in ROWS if not r[0].startswith("mlproject_")}
     assert commands == {"run", "models", "saes", "extract", "match", "similarity", "subspaces",
                         "sweep", "audit", "compare"}
-    entry_points = {r[1](ctx)[2] for r in ROWS if r[0].startswith("mlproject_")}
-    assert len(entry_points) >= 4  # python mlflow_project/entry.py COMMAND ...
+    entry_points = {r[1](ctx)[3] for r in ROWS if r[0].startswith("mlproject_")}
+    assert len(entry_points) >= 4  # python -m saeuniv.cli COMMAND ...
 
 
 @pytest.mark.parametrize("name, argv, patterns, n_runs", ROWS, ids=[r[0] for r in ROWS])
@@ -332,7 +332,7 @@ UNSAFE = {
 def test_no_source_file_deserialises_untrusted_bytes_unsafely():
     """Weights come from safetensors, arrays from np.load without pickles, YAML from
     yaml.safe_load: no code path of saeuniv can run code hidden in a file it reads."""
-    files = sorted((SRC / "saeuniv").rglob("*.py")) + [ROOT / "mlflow_project" / "entry.py"]
+    files = sorted((SRC / "saeuniv").rglob("*.py"))
     assert len(files) > 10
     found = [f"{f.name}: {what}" for f in files for pattern, what in UNSAFE.items()
              if re.search(pattern, f.read_text())]

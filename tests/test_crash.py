@@ -28,17 +28,19 @@ import pytest
 from filelock import FileLock
 
 import saeuniv
-from conftest import env_vars
+from helpers import env_vars
 from saeuniv import cli
 from saeuniv.config import load_config
 from saeuniv.doctor import check_store, orphan_reason, verify_entry
-from saeuniv.pipeline import STAGE_FUNCS, STAGES, Pipeline
+from saeuniv import stages
+from saeuniv.pipeline import Pipeline
+from saeuniv.stages import similarity
 from saeuniv.procs import hostname, owner_tags
-from saeuniv.store import Store
+from saeuniv.store import NOT_KINDS, PARTIAL, Store, What
 
 SRC = str(Path(saeuniv.__file__).resolve().parents[1])
 SHARD_WINDOWS = 4  # 13 shards per model: many points to be killed at
-DOWNSTREAM = ("codes", "matches", "scores", "partial")
+DOWNSTREAM = ("codes", "matches", "scores", PARTIAL)
 SEED = 20240611  # the random kill times
 
 
@@ -92,7 +94,7 @@ def _visible_entries_whole(root: Path) -> int:
     temporary folder, not one moved aside as corrupt) matches its manifest."""
     n = 0
     for kind in root.iterdir():
-        if kind.name in ("partial", "memo") or not kind.is_dir():
+        if kind.name in NOT_KINDS or not kind.is_dir():
             continue
         for entry in kind.iterdir():
             if entry.is_dir() and not entry.name.startswith(".") and ".corrupt-" not in entry.name:
@@ -150,8 +152,8 @@ def test_same_config_and_seed_give_identical_results(ref):
     client, _ = _runs(ref["uri"])
     one, two = (_by_stage(_runs(ref["uri"], f"det{i}")[1]) for i in (1, 2))
     pairs = [f"subspaces:a{la}-b{lb}" for la, lb in Pipeline(
-        ref["cfg"], Store(ref["store"])).subspace_pairs()]
-    assert sorted(one) == sorted(two) == sorted(("main",) + STAGES + tuple(pairs))
+        ref["cfg"], Store(ref["store"])).subspace_pairs]
+    assert sorted(one) == sorted(two) == sorted(("main",) + stages.NAMES + tuple(pairs))
     for stage, run in one.items():
         other = two[stage]
         assert run.info.status == other.info.status == "FINISHED"
@@ -189,10 +191,9 @@ def _child(root: str, overrides: dict, work: str, fault: str | None, pipe_end) -
     pipe_end.send("ready")
     t0 = time.perf_counter()
     if work == "extract":
-        _ = pipe.all_codes
+        _ = pipe.a.codes, pipe.b.codes
     else:
-        pipe.sae_entries("a")
-        pipe.sae_entries("b")
+        _ = pipe.a.sae_entries, pipe.b.sae_entries
     pipe_end.send(time.perf_counter() - t0)
 
 
@@ -253,9 +254,9 @@ def _campaign(ctx, upstream: Path, corpus, work: str, chosen: list[str], event: 
 
 def _same_scores(cfg, ref_store: Path, root: Path) -> None:
     pipe, reference = Pipeline(cfg, Store(root)), Pipeline(cfg, Store(ref_store))
-    for la, lb in pipe.pairs():
-        assert pipe.scores(la, lb).file("scores.json").read_bytes() == \
-            reference.scores(la, lb).file("scores.json").read_bytes()
+    for la, lb in pipe.pairs:
+        assert similarity.entry(pipe, la, lb).file("scores.json").read_bytes() == \
+            similarity.entry(reference, la, lb).file("scores.json").read_bytes()
 
 
 def test_killed_extraction_resumes_from_its_shards(ref, forkserver, tmp_path, monkeypatch):
@@ -268,7 +269,7 @@ def test_killed_extraction_resumes_from_its_shards(ref, forkserver, tmp_path, mo
     cfg = ref["cfg"]
     upstream = _copy(ref["store"], tmp_path / "upstream", DOWNSTREAM)
     codes_keys = [k for _, k in _entries(ref["store"], ["codes"])]
-    n_shards = -(-len(Pipeline(cfg, Store(upstream)).windows("a").tokens) // SHARD_WINDOWS)
+    n_shards = -(-len(Pipeline(cfg, Store(upstream)).a.windows.tokens) // SHARD_WINDOWS)
     assert n_shards >= 10 and len(codes_keys) == 5
     saved = []
     real_save = extract._save_shard
@@ -277,13 +278,14 @@ def test_killed_extraction_resumes_from_its_shards(ref, forkserver, tmp_path, mo
     def trial(root, point, code):
         _visible_entries_whole(root)
         done = {k for k in codes_keys if (root / "codes" / k / "manifest.json").exists()}
-        kept = {k: len(list((root / "partial" / "codes" / k).glob("shard-*.npz")))
+        kept = {k: len(list(Store(root).partial_path("codes", k).glob("shard-*.npz")))
                 for k in codes_keys if k not in done}
         saved.clear()
-        Pipeline(cfg, Store(root)).all_codes  # the rerun
+        pipe = Pipeline(cfg, Store(root))  # the rerun
+        _ = pipe.a.codes, pipe.b.codes
         assert len(saved) == sum(n_shards - n for n in kept.values())  # kept shards reused
         assert _same_store(ref["store"], root, ["codes"]) == 5
-        assert not [p for p in (root / "partial" / "codes").iterdir() if p.is_dir()]
+        assert not [f for f in Store(root).scan() if f.what == What.PARTIAL]
         return point, code, len(done), sum(kept.values())
 
     report, _ = _campaign(forkserver, upstream, ref["corpus"], "extract",
@@ -321,7 +323,8 @@ def test_killed_sae_training_restarts_cleanly(ref, forkserver, tmp_path, monkeyp
         assert sorted(f.where for f in found if f.what == "STALE-TEMP") == sorted(map(str, temps))
         assert not list((root / "sae").glob(".tmp-*"))
         fits.clear()
-        Pipeline(cfg, Store(root)).sae_entries("a"), Pipeline(cfg, Store(root)).sae_entries("b")
+        pipe = Pipeline(cfg, Store(root))
+        _ = pipe.a.sae_entries, pipe.b.sae_entries
         assert len(fits) == len(sae_keys) - done  # finished SAEs kept, the rest trained
         assert _same_store(ref["store"], root, ["sae"]) == 5
         return point, code, done, len(temps)
@@ -347,7 +350,7 @@ def test_exception_in_a_stage_fails_the_stage_and_main_runs(ref, tmp_path, monke
     def boom(pipe):
         raise RuntimeError("boom in the match stage")
 
-    monkeypatch.setitem(STAGE_FUNCS, "match", boom)
+    monkeypatch.setattr(stages.get("match").module, "run", boom)
     with pytest.raises(RuntimeError, match="boom"):
         cli.main(["run", *_args(ref["corpus"]), "--store", str(store)])
     client, runs = _runs(uri)
@@ -414,7 +417,7 @@ def test_sigterm_fails_the_main_run_and_its_active_child(ref, tmp_path):
         assert "Terminated" in mlflow.artifacts.load_text(
             f"runs:/{by[stage].info.run_id}/error.txt")
         assert by[stage].data.tags["saeuniv.pid"] == str(proc.pid)
-    assert len(list((store / "partial" / "codes").glob("*/shard-*.npz"))) == 2 * 3
+    assert len(list(store.rglob("shard-*.npz"))) == 2 * 3
 
 
 def test_sigkill_leaves_runs_that_doctor_finds_and_fixes_then_a_rerun_resumes(
@@ -425,7 +428,7 @@ def test_sigkill_leaves_runs_that_doctor_finds_and_fixes_then_a_rerun_resumes(
     store = _copy(ref["store"], tmp_path / "store", DOWNSTREAM)
     log = tmp_path / "run.log"
     args = ["run", *_args(ref["corpus"]), "--store", str(store)]
-    n_shards = -(-len(Pipeline(ref["cfg"], Store(store)).windows("a").tokens) // SHARD_WINDOWS)
+    n_shards = -(-len(Pipeline(ref["cfg"], Store(store)).a.windows.tokens) // SHARD_WINDOWS)
     stop = n_shards + 3  # A done, B three shards in
     proc = _signal_paused_run(args, log, uri, stop, signal.SIGKILL, -signal.SIGKILL)
     client, runs = _runs(uri)
@@ -447,7 +450,7 @@ def test_sigkill_leaves_runs_that_doctor_finds_and_fixes_then_a_rerun_resumes(
     for stage in ("main", "extract"):
         run = client.get_run(by[stage].info.run_id)
         assert run.info.status == "FAILED" and run.data.tags["saeuniv.error"] == why
-    kept = len(list((store / "partial" / "codes").glob("*/shard-*.npz")))
+    kept = len(list(store.rglob("shard-*.npz")))
     assert kept == 3 * 3  # A finished, B's three layers part way
     saved = []
     real_save = extract._save_shard
@@ -513,14 +516,14 @@ def test_doctor_cleans_the_store_and_never_touches_a_good_entry(ref, tmp_path, m
     busy = store / "model" / f".tmp-{busy_key}-cafef00d"  # a live builder's
     busy.mkdir()
     codes = next(p for p in (store / "codes").iterdir() if p.is_dir())
-    leftover = store / "partial" / "codes" / codes.name  # shards of a finished entry
+    leftover = Store(store).partial_path("codes", codes.name)  # shards of a finished entry
     leftover.mkdir(parents=True)
     (leftover / "shard-00000.npz").write_bytes(b"x")
-    resumable = store / "partial" / "codes" / ("0" * 64)
+    resumable = Store(store).partial_path("codes", "0" * 64)
     resumable.mkdir()
     (resumable / "shard-00000.npz").write_bytes(b"x")
     (resumable / ".shard-00001.npz.1234.tmp.npz").write_bytes(b"half")
-    stale = store / "partial" / "codes" / ("1" * 64)
+    stale = Store(store).partial_path("codes", "1" * 64)
     stale.mkdir()
     (stale / "shard-00000.npz").write_bytes(b"x")
     week = time.time() - 8 * 86400
@@ -582,14 +585,14 @@ def test_two_runs_at_once_share_the_store_and_build_each_entry_once(ref, tmp_pat
           + " and ".join(f"{t.count('store: built ')} by run {i}" for i, t in enumerate(texts, 1)))
     computed = [tuple(map(int, m)) for t in texts
                 for m in re.findall(r"computing (\d+) of (\d+) shards \((\d+) kept", t)]
-    n_shards = -(-len(Pipeline(ref["cfg"], Store(store)).windows("a").tokens) // SHARD_WINDOWS)
+    n_shards = -(-len(Pipeline(ref["cfg"], Store(store)).a.windows.tokens) // SHARD_WINDOWS)
     assert sum(c for c, _, _ in computed) == 5 * n_shards and all(k == 0 for *_, k in computed)
     _, runs = _runs(uri, "both")
     assert {r.info.status for r in runs} == {"FINISHED"}
     mains = [r for r in runs if r.data.tags["saeuniv.stage"] == "main"]
-    stages = [r for r in runs if r.data.tags["saeuniv.stage"] != "subspaces.pair"]
-    assert len(mains) == 2 and len(stages) == 2 * (1 + len(STAGES))
-    for sub in (r for r in stages if r.data.tags["saeuniv.stage"] == "subspaces"):
+    kids = [r for r in runs if r.data.tags["saeuniv.stage"] != "subspaces.pair"]
+    assert len(mains) == 2 and len(kids) == 2 * (1 + len(stages.NAMES))
+    for sub in (r for r in kids if r.data.tags["saeuniv.stage"] == "subspaces"):
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sub.info.run_id]
         # a layer-pair run each, unless the stage reused the other run's finished stage
         assert len(children) == (0 if "saeuniv.reused_from" in sub.data.tags else 6)

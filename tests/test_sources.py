@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import synthetic_text
+from helpers import synthetic_text
 from saeuniv import cli
 from saeuniv.config import load_config
 from saeuniv.extract import load_codes
 from saeuniv.models import ModelError, hf_blocks, load_outside_model
 from saeuniv.pipeline import Pipeline
 from saeuniv.saes import SAEError
+from saeuniv.sides import Side
+from saeuniv.stages import similarity
 from saeuniv.store import Store
 
 
@@ -149,9 +151,9 @@ def hf_run(hf_folders, corpus_dir, tmp_path_factory):
 
 def test_two_tokenizers_are_compared_on_shared_boundaries(hf_run):
     pipe = Pipeline(hf_run["cfg"], hf_run["store"])
-    assert not pipe.shared_tokenizer
-    assert pipe.bos("a") and not pipe.bos("b")
-    wa, wb = pipe.windows("a"), pipe.windows("b")
+    assert not pipe.up.shared_tokenizer
+    assert pipe.a.bos and not pipe.b.bos
+    wa, wb = pipe.a.windows, pipe.b.windows
     assert (wa.tokens[:, 0] == wa.bos_id).all() and wb.bos_id is None
     assert not wb.mask[:, 0].any()  # no BOS: the first position is never compared
     ends_a = wa.offsets[wa.mask][:, 1]
@@ -161,32 +163,32 @@ def test_two_tokenizers_are_compared_on_shared_boundaries(hf_run):
     n = int(wa.mask.sum())
     assert n >= 800
     assert n < (wa.offsets[:, :, 1] > wa.offsets[:, :, 0]).sum()  # some tokens not shared
-    for side in "ab":
-        for layer, entry in pipe.all_codes[side].items():
+    for side in pipe.sides:
+        for layer, entry in side.codes.items():
             assert load_codes(entry).shape[0] == n
-    scored = [s for s in (pipe.scores(la, lb) for la, lb in pipe.pairs())]
-    assert len(scored) == 3 * 2
+    scored = [similarity.load(similarity.entry(pipe, la, lb)) for la, lb in pipe.pairs]
+    assert len(scored) == 3 * 2 and all(s["layer_a"] in pipe.a.layers for s in scored)
 
 
 def test_sae_folder_source_gives_the_same_codes(hf_run, tmp_path):
     pipe = Pipeline(hf_run["cfg"], hf_run["store"])
-    for layer in pipe.layers("a"):
-        shutil.copytree(pipe.sae_entries("a")[layer].path / "sae", tmp_path / f"layer_{layer}")
+    for layer in pipe.a.layers:
+        shutil.copytree(pipe.a.sae_entries[layer].path / "sae", tmp_path / f"layer_{layer}")
     cfg = hf_run["cfg"].replace(**{"sae_a": {"source": "folder",
                                              "path": str(tmp_path / "layer_{layer}")}})
     other = Pipeline(cfg, hf_run["store"])
     other.validate()
-    assert other.sae_key("a", 1) != pipe.sae_key("a", 1)
-    fresh = other.codes("a")[1]
-    assert fresh.key != pipe.all_codes["a"][1].key
-    assert (load_codes(fresh) != load_codes(pipe.all_codes["a"][1])).nnz == 0
+    assert other.a.sae_keys[1] != pipe.a.sae_keys[1]
+    fresh = other.a.codes[1]
+    assert fresh.key != pipe.a.codes[1].key
+    assert (load_codes(fresh) != load_codes(pipe.a.codes[1])).nnz == 0
 
 
 def _folder_sae(hf_run, tmp_path, d_in=None, hook=None):
     pipe = Pipeline(hf_run["cfg"], hf_run["store"])
-    for layer in pipe.layers("a"):
+    for layer in pipe.a.layers:
         dest = tmp_path / f"layer_{layer}"
-        shutil.copytree(pipe.sae_entries("a")[layer].path / "sae", dest)
+        shutil.copytree(pipe.a.sae_entries[layer].path / "sae", dest)
         cfg = json.loads((dest / "cfg.json").read_text())
         if d_in is not None:
             cfg["d_in"] = d_in
@@ -220,7 +222,7 @@ def test_mismatched_saes_are_rejected_before_any_model_runs(hf_run, tmp_path, ca
     layers = [1] if case in ("layer", "release_id") else "all"
     cfg = hf_run["cfg"].replace(**{"sae_a": ref, "layers_a": layers})
     pipe = Pipeline(cfg, hf_run["store"])
-    monkeypatch.setattr(Pipeline, "model", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(Side, "model", property(lambda *a: pytest.fail("a model was loaded")))
     with pytest.raises(SAEError, match=message):
         pipe.validate()
 
@@ -287,17 +289,17 @@ def test_official_model_and_release_sae_through_the_hub_cache(hub_cache, tmp_pat
         "corpus.source": str(corpus_dir)})
     pipe = Pipeline(cfg, Store(tmp_path / "store"))
     pipe.validate()
-    assert (pipe.info("a").n_layers, pipe.info("a").d_model) == (2, 32)
-    _, sae = pipe.sae("a", 1)
+    assert (pipe.a.info.n_layers, pipe.a.info.d_model) == (2, 32)
+    sae = pipe.a.saes[1]
     assert sae.cfg.d_in == 32
-    model = pipe.model("a")
+    model = pipe.a.model
     assert model.backend == "tl"
     # transformer-lens without processing reads the same stream as HF hidden_states[L + 1]
     hf = AutoModelForCausalLM.from_pretrained("EleutherAI/pythia-70m-deduped").eval()
-    toks = torch.as_tensor(pipe.windows("a").tokens[:2], dtype=torch.long)
+    toks = torch.as_tensor(pipe.a.windows.tokens[:2], dtype=torch.long)
     with torch.no_grad():
         states = hf(toks, output_hidden_states=True).hidden_states
     torch.testing.assert_close(model.residuals(toks, [0])[0], states[1], atol=1e-4, rtol=1e-4)
-    codes = pipe.codes("a")
+    codes = pipe.a.codes
     assert sorted(codes) == [0, 1]
-    assert load_codes(codes[1]).shape == (int(pipe.windows("a").mask.sum()), 64)
+    assert load_codes(codes[1]).shape == (int(pipe.a.windows.mask.sum()), 64)

@@ -360,5 +360,11 @@ def sweep_main(args) -> int:
     return 0
 
 
+def project_dir() -> Path | None:
+    """The MLflow project this process runs in: ``mlflow run`` starts the entry points of
+    ``MLproject`` in the project's folder (``python -m saeuniv.cli COMMAND ...``)."""
+    return Path.cwd() if (Path.cwd() / "MLproject").is_file() else None
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:], project_dir=project_dir()))

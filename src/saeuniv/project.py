@@ -38,13 +38,13 @@ TAIL = """\
       storage: {type: string, default: default}
       n_trials: {type: string, default: spec}
     command: >-
-      python mlflow_project/entry.py sweep {spec} --storage {storage} --n-trials {n_trials}
+      python -m saeuniv.cli sweep {spec} --storage {storage} --n-trials {n_trials}
   # Line up two or more main runs (runs: their ids, separated by spaces or commas) in a new
   # run tagged saeuniv.stage=compare: depth curves, difference heatmap, params that differ.
   compare:
     parameters:
       runs: {type: string}
-    command: python mlflow_project/entry.py compare {runs}
+    command: python -m saeuniv.cli compare {runs}
 """
 
 
@@ -59,7 +59,7 @@ def _wrap(words: list[str], prefix: str, width: int = 92) -> list[str]:
 
 
 def _entry(name: str, command: str, comment: str, first: bool) -> list[str]:
-    words = ["python", "mlflow_project/entry.py", command, "--config {config}"] + [
+    words = ["python", "-m", "saeuniv.cli", command, "--config {config}"] + [
         f"--{p.replace('_', '-')} {{{p}}}" for p in SHORTCUTS]  # an option with its value
     params = ["      config: {type: string, default: default}"] + [
         f"      {p}: {{type: string, default: config}}" for p in SHORTCUTS]

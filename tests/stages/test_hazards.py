@@ -21,12 +21,17 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from conftest import private_runs
-from saeuniv import cli, metrics
-from saeuniv.matching import POLICIES, correlation, dead_features, match
+from helpers import private_runs
+from saeuniv import cli
+from saeuniv.core import metrics
+from saeuniv.core.matching import POLICIES, correlation, dead_features, match
 from saeuniv.models import ActivationError, LoadedModel, build_model, check_finite, tl_config
-from saeuniv.pipeline import Pipeline, load_matches, load_scores
+from saeuniv.pipeline import Pipeline
+from saeuniv.sides import Side
+from saeuniv.stages import match as match_stage
+from saeuniv.stages import similarity
 from saeuniv.store import Store
+from saeuniv.upstream import Upstream
 
 # -- the pure core ----------------------------------------------------------------------------
 
@@ -107,25 +112,25 @@ def random_models(monkeypatch):
     models: dict[str, LoadedModel] = {}
     poisoned: dict[str, int] = {}
 
-    def model(self, side):
-        name = self.ref(side).name
+    def model(self):
+        name = self.ref.name
         if name not in models:
-            member = self.member(side)
+            member = self.member
             torch.manual_seed(0)
-            net = build_model(tl_config(member, len(self.tokenizer(side)),
+            net = build_model(tl_config(member, len(self.tokenizer),
                                         self.cfg.family.context, 0).to_dict()).eval()
             if name in poisoned:
                 with torch.no_grad():
                     net.blocks[poisoned[name]].mlp.W_out.fill_(float("nan"))
             models[name] = LoadedModel(name, net, member.n_layers, member.d_model,
-                                       self.model_key(side))
+                                       self.model_key)
         return models[name]
 
-    monkeypatch.setattr(Pipeline, "model", model)
-    monkeypatch.setattr(Pipeline, "model_key", lambda self, side: "random-" + self.ref(
-        side).name + ("-nan" if self.ref(side).name in poisoned else ""))
-    monkeypatch.setattr(Pipeline, "model_entry", lambda self, side: None)
-    monkeypatch.setattr(Pipeline, "model_entries", property(lambda self: {}))
+    monkeypatch.setattr(Side, "model", property(model))
+    monkeypatch.setattr(Side, "model_key", property(lambda self: "random-" + self.ref.name + (
+        "-nan" if self.ref.name in poisoned else "")))
+    monkeypatch.setattr(Side, "model_entry", property(lambda self: None))
+    monkeypatch.setattr(Upstream, "model_entries", property(lambda self: {}))
     return lambda name, layer: poisoned.__setitem__(name, layer)
 
 
@@ -150,13 +155,13 @@ def test_nan_activations_fail_extraction_naming_model_layer_and_count(world, ran
     pipe = Pipeline(cli._config(cli.build_parser().parse_args(["extract", *world["args"]])),
                     Store(store))
     batch = pipe.cfg.extract.batch_size
-    tokens = int(pipe.windows("a").mask[:batch].sum())
+    tokens = int(pipe.a.windows.mask[:batch].sum())
     message = (f"model a:xs layer 1, windows 0..{batch - 1}: activations: {tokens * 16} NaN and 0 "
                f"inf value(s) in {tokens} of {tokens} token(s); check the model's weights and "
                "dtype (try dtype: float32)")
     assert f"saeuniv: error: {message}" in err
     assert not list((store / "codes").glob("*/manifest.json"))  # no codes written
-    assert not list(store.glob("partial/codes/*/shard-*"))  # not even a shard
+    assert not list(store.rglob("shard-*"))  # not even a shard
     (run,) = _new_runs(before)
     assert run.info.status == "FAILED" and run.data.tags["saeuniv.stage"] == "extract"
     assert message in run.data.tags["saeuniv.error"]
@@ -195,9 +200,9 @@ def test_dead_constant_and_unmatched_features_are_reported_not_scored(world, ran
     assert 1 <= found["n_dead_a/a0-b0"] == found["n_dead_a/a0-b1"] < 64
     cfg = cli._config(cli.build_parser().parse_args(["run", *world["args"]]))
     pipe = Pipeline(cfg, store)
-    assert 0 not in load_matches(pipe.matches(0, 1)).a
+    assert 0 not in match_stage.load(match_stage.entry(pipe, 0, 1)).a
     # the scores record the status; no metric is logged for the pair; the summary lists it
-    status = load_scores(pipe.scores(0, 0))["status"]
+    status = similarity.load(similarity.entry(pipe, 0, 0))["status"]
     assert status.startswith("too few pairs (0 < similarity.min_pairs=5)")
     for stage in ("similarity", "main"):
         run = runs[stage]
@@ -232,6 +237,7 @@ def test_dead_constant_and_unmatched_features_are_reported_not_scored(world, ran
     (run,) = _new_runs(before)
     assert "cka came out nan on" in run.data.tags["saeuniv.error.cka.a0-b1"]
     assert "cka/a0-b1" not in run.data.metrics and "rsa/a0-b1" in run.data.metrics
-    scores = load_scores(Pipeline(cfg.replace(**{"similarity.n_perm": 9}), store).scores(0, 1))
+    scores = similarity.load(similarity.entry(
+        Pipeline(cfg.replace(**{"similarity.n_perm": 9}), store), 0, 1))
     assert set(scores["metrics"]["cka"]) == {"error"}
     assert json.dumps(scores).count("NaN") == 0
