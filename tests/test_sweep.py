@@ -46,9 +46,10 @@ TINY_SPEC = {
 }
 
 # The sweep command in a subprocess; SWEEP_TEST_DELAY slows each trial down (test only: it
-# wraps the scoring function, the code under test is unchanged).
+# wraps the scoring function, the code under test is unchanged). The wrapper goes on
+# saeuniv.sweep.objectives, the module the trials look score_trial up in at each trial.
 WORKER = ("import os, sys, time\n"
-          "import saeuniv.sweep as s\n"
+          "import saeuniv.sweep.objectives as s\n"
           "delay = float(os.environ.get('SWEEP_TEST_DELAY', '0'))\n"
           "score = s.score_trial\n"
           "s.score_trial = lambda pipe: (time.sleep(delay), score(pipe))[1]\n"
