@@ -28,7 +28,11 @@ The modules, pure first:
 * ``objectives``: a trial's values, read from the stored scores;
 * ``attrs``: the keys a sweep writes into its Optuna study;
 * ``storage``: opening the Optuna storage, and requeueing the trials of dead workers;
-* ``worker``: one worker of a sweep (``run_sweep``);
+* ``study``: the study as one worker sees it (open or join, counts, recovery);
+* ``parent``: the parent MLflow run (open, base stages, orphaned runs, closing);
+* ``trials``: the objective, each trial's nested run, when to stop (``WorkerState``);
+* ``summary``: best.json, trials.csv, plots and summary.md on the parent;
+* ``worker``: ``run_sweep``, one worker start to end;
 * ``pipeline_api``: the one module importing from the pipeline and tracking.
 """
 

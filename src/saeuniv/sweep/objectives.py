@@ -42,7 +42,8 @@ def check_objectives(pipe, objectives) -> None:
 def score_trial(pipe) -> dict[tuple[int, int], dict]:
     """Match and score every layer pair of ``pipe`` through the store (a setting seen
     before is read back, not recomputed): pair -> {"match": counts, "scores": scores}."""
-    from .pipeline_api import load_scores  # the pipeline imports torch: only when scoring
+    # here, not at the top: the pipeline imports torch, which a spec check must not wait for
+    from .pipeline_api import load_scores
 
     return {(la, lb): {"match": pipe.matches(la, lb).meta,
                        "scores": load_scores(pipe.scores(la, lb))}
