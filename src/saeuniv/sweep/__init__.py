@@ -27,10 +27,10 @@ The modules, pure first:
 * ``spec``: the spec and its checks (no MLflow, no Optuna storage, no pipeline);
 * ``objectives``: a trial's values, read from the stored scores;
 * ``attrs``: the keys a sweep writes into its Optuna study;
-* ``storage``: opening the Optuna storage, and requeueing the trials of dead workers;
+* ``storage``: the Optuna storage, and requeueing the trials of dead workers;
 * ``study``: the study as one worker sees it (open or join, counts, recovery);
 * ``parent``: the parent MLflow run (open, base stages, orphaned runs, closing);
-* ``trials``: the objective, each trial's nested run, when to stop (``WorkerState``);
+* ``trials``: the objective, each trial's nested run, when to stop;
 * ``summary``: best.json, trials.csv, plots and summary.md on the parent;
 * ``worker``: ``run_sweep``, one worker start to end;
 * ``pipeline_api``: the one module importing from the pipeline and tracking.
@@ -39,36 +39,36 @@ The modules, pure first:
 from __future__ import annotations
 
 from .attrs import (
-                    ARTEFACTS_ATTR,
-                    FAILURE_ATTR,
-                    FINGERPRINT_ATTR,
-                    PARENT_ATTR,
-                    RETRIES_ATTR,
-                    RETRY_ATTR,
-                    RUN_ATTR,
-                    WORKER_ATTR,
+    ARTEFACTS_ATTR,
+    FAILURE_ATTR,
+    FINGERPRINT_ATTR,
+    PARENT_ATTR,
+    RETRIES_ATTR,
+    RETRY_ATTR,
+    RUN_ATTR,
+    WORKER_ATTR,
 )
 from .objectives import TrialError, objective_value, score_trial, selected_pairs
 from .spec import (
-                    SWEEP_SECTIONS,
-                    Objective,
-                    Param,
-                    SamplerSpec,
-                    SpecError,
-                    SweepSpec,
-                    check_against_config,
-                    check_n_trials,
-                    load_spec,
-                    parse_spec,
+    SWEEP_SECTIONS,
+    Objective,
+    Param,
+    SamplerSpec,
+    SpecError,
+    SweepSpec,
+    check_against_config,
+    check_n_trials,
+    load_spec,
+    parse_spec,
 )
 from .storage import StorageError, StorageInfo, default_storage_url, open_storage
 from .worker import SweepResult, run_sweep
 
 __all__ = [
-    "ARTEFACTS_ATTR", "FAILURE_ATTR", "FINGERPRINT_ATTR", "PARENT_ATTR", "RETRIES_ATTR",
-    "RETRY_ATTR", "RUN_ATTR", "SWEEP_SECTIONS", "WORKER_ATTR", "Objective", "Param",
-    "SamplerSpec", "SpecError", "StorageError", "StorageInfo", "SweepResult", "SweepSpec",
-    "TrialError", "check_against_config", "check_n_trials", "default_storage_url",
-    "load_spec", "objective_value", "open_storage", "parse_spec", "run_sweep", "score_trial",
-    "selected_pairs",
+    "ARTEFACTS_ATTR", "FAILURE_ATTR", "FINGERPRINT_ATTR", "PARENT_ATTR",
+    "RETRIES_ATTR", "RETRY_ATTR", "RUN_ATTR", "SWEEP_SECTIONS", "WORKER_ATTR",
+    "Objective", "Param", "SamplerSpec", "SpecError", "StorageError", "StorageInfo",
+    "SweepResult", "SweepSpec", "TrialError", "check_against_config",
+    "check_n_trials", "default_storage_url", "load_spec", "objective_value",
+    "open_storage", "parse_spec", "run_sweep", "score_trial", "selected_pairs",
 ]

@@ -1,10 +1,10 @@
-"""Objectives: a trial's values, read from the similarity scores stored for its settings.
+"""Objectives: a trial's values, read from the similarity scores stored for it.
 
 A trial matches and scores every layer pair through the store (``score_trial``); each
 objective is then the mean of one score over the layer pairs it selects (``all``, or
 ``middle``: the A layers at relative depth 1/3 to 2/3, ``saeuniv.core.depth.MIDDLE``).
-A layer pair with no score is skipped; an objective with no score at all fails the trial
-(``TrialError``) rather than hand Optuna a NaN.
+A layer pair with no score is skipped; an objective with no score at all fails the
+trial (``TrialError``) rather than hand Optuna a NaN.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ class TrialError(ValueError):
 
 
 def selected_pairs(pipe, objective: Objective) -> list[tuple[int, int]]:
-    """The layer pairs an objective averages over: all, or those whose A layer's relative
-    depth is in the middle band (``saeuniv.core.depth.in_middle``)."""
+    """The layer pairs an objective averages over: all, or those whose A layer's
+    relative depth is in the middle band (``saeuniv.core.depth.in_middle``)."""
     pairs = pipe.pairs()
     if objective.layers == "all":
         return pairs
@@ -29,20 +29,24 @@ def selected_pairs(pipe, objective: Objective) -> list[tuple[int, int]]:
 
 
 def check_objectives(pipe, objectives) -> None:
-    """Every objective selects at least one layer pair of ``pipe``: a ``middle`` objective on
-    a config whose A layers all lie outside the band is refused before the study opens."""
+    """Every objective selects at least one layer pair of ``pipe``: a ``middle``
+    objective on A layers that all lie outside the band is refused before the study
+    opens."""
     for o in objectives:
         if not selected_pairs(pipe, o):
-            depths = {la: round(pipe.relative_depth("a", la), 3) for la in pipe.layers("a")}
-            raise SpecError(f"objective {o.name!r}: no layer pair has an A layer at relative "
-                            f"depth in [1/3, 2/3] (A layers and depths: {depths}); use "
-                            "layers: all")
+            depths = {la: round(pipe.relative_depth("a", la), 3)
+                      for la in pipe.layers("a")}
+            raise SpecError(f"objective {o.name!r}: no layer pair has an A layer at "
+                            f"relative depth in [1/3, 2/3] (A layers and depths: "
+                            f"{depths}); use layers: all")
 
 
 def score_trial(pipe) -> dict[tuple[int, int], dict]:
     """Match and score every layer pair of ``pipe`` through the store (a setting seen
-    before is read back, not recomputed): pair -> {"match": counts, "scores": scores}."""
-    # here, not at the top: the pipeline imports torch, which a spec check must not wait for
+    before is read back, not recomputed): pair -> {"match": counts, "scores": scores}.
+    """
+    # here, not at the top: the pipeline imports torch, which a spec check must not
+    # wait for
     from .pipeline_api import load_scores
 
     return {(la, lb): {"match": pipe.matches(la, lb).meta,
@@ -51,8 +55,8 @@ def score_trial(pipe) -> dict[tuple[int, int], dict]:
 
 
 def objective_value(objective: Objective, pipe, scored: dict) -> float:
-    """Mean of the objective's score over its layer pairs, skipping pairs with no score;
-    raises TrialError when none has one."""
+    """Mean of the objective's score over its layer pairs, skipping pairs with no
+    score; raises TrialError when none has one."""
     values, why = [], []
     for pair in selected_pairs(pipe, objective):
         s = scored[pair]["scores"]
@@ -70,6 +74,6 @@ def objective_value(objective: Objective, pipe, scored: dict) -> float:
         raise TrialError(
             f"objective {objective.name!r}: no {objective.layers} layer pair has a "
             f"{objective.metric} {objective.field} score at these settings ("
-            f"{why[0] if why else 'no layer pair selected'}); the trial fails rather than "
-            "return NaN")
+            f"{why[0] if why else 'no layer pair selected'}); the trial fails rather "
+            "than return NaN")
     return float(sum(values) / len(values))

@@ -1,10 +1,10 @@
 """The sweep spec: what a ``sweeps/*.yaml`` file may say, checked before any work.
 
-A spec names a base config (and ``base.set`` overrides), a search space of config paths in
-the sections a trial varies, one or more objectives read from the stored scores, a seeded
-sampler and a trial count. ``load_spec`` reads and checks all of it, the search space
-against the base config too, so a bad spec is refused in one line before a study, a run or
-a model exists.
+A spec names a base config (and ``base.set`` overrides), a search space of config
+paths in the sections a trial varies, one or more objectives read from the stored
+scores, a seeded sampler and a trial count. ``load_spec`` reads and checks all of it,
+the search space against the base config too, so a bad spec is refused in one line
+before a study, a run or a model exists.
 
 Pure: YAML and config in, frozen values out. No MLflow, no Optuna storage, no pipeline
 (only ``SamplerSpec.make`` touches Optuna, to build the sampler the spec names).
@@ -32,8 +32,9 @@ from ..config import (
     safe_yaml,
 )
 
-# The sections a trial varies: those of the stages a trial runs (match, then similarity).
-# Every other section decides the models, SAEs or codes, which all trials share.
+# The sections a trial varies: those of the stages a trial runs (match, then
+# similarity). The others decide the models, SAEs and codes that all trials share, or
+# stages a trial does not run (subspaces).
 SWEEP_SECTIONS = {"match": MatchConfig, "similarity": SimilarityConfig}
 PARAM_TYPES = ("float", "int", "categorical", "bool")
 OBJECTIVE_METRICS = METRICS + ("n_pairs",)
@@ -42,15 +43,17 @@ LAYER_SETS = ("all", "middle")
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "nsga2": "NSGAIISampler",
             "nsga3": "NSGAIIISampler", "qmc": "QMCSampler"}
-SPEC_KEYS = ("study", "description", "base", "n_trials", "sampler", "objectives", "params",
-             "max_failures")
+SPEC_KEYS = ("study", "description", "base", "n_trials", "sampler", "objectives",
+             "params", "max_failures")
 # which parameter types may set a config field of each type
-_FIELD_PARAM_TYPES = {"float": ("float", "int", "categorical"), "int": ("int", "categorical"),
-                      "bool": ("bool", "categorical"), "str": ("categorical",)}
+_FIELD_PARAM_TYPES = {"float": ("float", "int", "categorical"),
+                      "int": ("int", "categorical"), "bool": ("bool", "categorical"),
+                      "str": ("categorical",)}
 
 
 class SpecError(ConfigError):
-    """A sweep spec is malformed: an unknown key or parameter, a bad range or objective."""
+    """A sweep spec is malformed: an unknown key or parameter, a bad range or
+    objective."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,8 @@ class SweepSpec:
         """The base config, the spec's ``base.set`` and then ``overrides`` applied; the
         search space is checked against the result."""
         try:
-            cfg = load_config(self.base_config, {**dict(self.base_set), **(overrides or {})})
+            settings = {**dict(self.base_set), **(overrides or {})}
+            cfg = load_config(self.base_config, settings)
             check_against_config(self, cfg)
         except ConfigError as err:
             raise SpecError(f"{self.source or self.name}: {err}") from None
@@ -158,14 +162,16 @@ class SweepSpec:
 
     def fingerprint(self, cfg: Config) -> str:
         """What makes trials comparable: the search space, the objectives and the base
-        config (its corpus given by content elsewhere, so the path may differ by machine)."""
+        config (its corpus given by content elsewhere, so the path may differ by
+        machine)."""
         base = cfg.to_dict()
         base["corpus"] = {k: v for k, v in base["corpus"].items() if k != "source"}
         return digest({"params": [asdict(p) for p in self.params],
-                       "objectives": [asdict(o) for o in self.objectives], "base": base})
+                       "objectives": [asdict(o) for o in self.objectives],
+                       "base": base})
 
 
-# -- reading the YAML mapping ----------------------------------------------------------------
+# -- reading the YAML mapping ------------------------------------------------------
 
 def _fail(where: str, msg: str):
     raise SpecError(f"{where}: {msg}")
@@ -182,8 +188,10 @@ def _mapping(value, where: str, allowed: tuple[str, ...]) -> dict:
 
 def _number(value, where: str, integer: bool = False):
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok or isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
-        _fail(where, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not ok or isinstance(value, bool) or (isinstance(value, float)
+                                             and not math.isfinite(value)):
+        kind = "an integer" if integer else "a number"
+        _fail(where, f"must be {kind}, got {value!r}")
     return value
 
 
@@ -219,8 +227,10 @@ def _categorical_param(path: str, raw: dict, where: str) -> Param:
     raw = _mapping(raw, where, ("type", "choices"))
     choices = raw.get("choices")
     if not isinstance(choices, list) or not choices:
-        _fail(where, f"type categorical needs a non-empty list of choices, got {choices!r}")
-    bad = [c for c in choices if not (c is None or isinstance(c, (bool, int, float, str)))]
+        _fail(where, "type categorical needs a non-empty list of choices, got "
+              f"{choices!r}")
+    bad = [c for c in choices
+           if not (c is None or isinstance(c, (bool, int, float, str)))]
     if bad:
         _fail(where, f"choices must be numbers, strings, booleans or null, got {bad}")
     if len({json.dumps(c) for c in choices}) != len(choices):
@@ -260,8 +270,10 @@ def _objective(i: int, raw: Any) -> Objective:
         _fail(where, f"unknown layers {layers!r}; choose one of {list(LAYER_SETS)}")
     direction = raw.get("direction", "maximize")
     if direction not in DIRECTIONS:
-        _fail(where, f"unknown direction {direction!r}; choose one of {list(DIRECTIONS)}")
-    default = f"{metric}_{layers}" if metric == "n_pairs" else f"{metric}_{fld}_{layers}"
+        _fail(where, f"unknown direction {direction!r}; choose one of "
+              f"{list(DIRECTIONS)}")
+    default = (f"{metric}_{layers}" if metric == "n_pairs" else
+               f"{metric}_{fld}_{layers}")
     name = raw.get("name", default)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         _fail(where, f"name must be letters, digits, '_', '.' or '-', got {name!r}")
@@ -301,7 +313,8 @@ def _base(raw: Any, folder: Path | None) -> tuple[str, dict]:
         base_config = str((folder / base_config).resolve())  # a path beside the spec
     base_set = base.get("set") or {}
     if not isinstance(base_set, dict):
-        _fail("base.set", f"must be a mapping of config paths to values, got {base_set!r}")
+        _fail("base.set", "must be a mapping of config paths to values, got "
+              f"{base_set!r}")
     return base_config, base_set
 
 
@@ -317,8 +330,8 @@ def _objectives(raw: Any) -> tuple[Objective, ...]:
     if isinstance(raw, dict):
         raw = [raw]
     if not isinstance(raw, list) or not raw:
-        _fail("objectives", "needs a non-empty list, e.g. [{metric: rsa, field: z, layers: "
-              "middle, direction: maximize}]")
+        _fail("objectives", "needs a non-empty list, e.g. [{metric: rsa, field: z, "
+              "layers: middle, direction: maximize}]")
     objectives = tuple(_objective(i, o) for i, o in enumerate(raw))
     names = [o.name for o in objectives]
     if len(set(names)) != len(names):
@@ -335,12 +348,13 @@ def _params(raw: Any) -> tuple[Param, ...]:
 
 def parse_spec(data: Any, name: str = "sweep", source: str = "",
                folder: Path | None = None) -> SweepSpec:
-    """A ``SweepSpec`` from the YAML mapping ``data``; raises SpecError naming the problem.
+    """A ``SweepSpec`` from the YAML mapping ``data``; raises SpecError naming the
+    problem.
 
-    Only the spec's own structure is checked here; ``SweepSpec.config`` checks the search
-    space against the base config. The parts are read in a fixed order (base, counts,
-    study, objectives, params, sampler), so a spec with several problems always reports
-    the same one first.
+    Only the spec's own structure is checked here; ``SweepSpec.config`` checks the
+    search space against the base config. The parts are read in a fixed order (base,
+    counts, study, objectives, params, sampler), so a spec with several problems always
+    reports the same one first.
     """
     data = _mapping(data, "spec", SPEC_KEYS)
     base_config, base_set = _base(data.get("base", {}), folder)
@@ -354,12 +368,13 @@ def parse_spec(data: Any, name: str = "sweep", source: str = "",
     description = data.get("description", "")
     return SweepSpec(name=name, study=study.strip(), base_config=base_config,
                      base_set=tuple(base_set.items()), n_trials=n_trials,
-                     sampler=_sampler(data.get("sampler", "tpe")), objectives=objectives,
-                     params=params, description=str(description), max_failures=max_failures,
+                     sampler=_sampler(data.get("sampler", "tpe")),
+                     objectives=objectives, params=params,
+                     description=str(description), max_failures=max_failures,
                      source=source)
 
 
-# -- the search space against the base config -------------------------------------------------
+# -- the search space against the base config ---------------------------------------
 
 def _check_param(p: Param, cfg: Config) -> None:
     """``p`` names a field of a section a trial varies, its type can set that field, and
@@ -370,14 +385,17 @@ def _check_param(p: Param, cfg: Config) -> None:
         _fail(where, f"unknown config path {p.path!r}; sweepable sections: "
               f"{sorted(SWEEP_SECTIONS)}")
     if section not in SWEEP_SECTIONS:
-        _fail(where, f"sweeps vary analysis settings only ({', '.join(SWEEP_SECTIONS)}"
-              f" sections): {section!r} settings change the models, SAEs or extraction, "
-              "which every trial shares; set them in base.set instead")
+        sections = ", ".join(SWEEP_SECTIONS)
+        _fail(where, f"sweeps vary analysis settings only ({sections} sections): "
+              f"{section!r} settings change the models, SAEs or extraction, which "
+              "every trial shares; set them in base.set instead")
     known = {f.name: f for f in fields(SWEEP_SECTIONS[section])}
     if key not in known:
         _fail(where, f"unknown config path {p.path!r}; known keys in {section}: "
               f"{sorted(known)}")
-    ftype = known[key].type if isinstance(known[key].type, str) else known[key].type.__name__
+    ftype = known[key].type
+    if not isinstance(ftype, str):  # a real type, not a postponed annotation
+        ftype = ftype.__name__
     allowed = _FIELD_PARAM_TYPES.get(ftype, ("categorical",))
     if p.type not in allowed:
         _fail(where, f"type {p.type} cannot set {p.path}, which is {ftype}; use type: "
@@ -395,24 +413,27 @@ def check_against_config(spec: SweepSpec, cfg: Config) -> None:
     for p in spec.params:
         _check_param(p, cfg)
     swept = {p.path for p in spec.params}
-    if "similarity.metrics" not in swept:  # else each trial's list decides: TrialError if absent
+    # when the metric list is swept, each trial's decides (a TrialError without it)
+    if "similarity.metrics" not in swept:
+        computed = list(cfg.similarity.metrics)
         for o in spec.objectives:
-            if o.metric != "n_pairs" and o.metric not in cfg.similarity.metrics:
-                _fail(f"objective {o.name!r}", f"metric {o.metric!r} is not computed by the "
-                      f"base config (similarity.metrics = {list(cfg.similarity.metrics)}); "
-                      "add it in base.set")
+            if o.metric != "n_pairs" and o.metric not in computed:
+                _fail(f"objective {o.name!r}", f"metric {o.metric!r} is not computed "
+                      f"by the base config (similarity.metrics = {computed}); add it "
+                      "in base.set")
 
 
 def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep spec, including its search space against its base config."""
+    """Read and validate a sweep spec, including its search space against its base
+    config."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise SpecError(f"cannot read sweep spec {p}: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
-        raise SpecError(f"sweep spec {p} is not UTF-8 text (byte {err.start}); save it as "
-                        "UTF-8") from None
+        raise SpecError(f"sweep spec {p} is not UTF-8 text (byte {err.start}); save "
+                        "it as UTF-8") from None
     try:
         data = safe_yaml(text, f"sweep spec {p}")
     except ConfigError as err:
@@ -426,9 +447,10 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 
 def check_n_trials(spec: SweepSpec, n_trials: int | None) -> int:
-    """The COMPLETE trials wanted: ``n_trials`` (``--n-trials``), or the spec's when None."""
+    """The COMPLETE trials wanted: ``n_trials`` (``--n-trials``), or the spec's when
+    None."""
     n = spec.n_trials if n_trials is None else int(n_trials)
     if n < 1:
-        raise SpecError(f"--n-trials must be >= 1, got {n}; give a positive count, or leave it "
-                        "out for the spec's n_trials")
+        raise SpecError(f"--n-trials must be >= 1, got {n}; give a positive count, or "
+                        "leave it out for the spec's n_trials")
     return n

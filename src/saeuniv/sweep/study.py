@@ -1,10 +1,11 @@
-"""The Optuna study one worker shares with every other worker and rerun of a sweep.
+"""The Optuna study a worker shares with every other worker and rerun of a sweep.
 
-``SweepStudy.open`` creates the study or joins it (refusing one started from another spec
-or base config) and seeds this worker's sampler. The study is the sweep's one source of
-truth on trials: how many are COMPLETE (``n_trials`` counts those, over all workers),
-whether this worker's next trial is still needed, and which RUNNING trials belong to a
-worker that is gone (``recover_stale``: failed, their parameters queued again).
+``SweepStudy.open`` creates the study or joins it (refusing one started from another
+spec or base config) and seeds this worker's sampler. The study is the sweep's one
+source of truth on trials: how many are COMPLETE (``n_trials`` counts those, over all
+workers), whether this worker's next trial is still needed, and which RUNNING trials
+belong to a worker that is gone (``recover_stale``: failed, their parameters queued
+again).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ FINGERPRINT_WAIT = 10  # seconds a joining worker waits for the creator's finger
 
 @dataclass(frozen=True)
 class SweepStudy:
-    """One worker's handle on the study: the Optuna study and what this worker is in it."""
+    """One worker's handle on the study: the Optuna study and this worker's place in
+    it."""
 
     study: optuna.Study
     name: str
@@ -51,11 +53,12 @@ class SweepStudy:
     @classmethod
     def open(cls, spec: SweepSpec, cfg: Config, storage: StorageInfo, name: str,
              n_trials: int, worker: str) -> SweepStudy:
-        """Create the study ``name`` or join it, checking it was started from this spec and
-        base config; its sampler is then seeded for this worker."""
+        """Create the study ``name`` or join it, checking it was started from this spec
+        and base config; its sampler is then seeded for this worker."""
         try:
             study = optuna.create_study(storage=storage.storage, study_name=name,
-                                        directions=spec.directions, load_if_exists=False)
+                                        directions=spec.directions,
+                                        load_if_exists=False)
             created = True
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=name, storage=storage.storage)
@@ -65,9 +68,9 @@ class SweepStudy:
             _record_spec(study, spec, fingerprint)
         else:
             _check_spec(study, spec, fingerprint, name, storage.url)
-        # The creator samples with the spec's seed (a fresh one-worker sweep reproduces);
-        # a rerun or another worker gets its own stream, so it does not replay the
-        # parameters already tried.
+        # The creator samples with the spec's seed (a fresh one-worker sweep
+        # reproduces); a rerun or another worker gets its own stream, so it does not
+        # replay the parameters already tried.
         n_before = len(study.get_trials(deepcopy=False))
         seed = (spec.sampler.seed if created else
                 int(digest([spec.sampler.seed, n_before, worker])[:8], 16))
@@ -90,11 +93,12 @@ class SweepStudy:
         return self.counts().get("COMPLETE", 0)
 
     def any_running(self) -> bool:
-        return bool(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return bool(running)
 
     def enough(self, trial) -> bool:
-        """True when finished trials plus the trials started before this one already make
-        ``n_trials`` (so concurrent workers never overshoot the count)."""
+        """True when finished trials plus the trials started before this one already
+        make ``n_trials`` (so concurrent workers never overshoot the count)."""
         ahead = 0
         for t in self.study.get_trials(deepcopy=False, states=(
                 TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)):
@@ -104,8 +108,9 @@ class SweepStudy:
         return ahead >= self.n_trials
 
     def check_artefacts(self, pipe) -> None:
-        """The SAE codes this worker scores on are those the study started with (the first
-        worker records their digest): trials on other codes would not be comparable."""
+        """The SAE codes this worker scores on are those the study started with (the
+        first worker records their digest): trials on other codes would not be
+        comparable."""
         fingerprint = digest({f"{side}{layer}": {n: f["sha256"] for n, f in
                                                  e.manifest["files"].items()}
                               for side, codes in pipe.all_codes.items()
@@ -116,17 +121,18 @@ class SweepStudy:
         elif theirs != fingerprint:
             raise StorageError(
                 f"this worker's SAE codes differ from those study {self.name!r} was "
-                "started with (another artefact store, or models and SAEs trained again), so "
-                "its trials would not be comparable; share the store between workers "
-                "(--store or SAEUNIV_HOME on a shared folder), or start a new study with "
-                "--study NAME")
+                "started with (another artefact store, or models and SAEs trained "
+                "again), so its trials would not be comparable; share the store "
+                "between workers (--store or SAEUNIV_HOME on a shared folder), or "
+                "start a new study with --study NAME")
 
-    # -- recovery -----------------------------------------------------------------------------
+    # -- recovery -------------------------------------------------------------------
     def recover_stale(self) -> list[int]:
-        """Fail the RUNNING trials of workers that are gone and queue their parameters."""
+        """Fail the RUNNING trials of workers that are gone and queue their
+        parameters."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(self.study)  # heartbeat (database storage)
+            optuna.storages.fail_stale_trials(self.study)  # heartbeat (database)
         failed = []
         now = datetime.now()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -143,15 +149,17 @@ class SweepStudy:
             if stale and self.fail_and_retry(t._trial_id, reason):
                 failed.append(t.number)
         if failed:
-            log.warning("trial(s) %s were left RUNNING by a worker that is gone: marked FAIL "
-                        "and their parameters queued again", failed)
+            log.warning("trial(s) %s were left RUNNING by a worker that is gone: "
+                        "marked FAIL and their parameters queued again", failed)
         return failed
 
-    def fail_and_retry(self, trial_id: int, reason: str, failed_ok: bool = False) -> bool:
-        """Mark a RUNNING trial FAIL (with ``reason``) and queue its parameters again; with
-        ``failed_ok``, a trial already FAIL (an interrupted one) is queued again too.
-        False when another worker finished or failed the trial first."""
-        storage = self.study._storage  # by storage id: the trial may be another worker's
+    def fail_and_retry(self, trial_id: int, reason: str,
+                       failed_ok: bool = False) -> bool:
+        """Mark a RUNNING trial FAIL (with ``reason``) and queue its parameters again;
+        with ``failed_ok``, a trial already FAIL (an interrupted one) is queued again
+        too. False when another worker finished or failed the trial first."""
+        # by storage id, through the storage: the trial may be another worker's
+        storage = self.study._storage
         state = storage.get_trial(trial_id).state
         try:
             if state == TrialState.RUNNING:
@@ -167,7 +175,8 @@ class SweepStudy:
 
 
 def wait_for_attr(study: optuna.Study, key: str, timeout: float):
-    """``study.user_attrs[key]``, polled until set or ``timeout`` seconds pass (then None)."""
+    """``study.user_attrs[key]``, polled until set or ``timeout`` seconds pass (then
+    None)."""
     deadline = time.monotonic() + timeout
     while True:
         value = study.user_attrs.get(key)
@@ -177,7 +186,7 @@ def wait_for_attr(study: optuna.Study, key: str, timeout: float):
 
 
 def _record_spec(study: optuna.Study, spec: SweepSpec, fingerprint: str) -> None:
-    """What a joining worker checks itself against, and the objectives' names for Optuna."""
+    """What a joining worker checks itself against, and the objectives' names."""
     study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
     study.set_user_attr(SPEC_ATTR, spec.name)
     with warnings.catch_warnings():
@@ -187,15 +196,14 @@ def _record_spec(study: optuna.Study, spec: SweepSpec, fingerprint: str) -> None
 
 def _check_spec(study: optuna.Study, spec: SweepSpec, fingerprint: str, name: str,
                 url: str) -> None:
-    """A joined study must come from the same spec and base config (else its trials are not
-    comparable with this worker's)."""
+    """A joined study must come from the same spec and base config (else its trials
+    are not comparable with this worker's)."""
     theirs = wait_for_attr(study, FINGERPRINT_ATTR, FINGERPRINT_WAIT)
     directions = [d.name.lower() for d in study.directions]
     if theirs not in (None, fingerprint) or directions != spec.directions:
         raise SpecError(
-            f"study {name!r} in {url} was started from a different "
-            "spec or base config (search space, objectives or config differ); rerun "
-            "with the same spec and --set values, or start a new study with "
-            "--study NAME")
+            f"study {name!r} in {url} was started from a different spec or base config "
+            "(search space, objectives or config differ); rerun with the same spec and "
+            "--set values, or start a new study with --study NAME")
     if theirs is None:  # its creator stopped before recording it
         study.set_user_attr(FINGERPRINT_ATTR, fingerprint)

@@ -1,9 +1,9 @@
 """The sweep's summary, logged on its parent run by the worker that closes it.
 
-``best.json`` (the best trial, or the Pareto front of several objectives), ``trials.csv``
-(every trial), counts and best values as metrics, Optuna's plots (a plot that cannot be
-drawn leaves a ``.txt`` saying why: a plot is never worth the sweep) and ``summary.md``,
-also the run's description in the MLflow UI.
+``best.json`` (the best trial, or the Pareto front of several objectives),
+``trials.csv`` (every trial), counts and best values as metrics, Optuna's plots (a plot
+that cannot be drawn leaves a ``.txt`` saying why: a plot is never worth the sweep) and
+``summary.md``, also the run's description in the MLflow UI.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from .attrs import RUN_ATTR
 from .spec import SweepSpec
 from .study import SweepStudy
 
-STATES = ("COMPLETE", "FAIL", "PRUNED", "RUNNING", "WAITING")  # an n_<state> metric each
+# the trial states counted as n_<state> metrics
+STATES = ("COMPLETE", "FAIL", "PRUNED", "RUNNING", "WAITING")
 
 
 @dataclass(frozen=True)
 class Summary:
-    """What the summary describes: the spec, the base config and pipeline, and the study."""
+    """What the summary describes: the spec, the base config and pipeline, the study."""
 
     spec: SweepSpec
     cfg: Config
@@ -37,8 +38,8 @@ class Summary:
         return [o.name for o in self.spec.objectives]
 
     def write(self) -> list[dict]:
-        """Log trials.csv, best.json, the plots and summary.md on the active (parent) run;
-        return the best trial (one objective) or the Pareto front as dicts."""
+        """Log trials.csv, best.json, the plots and summary.md on the active (parent)
+        run; return the best trial (one objective) or the Pareto front as dicts."""
         study, names = self.study.study, self.names
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         best = self.best(len(complete))
@@ -50,7 +51,8 @@ class Summary:
                          key: (best[0] if best else None) if len(names) == 1 else best},
                         "best.json")
         mlflow.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
-        mlflow.log_metrics({f"n_{state.lower()}": counts.get(state, 0) for state in STATES})
+        mlflow.log_metrics({f"n_{state.lower()}": counts.get(state, 0)
+                            for state in STATES})
         if len(names) == 1 and best:
             mlflow.log_metrics({f"best_{names[0]}": best[0]["values"][names[0]],
                                 "best_trial": best[0]["number"]})
@@ -63,8 +65,8 @@ class Summary:
         return best
 
     def best(self, n_complete: int) -> list[dict]:
-        """The best trial (one objective) or the Pareto front sorted by trial number, as
-        dicts; empty when no trial is COMPLETE."""
+        """The best trial (one objective) or the Pareto front sorted by trial number,
+        as dicts; empty when no trial is COMPLETE."""
         names, study = self.names, self.study.study
 
         def describe(t) -> dict:
@@ -75,11 +77,13 @@ class Summary:
             return []
         if len(names) == 1:
             return [describe(study.best_trial)]
-        return sorted((describe(t) for t in study.best_trials), key=lambda d: d["number"])
+        return sorted((describe(t) for t in study.best_trials),
+                      key=lambda d: d["number"])
 
     def plots(self, n_complete: int) -> None:
         """Optimisation history, parameter importances and parallel coordinates per
-        objective (suffixed by its name when there are several), and the Pareto front."""
+        objective (suffixed by its name when there are several), and the Pareto front.
+        """
         import matplotlib
 
         matplotlib.use("Agg")  # workers have no display; before anything imports pyplot
@@ -101,11 +105,12 @@ class Summary:
                      lambda: ovm.plot_pareto_front(study, target_names=names))
 
     def text(self, best: list[dict], counts: dict) -> str:
-        """``summary.md``: the setup in a few lines, then the best trial or Pareto front."""
-        s, pipe = self.spec, self.pipe
+        """``summary.md``: the setup in a few lines, then the best trial or the Pareto
+        front."""
+        s, pipe, cfg = self.spec, self.pipe, self.cfg
         lines = [f"# Sweep {self.study.name!r} ({s.name})", "",
-                 (f"- base config: {self.cfg.name} ({pipe.name('a')} vs "
-                  f"{pipe.name('b')}), {self.cfg.extract.n_tokens:,} extracted tokens"),
+                 (f"- base config: {cfg.name} ({pipe.name('a')} vs {pipe.name('b')}), "
+                  f"{cfg.extract.n_tokens:,} extracted tokens"),
                  f"- storage: {self.study.storage.url}",
                  f"- sampler: {s.sampler.name}, seed {s.sampler.seed}",
                  "- objectives: " + ", ".join(

@@ -1,8 +1,9 @@
-"""This worker's trials: the objective Optuna calls, each trial's nested MLflow run, and when
-to stop (the count reached, here or by other workers, or too many failures in a row).
+"""This worker's trials: the objective Optuna calls, each trial's nested MLflow run,
+and when to stop (the count reached, here or by other workers, or too many failures in
+a row).
 
-``WorkerState`` is the one thing that changes while a worker runs: the rest of a sweep
-worker is fixed once its study and parent run are open.
+``WorkerState`` is what changes while a worker runs; the rest of a worker is fixed
+once its study and parent run are open.
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ class WorkerState:
     last_error: str = ""  # the last failed trial's error, quoted in the stop reason
     stop_reason: str = ""  # why this worker stopped short; "" when it did not
     handed_off: bool = False  # stopped because other workers run the last trials
-    optimizing: bool = False  # got as far as its trials (a failure later closes the parent)
+    # got as far as its trials: a failure then closes the parent, which a worker that
+    # stopped earlier leaves as it found it
+    optimizing: bool = False
     current: int | None = None  # storage id of the trial this worker is running
 
 
 @dataclass(frozen=True)
 class TrialRunner:
-    """Runs trials of ``study`` on ``pipe`` (the base pipeline) until the study holds its
-    ``n_trials`` COMPLETE trials or this worker must stop."""
+    """Runs trials of ``study`` on ``pipe`` (the base pipeline) until the study holds
+    its ``n_trials`` COMPLETE trials or this worker must stop."""
 
     spec: SweepSpec
     cfg: Config
@@ -52,17 +55,18 @@ class TrialRunner:
     state: WorkerState = field(default_factory=WorkerState)
 
     def optimize(self) -> None:
-        """Run trials until ``n_trials`` are COMPLETE over all workers; nothing when they
-        already are, or when the trials still missing are running on other workers."""
+        """Run trials until ``n_trials`` are COMPLETE over all workers; nothing when
+        they already are, or when the trials still missing run on other workers."""
         self.state.optimizing = True
         counts, n, name = self.study.counts(), self.study.n_trials, self.study.name
         done = counts.get("COMPLETE", 0)
         if done >= n:
-            log.info("study %r already has %d COMPLETE trials (n_trials=%d); nothing to run",
-                     name, done, n)
+            log.info("study %r already has %d COMPLETE trials (n_trials=%d); nothing "
+                     "to run", name, done, n)
             return
         if done + counts.get("RUNNING", 0) >= n:
-            log.info("study %r: the remaining trials are running on other workers", name)
+            log.info("study %r: the remaining trials are running on other workers",
+                     name)
             self.state.handed_off = True
             return
         log.info("study %r: %d of %d trials complete; running the rest", name, done, n)
@@ -81,8 +85,8 @@ class TrialRunner:
             trial.set_user_attr(SKIPPED_ATTR, "n_trials reached by other workers")
             self.state.handed_off = True
             self.study.study.stop()
-            raise optuna.TrialPruned(f"not needed: {self.study.n_trials} trials are complete "
-                                     "or running")
+            raise optuna.TrialPruned(f"not needed: {self.study.n_trials} trials are "
+                                     "complete or running")
         self.state.current = trial._trial_id
         try:
             values = self.run_trial(trial)
@@ -94,7 +98,8 @@ class TrialRunner:
         return values if len(values) > 1 else values[0]
 
     def run_trial(self, trial) -> list[float]:
-        """The trial's nested MLflow run: its parameters, per-layer-pair metrics and values."""
+        """The trial's nested MLflow run: its parameters, per-layer-pair metrics and
+        values."""
         from .pipeline_api import log_scores, pair_key, stage_run
 
         params = {p.path: p.suggest(trial) for p in self.spec.params}
@@ -105,22 +110,24 @@ class TrialRunner:
             t0 = time.perf_counter()
             pipe = self.pipe.with_analysis(self.cfg.replace(**params))
             mlflow.set_tag("saeuniv.config_hash", pipe.cfg.hash())
-            # looked up on the module at each trial, so a test can wrap it (tests/sweep)
+            # looked up on the module at each trial, so a test can wrap it
             scored = objectives.score_trial(pipe)
             for (la, lb), r in scored.items():
                 key = pair_key(la, lb)
                 log_scores(r["scores"], key)
                 mlflow.log_metrics({f"{k}/{key}": v for k, v in r["match"].items()
                                     if isinstance(v, (int, float)) and k != "n_pairs"})
-            values = [objectives.objective_value(o, pipe, scored) for o in self.spec.objectives]
-            mlflow.log_metrics({**{o.name: v for o, v in zip(self.spec.objectives, values)},
+            values = [objectives.objective_value(o, pipe, scored)
+                      for o in self.spec.objectives]
+            mlflow.log_metrics({**{o.name: v for o, v in zip(self.spec.objectives,
+                                                             values)},
                                 "trial_seconds": time.perf_counter() - t0})
         return values
 
     def _tags(self, trial) -> dict[str, str]:
-        """The trial run's tags: which trial, study and worker, and the sampler's seed."""
-        tags = {"saeuniv.trial_number": str(trial.number), "saeuniv.study": self.study.name,
-                "saeuniv.worker": self.study.worker,
+        """The trial run's tags: the trial, study and worker, and the sampler's seed."""
+        tags = {"saeuniv.trial_number": str(trial.number),
+                "saeuniv.study": self.study.name, "saeuniv.worker": self.study.worker,
                 "saeuniv.sampler_seed": str(self.study.sampler_seed)}
         if RETRY_ATTR in trial.user_attrs:
             tags["saeuniv.retry_of"] = str(trial.user_attrs[RETRY_ATTR])
@@ -141,7 +148,8 @@ class TrialRunner:
             self.state.failures = 0
 
     def requeue_interrupted(self) -> None:
-        """The trial this worker was running when it was interrupted: FAIL, queued again."""
+        """The trial this worker was running when it was interrupted: FAIL, queued
+        again."""
         if self.state.current is not None:
             with contextlib.suppress(Exception):
                 self.study.fail_and_retry(self.state.current,

@@ -1,10 +1,10 @@
 """One worker of a sweep, start to end: ``run_sweep``.
 
-A worker opens the study and the parent run, fails what dead workers left RUNNING, makes
-sure the base stages ran, then runs trials until the study holds ``n_trials`` COMPLETE
-ones (or it must stop); the last worker out writes the summary and closes the parent.
-Whatever stops a worker, its interrupted trial is queued again and the parent is closed
-or handed on, never left half-done.
+A worker opens the study and the parent run, fails what dead workers left RUNNING,
+makes sure the base stages ran, then runs trials until the study holds ``n_trials``
+COMPLETE ones (or it must stop); the last worker out writes the summary and closes the
+parent. Whatever stops a worker, its interrupted trial is queued again and the parent
+is closed or handed on, never left half-done.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SweepResult:
-    """What one worker's ``run_sweep`` leaves: the study's count and, from the worker that
-    wrote the summary, the best trials."""
+    """What one worker's ``run_sweep`` leaves: the study's count and, from the worker
+    that wrote the summary, the best trials."""
 
     study: str
     storage: str
@@ -41,7 +41,8 @@ class SweepResult:
     finished: bool  # the study holds n_trials COMPLETE trials
     handed_off: bool = False  # this worker stopped because others run the last trials
     stop_reason: str = ""
-    best: list = field(default_factory=list)  # best trial (one objective) or Pareto front
+    # the best trial (one objective) or the Pareto front
+    best: list = field(default_factory=list)
 
 
 def run_sweep(spec: SweepSpec, cfg: Config, store=None,
@@ -49,11 +50,11 @@ def run_sweep(spec: SweepSpec, cfg: Config, store=None,
               n_trials: int | None = None) -> SweepResult:
     """Run (or resume, or join) the sweep ``spec`` on the base config ``cfg``.
 
-    ``storage``: an Optuna storage URL or ``.log`` journal path (default: ``optuna.db``
-    beside the MLflow SQLite database), or what ``open_storage`` returned. ``study_name``
-    defaults to the spec's study; ``n_trials`` (the COMPLETE trials wanted over all
-    workers) to the spec's. MLflow must already point at the tracking store and
-    experiment (``tracking.setup_tracking``).
+    ``storage``: an Optuna storage URL or ``.log`` journal path (default:
+    ``optuna.db`` beside the MLflow SQLite database), or what ``open_storage``
+    returned. ``study_name`` defaults to the spec's study; ``n_trials`` (the COMPLETE
+    trials wanted over all workers) to the spec's. MLflow must already point at the
+    tracking store and experiment (``tracking.setup_tracking``).
     """
     from .pipeline_api import Pipeline
 
@@ -90,7 +91,7 @@ def run_sweep(spec: SweepSpec, cfg: Config, store=None,
     best = close(None)
     complete = study.n_complete()
     return SweepResult(
-        study=study.name, storage=info.url, parent_run_id=parent.run_id, n_trials=n_trials,
-        n_complete=complete, finished=complete >= n_trials,
+        study=study.name, storage=info.url, parent_run_id=parent.run_id,
+        n_trials=n_trials, n_complete=complete, finished=complete >= n_trials,
         handed_off=runner.state.handed_off, stop_reason=runner.state.stop_reason,
         best=best or [])
