@@ -27,7 +27,8 @@ from .spec import SweepSpec
 from .storage import StorageError
 from .study import SweepStudy
 
-log = logging.getLogger(__name__)
+# the package's logger, "saeuniv.sweep", for every module: the name log lines carry
+log = logging.getLogger(__package__)
 
 PARENT_WAIT = 120  # seconds a worker waits for the study's creator to make the parent
 BASE_STAGES = ("models", "saes", "extract")  # what every trial shares: run once

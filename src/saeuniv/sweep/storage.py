@@ -21,7 +21,8 @@ import optuna
 
 from .attrs import RETRIES_ATTR, RETRY_ATTR
 
-log = logging.getLogger(__name__)
+# the package's logger, "saeuniv.sweep", for every module: the name log lines carry
+log = logging.getLogger(__package__)
 
 HEARTBEAT_INTERVAL = 15  # seconds between heartbeats of a running trial (database)
 GRACE_PERIOD = 60  # a trial with no heartbeat for this long belongs to a dead worker

@@ -31,7 +31,8 @@ from .attrs import (
 from .spec import SpecError, SweepSpec
 from .storage import StorageError, StorageInfo, requeue_trial
 
-log = logging.getLogger(__name__)
+# the package's logger, "saeuniv.sweep", for every module: the name log lines carry
+log = logging.getLogger(__package__)
 
 ORPHAN_AGE = 300  # a RUNNING trial that no worker ever claimed is dead after this long
 FINGERPRINT_WAIT = 10  # seconds a joining worker waits for the creator's fingerprint

@@ -26,7 +26,8 @@ from .attrs import RETRY_ATTR, RUN_ATTR, SKIPPED_ATTR, WORKER_ATTR
 from .spec import SweepSpec
 from .study import SweepStudy
 
-log = logging.getLogger(__name__)
+# the package's logger, "saeuniv.sweep", for every module: the name log lines carry
+log = logging.getLogger(__package__)
 
 
 @dataclass

@@ -25,7 +25,8 @@ from .study import SweepStudy
 from .summary import Summary
 from .trials import TrialRunner
 
-log = logging.getLogger(__name__)
+# the package's logger, "saeuniv.sweep", for every module: the name log lines carry
+log = logging.getLogger(__package__)
 
 
 @dataclass
