@@ -120,9 +120,8 @@ class TrialRunner:
                                     if isinstance(v, (int, float)) and k != "n_pairs"})
             values = [objectives.objective_value(o, pipe, scored)
                       for o in self.spec.objectives]
-            mlflow.log_metrics({**{o.name: v for o, v in zip(self.spec.objectives,
-                                                             values)},
-                                "trial_seconds": time.perf_counter() - t0})
+            named = {o.name: v for o, v in zip(self.spec.objectives, values)}
+            mlflow.log_metrics({**named, "trial_seconds": time.perf_counter() - t0})
         return values
 
     def _tags(self, trial) -> dict[str, str]:
