@@ -1,9 +1,9 @@
-"""Optuna sweeps: spec validation, corpus size as a prefix, a small sweep end to end, resume
-after a kill, and two workers sharing one study on PostgreSQL."""
+"""Optuna sweeps that run: a small sweep end to end, a Pareto sweep on a journal file,
+resume after a kill, and two workers sharing one study on PostgreSQL. (The spec checks
+are in test_spec.py, the objectives in test_objectives.py.)"""
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
@@ -20,48 +20,29 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 
 from saeuniv import cli
 from saeuniv.config import load_config
 from saeuniv.pipeline import Pipeline
 from saeuniv.store import Store
-from saeuniv.sweep import (FAILURE_ATTR, PARENT_ATTR, RETRY_ATTR, RUN_ATTR, WORKER_ATTR,
-                           Objective, SpecError, TrialError, load_spec, objective_value,
-                           selected_pairs)
+from saeuniv.sweep import FAILURE_ATTR, PARENT_ATTR, RETRY_ATTR, RUN_ATTR, WORKER_ATTR
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import write_spec
+
+ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM = ("corpus", "tokenizer", "windows", "model", "sae", "codes")
 
-# A sweep on the tiny config: ranges where every trial keeps enough pairs to be scored.
-TINY_SPEC = {
-    "study": "tiny-thresholds",
-    "base": {"config": "tiny"},
-    "n_trials": 3,
-    "sampler": {"name": "tpe", "seed": 0},
-    "objectives": [{"metric": "rsa", "field": "z", "layers": "middle"}],
-    "params": {"match.threshold": {"type": "float", "low": 0.0, "high": 0.1},
-               "match.policy": {"type": "categorical", "choices": ["one_to_one", "max"]}},
-}
-
-# The sweep command in a subprocess; SWEEP_TEST_DELAY slows each trial down (test only: it
-# wraps the scoring function, the code under test is unchanged).
+# The sweep command in a subprocess; SWEEP_TEST_DELAY slows each trial down (test only:
+# it wraps the scoring function, the code under test is unchanged). The wrapper goes on
+# saeuniv.sweep.objectives, the module the trials look score_trial up in at each trial.
 WORKER = ("import os, sys, time\n"
-          "import saeuniv.sweep as s\n"
+          "import saeuniv.sweep.objectives as s\n"
           "delay = float(os.environ.get('SWEEP_TEST_DELAY', '0'))\n"
           "score = s.score_trial\n"
           "s.score_trial = lambda pipe: (time.sleep(delay), score(pipe))[1]\n"
           "from saeuniv.cli import main\n"
           "sys.exit(main(sys.argv[1:]))\n")
-
-
-def write_spec(folder: Path, name: str = "spec", **changes) -> Path:
-    data = json.loads(json.dumps(TINY_SPEC))
-    data.update(changes)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def count_entries(store: Path, kinds=UPSTREAM) -> dict[str, int]:
@@ -70,24 +51,27 @@ def count_entries(store: Path, kinds=UPSTREAM) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory, corpus_dir):
-    """A store holding the tiny base artefacts (models, SAEs, codes), shared by the sweeps."""
+    """A store holding the tiny base artefacts (models, SAEs, codes), shared by the
+    sweeps."""
     root = tmp_path_factory.mktemp("sweep")
     cfg = load_config("tiny", {"corpus.source": str(corpus_dir)})
     pipe = Pipeline(cfg, Store(root / "store"))
     pipe.validate()
     _ = pipe.all_codes
-    return {"root": root, "store": root / "store", "cfg": cfg, "corpus": str(corpus_dir)}
+    return {"root": root, "store": root / "store", "cfg": cfg,
+            "corpus": str(corpus_dir)}
 
 
 @pytest.fixture(scope="module")
 def tracking_db(tmp_path_factory):
-    """One MLflow SQLite database for the module (made once: its migrations take seconds);
-    each test logs into its own experiment."""
+    """One MLflow SQLite database for the module (made once: its migrations take
+    seconds); each test logs into its own experiment."""
     folder = tmp_path_factory.mktemp("tracking")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     cwd = os.getcwd()
-    os.chdir(folder)  # the store's default artefact root (./mlruns) is fixed when it is made
+    # the store's default artefact root (./mlruns) is fixed when it is made
+    os.chdir(folder)
     try:
         mlflow.MlflowClient().search_experiments()
     finally:
@@ -117,127 +101,10 @@ def runs(env: dict):
 
 
 def trials(storage: str, study: str):
-    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    study = optuna.load_study(study_name=study, storage=storage)
+    return study.get_trials(deepcopy=False)
 
-
-# -- spec validation --------------------------------------------------------------------
-
-@pytest.mark.parametrize("change, message", [
-    ({"params": {"match.thresh": {"type": "float", "low": 0, "high": 1}}},
-     r"unknown config path 'match.thresh'; known keys in match: \[.*'threshold'"),
-    ({"params": {"foo.bar": {"type": "bool"}}}, r"unknown config path 'foo.bar'"),
-    ({"params": {"match.threshold": {"type": "float", "low": 0.5, "high": 0.1}}},
-     r"params\['match.threshold'\]: low must be < high, got low=0.5, high=0.1"),
-    ({"params": {"match.top_k": {"type": "int", "low": 3, "high": 3}}},
-     r"params\['match.top_k'\]: low must be < high"),
-    ({"params": {"match.threshold": {"type": "float", "low": 0.0, "high": 0.5, "log": True}}},
-     r"params\['match.threshold'\]: log: true needs low > 0, got low=0.0"),
-    ({"params": {"match.threshold": {"type": "float", "low": 0.0, "high": 2.0}}},
-     r"2.0 is out of range for the base config: match.threshold must be in \[-1, 1\]"),
-    ({"params": {"match.top_k": {"type": "float", "low": 1, "high": 5}}},
-     r"type float cannot set match.top_k, which is int"),
-    ({"params": {"match.policy": {"type": "categorical", "choices": ["max", "best"]}}},
-     r"'best' is out of range.*match.policy 'best' is unknown"),
-    ({"params": {"match.n_tokens": {"type": "int", "low": 200, "high": 5000}}},
-     r"match.n_tokens=5000 exceeds extract.n_tokens=1500; raise extract.n_tokens"),
-    ({"params": {"extract.n_tokens": {"type": "int", "low": 200, "high": 1000}}},
-     r"params\['extract.n_tokens'\]: sweeps vary analysis settings only"),
-    ({"params": {"model_a.name": {"type": "categorical", "choices": ["xs", "s"]}}},
-     r"params\['model_a.name'\]: sweeps vary analysis settings only"),
-    ({"params": {"sae.expansion": {"type": "int", "low": 2, "high": 8}}},
-     r"params\['sae.expansion'\]: sweeps vary analysis settings only"),
-    ({"params": {"match.threshold": {"type": "uniform", "low": 0, "high": 1}}},
-     r"unknown type 'uniform'"),
-    ({"params": {"match.threshold": {"type": "float", "low": 0, "hi": 1}}},
-     r"unknown key\(s\) \['hi'\]"),
-    ({"objectives": [{"metric": "cca", "field": "z"}]}, r"unknown objective metric 'cca'"),
-    ({"objectives": [{"metric": "rsa", "field": "p"}]}, r"unknown field 'p'"),
-    ({"objectives": [{"metric": "rsa", "layers": "deep"}]}, r"unknown layers 'deep'"),
-    ({"objectives": [{"metric": "rsa", "direction": "up"}]}, r"unknown direction 'up'"),
-    ({"objectives": [{"metric": "pwcca"}]},
-     r"metric 'pwcca' is not computed by the base config \(similarity.metrics"),
-    ({"objectives": [{"metric": "rsa"}, {"metric": "rsa"}]}, r"names must be unique"),
-    ({"sampler": {"name": "cmaes2", "seed": 0}}, r"unknown sampler 'cmaes2'"),
-    ({"sampler": {"name": "tpe", "seed": 0, "options": {"n_startup": 3}}},
-     r"sampler.options: TPESampler refuses them"),
-    ({"n_trials": 0}, r"n_trials: must be >= 1"),
-    ({"n_trial": 3}, r"unknown key\(s\) \['n_trial'\]"),
-    ({"base": {"config": "tiny", "set": {"match.tresh": 1}}},
-     r"unknown config key 'match.tresh'"),
-])
-def test_bad_specs_are_refused_with_the_problem_named(tmp_path, change, message):
-    path = write_spec(tmp_path, "bad", **change)
-    with pytest.raises(SpecError, match=message) as err:
-        load_spec(path)
-    assert str(path) in str(err.value)
-
-
-def test_bad_spec_exits_2_with_one_line(tmp_path, capsys):
-    path = write_spec(tmp_path, "bad", params={"extract.context": {"type": "bool"}})
-    assert cli.main(["sweep", str(path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "sweeps vary analysis settings only" in err
-    assert cli.main(["sweep", str(tmp_path / "missing.yaml")]) == 2
-    assert "cannot read sweep spec" in capsys.readouterr().err
-
-
-def test_shipped_specs_load_and_validate():
-    specs = {p.stem: load_spec(p) for p in sorted((ROOT / "sweeps").glob("*.yaml"))}
-    assert {"thresholds", "corpus_size", "pareto"} <= set(specs)
-    t = specs["thresholds"]
-    assert {p.path for p in t.params} == {"match.policy", "match.threshold", "match.junk_filter",
-                                          "match.shared_token", "match.top_k"}
-    assert (t.sampler.name, t.sampler.seed, t.n_trials) == ("tpe", 0, 30)
-    assert [(o.metric, o.field, o.layers) for o in t.objectives] == [("rsa", "z", "middle")]
-    c = specs["corpus_size"]
-    (size,) = c.params
-    assert (size.path, size.low, size.high, size.log) == ("match.n_tokens", 2000, 24000, True)
-    assert c.config().extract.n_tokens == 24000
-    p = specs["pareto"]
-    assert p.sampler.name == "nsga2" and p.n_trials == 40
-    assert [(o.metric, o.direction) for o in p.objectives] == [("rsa", "maximize"),
-                                                               ("n_pairs", "maximize")]
-
-
-# -- objectives over stored scores ---------------------------------------------------------
-
-class ThreeByTwo:
-    """Layer pairs of a 3-layer A against a 2-layer B."""
-
-    def pairs(self):
-        return [(la, lb) for la in range(3) for lb in range(2)]
-
-    def relative_depth(self, side, layer):
-        return (layer + 1) / (3 if side == "a" else 2)
-
-
-def _scores(n_pairs, rsa_z):
-    if rsa_z is None:
-        return {"scores": {"n_pairs": n_pairs, "status": "too few pairs (2 < 5)",
-                           "metrics": {}}}
-    return {"scores": {"n_pairs": n_pairs, "status": "ok",
-                       "metrics": {"rsa": {"observed": rsa_z / 10, "z": rsa_z}}}}
-
-
-def test_objective_is_the_mean_over_the_selected_pairs_with_a_score():
-    pipe = ThreeByTwo()
-    middle = Objective("m", "rsa", "z", "middle")
-    assert selected_pairs(pipe, middle) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # depth 1/3, 2/3
-    scored = {(0, 0): _scores(10, 2.0), (0, 1): _scores(2, None), (1, 0): _scores(20, 4.0),
-              (1, 1): _scores(30, float("nan")), (2, 0): _scores(40, 9.0),
-              (2, 1): _scores(50, 9.0)}
-    assert objective_value(middle, pipe, scored) == pytest.approx(3.0)  # no score: skipped
-    assert objective_value(Objective("a", "rsa", "observed", "all"), pipe, scored) == \
-        pytest.approx((0.2 + 0.4 + 0.9 + 0.9) / 4)
-    assert objective_value(Objective("n", "n_pairs", layers="middle"), pipe, scored) == \
-        pytest.approx(15.5)
-    empty = {pair: _scores(2, None) for pair in pipe.pairs()}
-    with pytest.raises(TrialError, match=r"objective 'm': no middle layer pair has a rsa z "
-                       r"score at these settings \(too few pairs \(2 < 5\)\)"):
-        objective_value(middle, pipe, empty)
-
-
-# -- a small sweep, end to end ----------------------------------------------------------
+# -- a small sweep, end to end --------------------------------------------------------
 
 def test_small_sweep_end_to_end(warm, env, capsys):
     spec = write_spec(env["dir"])
@@ -247,7 +114,8 @@ def test_small_sweep_end_to_end(warm, env, capsys):
     t0 = time.time()
     assert cli.main(args) == 0
     seconds = time.time() - t0
-    assert count_entries(warm["store"]) == before  # trials made no codes, models or SAEs
+    # trials made no codes, models or SAEs
+    assert count_entries(warm["store"]) == before
     made = count_entries(warm["store"], ("matches", "scores"))
     assert made["scores"] > scored_before["scores"]
     assert (env["folder"] / "optuna.db").exists()  # beside mlflow.db, a separate file
@@ -256,14 +124,17 @@ def test_small_sweep_end_to_end(warm, env, capsys):
     parents = r[r["tags.saeuniv.stage"] == "sweep"]
     assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
     parent = parents.iloc[0]
-    assert parent["params.sweep.seed"] == "0" and parent["params.sweep.sampler"] == "tpe"
-    assert parent["params.sweep.n_trials"] == "3" and parent["params.sweep.storage"] == "sqlite"
-    assert parent["params.sweep.spec"] == "spec" and parent["tags.saeuniv.n_trials"] == "3"
+    assert parent["params.sweep.seed"] == "0"
+    assert parent["params.sweep.sampler"] == "tpe"
+    assert parent["params.sweep.n_trials"] == "3"
+    assert parent["params.sweep.storage"] == "sqlite"
+    assert parent["params.sweep.spec"] == "spec"
+    assert parent["tags.saeuniv.n_trials"] == "3"
     children = r[r["tags.mlflow.parentRunId"] == parent.run_id]
     trial_runs = children[children["tags.saeuniv.stage"] == "trial"]
     assert len(trial_runs) == 3 and set(trial_runs["status"]) == {"FINISHED"}
-    assert sorted(children[children["tags.saeuniv.stage"] != "trial"]["tags.saeuniv.stage"]) \
-        == ["extract", "models", "saes"]
+    stage_runs = children[children["tags.saeuniv.stage"] != "trial"]
+    assert sorted(stage_runs["tags.saeuniv.stage"]) == ["extract", "models", "saes"]
     assert set(r["status"]) == {"FINISHED"}
     for _, t in trial_runs.iterrows():
         assert np.isfinite(t["metrics.rsa_z_middle"])
@@ -272,7 +143,8 @@ def test_small_sweep_end_to_end(warm, env, capsys):
             assert np.isfinite(t[f"metrics.{m}"]), m
         assert t["params.trial_number"] == t["tags.saeuniv.trial_number"]
         assert t["tags.saeuniv.study"] == "tiny-thresholds"
-        assert {"params.match.threshold", "params.match.policy"} <= set(t.dropna().index)
+        assert {"params.match.threshold", "params.match.policy"} <= \
+            set(t.dropna().index)
 
     client = mlflow.MlflowClient()
     arts = {a.path for a in client.list_artifacts(parent.run_id)}
@@ -282,10 +154,12 @@ def test_small_sweep_end_to_end(warm, env, capsys):
     csv_text = mlflow.artifacts.load_text(f"runs:/{parent.run_id}/trials.csv")
     assert len(csv_text.strip().splitlines()) == 1 + 3
     best = mlflow.artifacts.load_dict(f"runs:/{parent.run_id}/best.json")
-    best_run = trial_runs[trial_runs.run_id == best["best_trial"]["mlflow_run_id"]].iloc[0]
+    best_id = best["best_trial"]["mlflow_run_id"]
+    best_run = trial_runs[trial_runs.run_id == best_id].iloc[0]
     assert best["best_trial"]["values"]["rsa_z_middle"] == \
         pytest.approx(trial_runs["metrics.rsa_z_middle"].max())
-    assert best_run["metrics.rsa_z_middle"] == pytest.approx(parent["metrics.best_rsa_z_middle"])
+    assert best_run["metrics.rsa_z_middle"] == \
+        pytest.approx(parent["metrics.best_rsa_z_middle"])
 
     study = optuna.load_study(study_name="tiny-thresholds", storage=env["optuna"])
     assert study.user_attrs[PARENT_ATTR] == parent.run_id
@@ -297,10 +171,12 @@ def test_small_sweep_end_to_end(warm, env, capsys):
     assert cli.main(args) == 0
     r = runs(env)
     assert len(r) == len(children) + 1 and set(r["status"]) == {"FINISHED"}
-    # another search space on the same study is refused, and the parent is left as it was
+    # another search space on the same study is refused, and the parent is left as it
+    # was
     other = write_spec(env["dir"], "other", params={
         "match.threshold": {"type": "float", "low": 0.0, "high": 0.2}})
-    assert cli.main(["sweep", str(other), "--set", f"corpus.source={warm['corpus']}"]) == 2
+    assert cli.main(["sweep", str(other), "--set",
+                     f"corpus.source={warm['corpus']}"]) == 2
     assert "was started from a different spec" in capsys.readouterr().err
     assert set(runs(env)["status"]) == {"FINISHED"}
 
@@ -314,17 +190,20 @@ def test_pareto_sweep_on_a_journal_file(warm, env):
     journal = env["dir"] / "optuna-journal.log"
     assert cli.main(["sweep", str(spec), "--set", f"corpus.source={warm['corpus']}",
                      "--storage", str(journal), "--n-trials", "2"]) == 0
-    study = optuna.load_study(study_name="tiny-pareto", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(journal))))
+    study = optuna.load_study(
+        study_name="tiny-pareto", storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(journal))))
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 2
     r = runs(env)
     parent = r[r["tags.saeuniv.stage"] == "sweep"].iloc[0]
-    assert parent["status"] == "FINISHED" and parent["params.sweep.storage"] == "journal"
+    assert parent["status"] == "FINISHED"
+    assert parent["params.sweep.storage"] == "journal"
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.run_id)}
     assert {"pareto_front.png", "optimization_history_svcca_observed_all.png",
             "optimization_history_n_pairs_middle.png",
             "parallel_coordinate_n_pairs_middle.png"} <= arts, arts
-    front = mlflow.artifacts.load_dict(f"runs:/{parent.run_id}/best.json")["pareto_front"]
+    best = mlflow.artifacts.load_dict(f"runs:/{parent.run_id}/best.json")
+    front = best["pareto_front"]
     assert front and all(set(f["values"]) == {"svcca_observed_all", "n_pairs_middle"}
                          for f in front)
     trial_runs = r[r["tags.saeuniv.stage"] == "trial"]
@@ -339,7 +218,7 @@ def test_storage_must_not_be_the_mlflow_database(warm, env, capsys):
     assert "Optuna and MLflow need separate SQLite files" in capsys.readouterr().err
 
 
-# -- resume after a kill ------------------------------------------------------------------
+# -- resume after a kill --------------------------------------------------------------
 
 def _worker_env(**extra) -> dict:
     env = dict(os.environ)
@@ -356,7 +235,8 @@ def _wait(predicate, timeout: float, what: str, procs=()):
             return value
         for p in procs:
             if p.poll() is not None:
-                raise AssertionError(f"worker exited ({p.returncode}) while waiting for {what}")
+                raise AssertionError(f"worker exited ({p.returncode}) while waiting "
+                                     f"for {what}")
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -375,7 +255,8 @@ def test_killed_sweep_resumes_without_duplicated_or_lost_trials(warm, env):
         except Exception:  # noqa: BLE001 - the study is not there yet
             return None
         done = [t for t in ts if t.state == TrialState.COMPLETE]
-        running = [t for t in ts if t.state == TrialState.RUNNING and RUN_ATTR in t.user_attrs]
+        running = [t for t in ts
+                   if t.state == TrialState.RUNNING and RUN_ATTR in t.user_attrs]
         return running[0] if done and running else None
 
     try:
@@ -386,10 +267,11 @@ def test_killed_sweep_resumes_without_duplicated_or_lost_trials(warm, env):
         log.close()
     assert killed.number == 1 and killed.params
     r = runs(env)
-    assert set(r[r["tags.saeuniv.stage"].isin(["sweep", "trial"])]["status"]) >= {"RUNNING"}
+    ours = r[r["tags.saeuniv.stage"].isin(["sweep", "trial"])]
+    assert set(ours["status"]) >= {"RUNNING"}
 
-    second = subprocess.run(args, cwd=env["dir"], env=_worker_env(), capture_output=True,
-                            text=True, timeout=300)
+    second = subprocess.run(args, cwd=env["dir"], env=_worker_env(),
+                            capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
 
     ts = trials(env["optuna"], "tiny-resume")
@@ -398,12 +280,13 @@ def test_killed_sweep_resumes_without_duplicated_or_lost_trials(warm, env):
     complete = [t for t in ts if t.state == TrialState.COMPLETE]
     assert len(complete) == 3
     dead = next(t for t in ts if t.number == killed.number)
-    assert dead.state == TrialState.FAIL and "stopped during the trial" in dead.user_attrs[
-        FAILURE_ATTR]
+    assert dead.state == TrialState.FAIL
+    assert "stopped during the trial" in dead.user_attrs[FAILURE_ATTR]
     retried = [t for t in complete if t.user_attrs.get(RETRY_ATTR) == killed.number]
     assert len(retried) == 1 and retried[0].params == killed.params
     assert {t.state for t in ts} <= {TrialState.COMPLETE, TrialState.FAIL}
-    assert len({t.user_attrs[WORKER_ATTR] for t in complete}) == 2  # both runs did trials
+    # both runs did trials
+    assert len({t.user_attrs[WORKER_ATTR] for t in complete}) == 2
 
     r = runs(env)
     assert "RUNNING" not in set(r["status"])
@@ -411,22 +294,23 @@ def test_killed_sweep_resumes_without_duplicated_or_lost_trials(warm, env):
     assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
     trial_runs = r[r["tags.saeuniv.stage"] == "trial"]
     assert (trial_runs["tags.mlflow.parentRunId"] == parents.iloc[0].run_id).all()
-    assert sorted(trial_runs[trial_runs.status == "FINISHED"]["tags.saeuniv.trial_number"]
-                  .astype(int)) == sorted(t.number for t in complete)
+    finished = trial_runs[trial_runs.status == "FINISHED"]
+    assert sorted(finished["tags.saeuniv.trial_number"].astype(int)) == \
+        sorted(t.number for t in complete)
     dead_run = trial_runs[trial_runs.run_id == killed.user_attrs[RUN_ATTR]].iloc[0]
     assert dead_run["status"] == "FAILED" and "stopped during trial 1" in \
         dead_run["tags.saeuniv.error"]
     assert len(trial_runs) == 4
 
 
-# -- two workers, one study, on PostgreSQL --------------------------------------------------
+# -- two workers, one study, on PostgreSQL --------------------------------------------
 
 def _pg_bin() -> Path | None:
     found = shutil.which("pg_ctl")
     candidates = ([Path(found).parent] if found else []) + sorted(
         Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-    return next((d for d in candidates if (d / "initdb").exists() and (d / "pg_ctl").exists()),
-                None)
+    return next((d for d in candidates
+                 if (d / "initdb").exists() and (d / "pg_ctl").exists()), None)
 
 
 def _free_port() -> int:
@@ -437,12 +321,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def postgres_url():
-    """``$SAEUNIV_TEST_POSTGRES_URL`` (.ci/run starts a server and sets it), or a throwaway
-    server on loopback when the PostgreSQL binaries are here; otherwise skip (fail when
-    ``SAEUNIV_REQUIRE_POSTGRES=1``, as in CI)."""
+    """``$SAEUNIV_TEST_POSTGRES_URL`` (.ci/run starts a server and sets it), or a
+    throwaway server on loopback when the PostgreSQL binaries are here; otherwise skip
+    (fail when ``SAEUNIV_REQUIRE_POSTGRES=1``, as in CI)."""
     def unavailable(why: str):
         if os.environ.get("SAEUNIV_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL is required here (SAEUNIV_REQUIRE_POSTGRES=1): {why}")
+            pytest.fail("PostgreSQL is required here (SAEUNIV_REQUIRE_POSTGRES=1): "
+                        f"{why}")
         pytest.skip(f"distributed sweep test skipped: {why}")
 
     try:
@@ -454,8 +339,9 @@ def postgres_url():
         return
     bin_dir = _pg_bin()
     if bin_dir is None:
-        unavailable("no PostgreSQL server here (initdb/pg_ctl not found; .ci/run installs the "
-                    "Debian package postgresql and sets SAEUNIV_TEST_POSTGRES_URL)")
+        unavailable("no PostgreSQL server here (initdb/pg_ctl not found; .ci/run "
+                    "installs the Debian package postgresql and sets "
+                    "SAEUNIV_TEST_POSTGRES_URL)")
     run_as: list[str] = []
     folder = Path(tempfile.mkdtemp(prefix="saeuniv-pg-"))
     if os.geteuid() == 0:  # initdb refuses root: run the server as an unprivileged user
@@ -466,7 +352,8 @@ def postgres_url():
             user = "nobody"
         entry = pwd.getpwnam(user)
         os.chown(folder, entry.pw_uid, entry.pw_gid)
-        runuser = shutil.which("runuser", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+        path = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
+        runuser = shutil.which("runuser", path=path)
         if runuser is None:
             shutil.rmtree(folder, ignore_errors=True)
             unavailable("running as root and runuser is missing (initdb refuses root)")
@@ -474,8 +361,8 @@ def postgres_url():
     data, port = folder / "data", _free_port()
     pg_ctl = run_as + [str(bin_dir / "pg_ctl"), "-D", str(data)]
     try:
-        subprocess.run(run_as + [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres",
-                                 "--auth=trust", "-E", "UTF8", "--no-sync"],
+        subprocess.run(run_as + [str(bin_dir / "initdb"), "-D", str(data), "-U",
+                                 "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
                        check=True, capture_output=True, timeout=120)
         subprocess.run(pg_ctl + ["-l", str(data / "server.log"), "-w", "-t", "60", "-o",
                                  f"-c listen_addresses=127.0.0.1 -p {port} -k {data} "
@@ -484,11 +371,13 @@ def postgres_url():
     except (subprocess.SubprocessError, OSError) as err:
         shutil.rmtree(folder, ignore_errors=True)
         detail = getattr(err, "stderr", b"") or b""
-        unavailable(f"could not start a local PostgreSQL server: {err} {detail.decode()[-500:]}")
+        unavailable(f"could not start a local PostgreSQL server: {err} "
+                    f"{detail.decode()[-500:]}")
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(pg_ctl + ["-m", "fast", "stop"], capture_output=True, timeout=120)
+        subprocess.run(pg_ctl + ["-m", "fast", "stop"], capture_output=True,
+                       timeout=120)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -499,8 +388,9 @@ def test_two_workers_share_one_study_on_postgresql(warm, env, postgres_url):
     args = [sys.executable, "-c", WORKER, "sweep", str(spec), "--set",
             f"corpus.source={warm['corpus']}", "--storage", postgres_url]
     logs = [open(env["dir"] / f"worker{i}.log", "w") for i in range(2)]
-    workers = [subprocess.Popen(args, cwd=env["dir"], env=_worker_env(SWEEP_TEST_DELAY=1.5),
-                                stdout=log, stderr=subprocess.STDOUT) for log in logs]
+    workers = [subprocess.Popen(args, cwd=env["dir"],
+                                env=_worker_env(SWEEP_TEST_DELAY=1.5), stdout=log,
+                                stderr=subprocess.STDOUT) for log in logs]
     try:
         codes = [w.wait(timeout=400) for w in workers]
     finally:
@@ -509,16 +399,20 @@ def test_two_workers_share_one_study_on_postgresql(warm, env, postgres_url):
                 w.kill()
         for log in logs:
             log.close()
-    output = "\n".join((env["dir"] / f"worker{i}.log").read_text()[-2000:] for i in range(2))
+    output = "\n".join((env["dir"] / f"worker{i}.log").read_text()[-2000:]
+                       for i in range(2))
     assert codes == [0, 0], output
 
     ts = trials(postgres_url, study)
     numbers = [t.number for t in ts]
-    assert len(numbers) == len(set(numbers)) and sorted(numbers) == list(range(len(numbers)))
+    assert len(numbers) == len(set(numbers))
+    assert sorted(numbers) == list(range(len(numbers)))
     complete = [t for t in ts if t.state == TrialState.COMPLETE]
     assert len(complete) == n_trials
-    assert {t.state for t in ts} <= {TrialState.COMPLETE, TrialState.PRUNED}  # PRUNED: not needed
-    assert len({t.user_attrs[WORKER_ATTR] for t in complete}) == 2, "both workers ran trials"
+    # PRUNED: not needed
+    assert {t.state for t in ts} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert len({t.user_attrs[WORKER_ATTR] for t in complete}) == 2, \
+        "both workers ran trials"
 
     r = runs(env)
     assert "RUNNING" not in set(r["status"])
