@@ -8,14 +8,21 @@ import pytest
 from saeuniv.sweep import Objective, TrialError, objective_value, selected_pairs
 
 
+class Side:
+    def __init__(self, n_layers):
+        self.layers = list(range(n_layers))
+        self.n_layers = n_layers
+
+    def depth(self, layer):
+        return (layer + 1) / self.n_layers
+
+
 class ThreeByTwo:
-    """Layer pairs of a 3-layer A against a 2-layer B."""
+    """Layer pairs of a 3-layer A against a 2-layer B (what objectives read of a
+    pipeline)."""
 
-    def pairs(self):
-        return [(la, lb) for la in range(3) for lb in range(2)]
-
-    def relative_depth(self, side, layer):
-        return (layer + 1) / (3 if side == "a" else 2)
+    a, b = Side(3), Side(2)
+    pairs = [(la, lb) for la in range(3) for lb in range(2)]
 
 
 def _scores(n_pairs, rsa_z):
@@ -40,7 +47,7 @@ def test_objective_is_the_mean_over_the_selected_pairs_with_a_score():
         pytest.approx((0.2 + 0.4 + 0.9 + 0.9) / 4)
     n_pairs = Objective("n", "n_pairs", layers="middle")
     assert objective_value(n_pairs, pipe, scored) == pytest.approx(15.5)
-    empty = {pair: _scores(2, None) for pair in pipe.pairs()}
+    empty = {pair: _scores(2, None) for pair in pipe.pairs}
     with pytest.raises(TrialError, match=r"objective 'm': no middle layer pair has a "
                        r"rsa z score at these settings \(too few pairs \(2 < 5\)\)"):
         objective_value(middle, pipe, empty)

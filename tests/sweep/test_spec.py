@@ -10,7 +10,7 @@ import pytest
 from saeuniv import cli
 from saeuniv.sweep import SpecError, load_spec
 
-from .helpers import write_spec
+from .spec_files import write_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 

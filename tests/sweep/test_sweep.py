@@ -28,7 +28,7 @@ from saeuniv.pipeline import Pipeline
 from saeuniv.store import Store
 from saeuniv.sweep import FAILURE_ATTR, PARENT_ATTR, RETRY_ATTR, RUN_ATTR, WORKER_ATTR
 
-from .helpers import write_spec
+from .spec_files import write_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM = ("corpus", "tokenizer", "windows", "model", "sae", "codes")
@@ -57,7 +57,7 @@ def warm(tmp_path_factory, corpus_dir):
     cfg = load_config("tiny", {"corpus.source": str(corpus_dir)})
     pipe = Pipeline(cfg, Store(root / "store"))
     pipe.validate()
-    _ = pipe.all_codes
+    _ = pipe.a.codes, pipe.b.codes
     return {"root": root, "store": root / "store", "cfg": cfg,
             "corpus": str(corpus_dir)}
 
@@ -82,15 +82,17 @@ def tracking_db(tmp_path_factory):
 @pytest.fixture()
 def env(warm, tracking_db, tmp_path, monkeypatch, request):
     """The module's MLflow database (so Optuna's default database beside it), a fresh
-    experiment, the shared artefact store, and a private working folder."""
+    experiment, a copy of the warm artefact store, and a private working folder."""
     experiment = f"{request.node.name[:60]}-{uuid.uuid4().hex[:6]}"
+    store = shutil.copytree(warm["store"], tmp_path / "store",
+                            ignore=shutil.ignore_patterns("*.lock"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_db["uri"])
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
-    monkeypatch.setenv("SAEUNIV_HOME", str(warm["store"]))
+    monkeypatch.setenv("SAEUNIV_HOME", str(store))
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(tracking_db["uri"])
     mlflow.set_experiment(experiment)  # made here, so concurrent workers find it
-    yield {**tracking_db, "dir": tmp_path, "experiment": experiment}
+    yield {**tracking_db, "dir": tmp_path, "experiment": experiment, "store": store}
     while mlflow.active_run():
         mlflow.end_run()
 
@@ -109,14 +111,14 @@ def trials(storage: str, study: str):
 def test_small_sweep_end_to_end(warm, env, capsys):
     spec = write_spec(env["dir"])
     args = ["sweep", str(spec), "--set", f"corpus.source={warm['corpus']}"]
-    before = count_entries(warm["store"])
-    scored_before = count_entries(warm["store"], ("matches", "scores"))
+    before = count_entries(env["store"])
+    scored_before = count_entries(env["store"], ("matches", "scores"))
     t0 = time.time()
     assert cli.main(args) == 0
     seconds = time.time() - t0
     # trials made no codes, models or SAEs
-    assert count_entries(warm["store"]) == before
-    made = count_entries(warm["store"], ("matches", "scores"))
+    assert count_entries(env["store"]) == before
+    made = count_entries(env["store"], ("matches", "scores"))
     assert made["scores"] > scored_before["scores"]
     assert (env["folder"] / "optuna.db").exists()  # beside mlflow.db, a separate file
 

@@ -33,7 +33,6 @@ The modules, pure first:
 * ``trials``: the objective, each trial's nested run, when to stop;
 * ``summary``: best.json, trials.csv, plots and summary.md on the parent;
 * ``worker``: ``run_sweep``, one worker start to end;
-* ``pipeline_api``: the one module importing from the pipeline and tracking.
 """
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ class TrialError(ValueError):
 def selected_pairs(pipe, objective: Objective) -> list[tuple[int, int]]:
     """The layer pairs an objective averages over: all, or those whose A layer's
     relative depth is in the middle band (``saeuniv.core.depth.in_middle``)."""
-    pairs = pipe.pairs()
+    pairs = pipe.pairs
     if objective.layers == "all":
         return pairs
-    return [(la, lb) for la, lb in pairs if in_middle(pipe.relative_depth("a", la))]
+    return [(la, lb) for la, lb in pairs if in_middle(pipe.a.depth(la))]
 
 
 def check_objectives(pipe, objectives) -> None:
@@ -34,8 +34,7 @@ def check_objectives(pipe, objectives) -> None:
     opens."""
     for o in objectives:
         if not selected_pairs(pipe, o):
-            depths = {la: round(pipe.relative_depth("a", la), 3)
-                      for la in pipe.layers("a")}
+            depths = {la: round(pipe.a.depth(la), 3) for la in pipe.a.layers}
             raise SpecError(f"objective {o.name!r}: no layer pair has an A layer at "
                             f"relative depth in [1/3, 2/3] (A layers and depths: "
                             f"{depths}); use layers: all")
@@ -45,13 +44,11 @@ def score_trial(pipe) -> dict[tuple[int, int], dict]:
     """Match and score every layer pair of ``pipe`` through the store (a setting seen
     before is read back, not recomputed): pair -> {"match": counts, "scores": scores}.
     """
-    # here, not at the top: the pipeline imports torch, which a spec check must not
-    # wait for
-    from .pipeline_api import load_scores
+    from ..stages import match, similarity
 
-    return {(la, lb): {"match": pipe.matches(la, lb).meta,
-                       "scores": load_scores(pipe.scores(la, lb))}
-            for la, lb in pipe.pairs()}
+    return {(la, lb): {"match": match.entry(pipe, la, lb).meta,
+                       "scores": similarity.load(similarity.entry(pipe, la, lb))}
+            for la, lb in pipe.pairs}
 
 
 def objective_value(objective: Objective, pipe, scored: dict) -> float:

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import mlflow
 from optuna.trial import TrialState
 
+from .. import stages
 from ..config import Config
 from ..procs import worker_gone
+from ..tracking import lineage_tags, record_failure
 from .attrs import PARENT_ATTR
 from .spec import SweepSpec
 from .storage import StorageError
@@ -31,7 +33,6 @@ from .study import SweepStudy
 log = logging.getLogger(__package__)
 
 PARENT_WAIT = 120  # seconds a worker waits for the study's creator to make the parent
-BASE_STAGES = ("models", "saes", "extract")  # what every trial shares: run once
 BASE_WORKER_TAG = "saeuniv.sweep.base_worker"  # the worker that runs the base stages
 BASE_DONE_TAG = "saeuniv.sweep.base"  # "done" once they ran
 
@@ -65,13 +66,13 @@ class ParentRun:
         """The expensive stages once, as nested stage runs of the parent; a rerun or
         another worker only resolves them from the store (and computes what its store
         lacks)."""
-        from .pipeline_api import run_stage
+        from ..stages.runner import run_stage  # the stages import torch: not at start-up
 
         tags = self.tags()
         owner = tags.get(BASE_WORKER_TAG)
         if tags.get(BASE_DONE_TAG) != "done" and (owner is None or worker_gone(owner)):
             mlflow.set_tag(BASE_WORKER_TAG, worker)
-            for stage in BASE_STAGES:
+            for stage in stages.BASE:
                 run_stage(stage, pipe)
             mlflow.set_tag(BASE_DONE_TAG, "done")
 
@@ -142,8 +143,6 @@ class ParentRun:
              stop_reason: str) -> None:
         """End the parent: FAILED or KILLED by ``error``, FAILED short of ``n_trials``
         (tagged with why), else FINISHED (an earlier attempt's error tag removed)."""
-        from .pipeline_api import record_failure
-
         complete = study.n_complete()
         if error is not None:
             record_failure(error)
@@ -162,8 +161,6 @@ class ParentRun:
 def _orphan_reason(tags: dict, states: dict, base_worker: str | None) -> str | None:
     """Why a RUNNING child run of the parent is dead (its ``tags``; ``states``: trial
     number -> Optuna state), or None when it may still be alive."""
-    from .pipeline_api import STAGES
-
     stage = tags.get("saeuniv.stage")
     if stage == "trial":
         number = int(tags.get("saeuniv.trial_number", -1))
@@ -172,7 +169,7 @@ def _orphan_reason(tags: dict, states: dict, base_worker: str | None) -> str | N
         state = states[number].name if number in states else "gone"
         return (f"the worker stopped during trial {number}; the trial is {state} in "
                 "Optuna and its parameters were queued again")
-    if stage in STAGES and base_worker and worker_gone(base_worker):
+    if stage in stages.NAMES and base_worker and worker_gone(base_worker):
         return f"the worker {base_worker} stopped during the {stage} stage"
     return None
 
@@ -180,8 +177,6 @@ def _orphan_reason(tags: dict, states: dict, base_worker: str | None) -> str | N
 def _create(spec: SweepSpec, cfg: Config, study: SweepStudy):
     """Start the parent run and record it in the study: tags, the sweep's parameters,
     the spec and the base config."""
-    from .pipeline_api import lineage_tags
-
     run = mlflow.start_run(run_name=f"sweep:{study.name}")
     study.study.set_user_attr(PARENT_ATTR, run.info.run_id)
     mlflow.set_tags({"saeuniv.stage": "sweep", "saeuniv.study": study.name,

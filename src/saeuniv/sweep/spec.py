@@ -20,22 +20,21 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .. import stages
 from ..config import (
     CONFIG_DIR,
     METRICS,
     Config,
     ConfigError,
-    MatchConfig,
-    SimilarityConfig,
     digest,
     load_config,
     safe_yaml,
 )
 
-# The sections a trial varies: those of the stages a trial runs (match, then
-# similarity). The others decide the models, SAEs and codes that all trials share, or
+# The sections a trial varies, with their dataclasses: those of the stages a trial runs
+# (stages.TRIAL). The others decide the models, SAEs and codes that all trials share, or
 # stages a trial does not run (subspaces).
-SWEEP_SECTIONS = {"match": MatchConfig, "similarity": SimilarityConfig}
+SWEEP_SECTIONS = {name: type(getattr(Config(), name)) for name in stages.sweep_sections()}
 PARAM_TYPES = ("float", "int", "categorical", "bool")
 OBJECTIVE_METRICS = METRICS + ("n_pairs",)
 FIELDS = ("observed", "z")

@@ -114,7 +114,7 @@ class SweepStudy:
         comparable."""
         fingerprint = digest({f"{side}{layer}": {n: f["sha256"] for n, f in
                                                  e.manifest["files"].items()}
-                              for side, codes in pipe.all_codes.items()
+                              for side, codes in ((s.name, s.codes) for s in pipe.sides)
                               for layer, e in codes.items()})
         theirs = self.study.user_attrs.get(ARTEFACTS_ATTR)
         if theirs is None:

@@ -109,7 +109,7 @@ class Summary:
         front."""
         s, pipe, cfg = self.spec, self.pipe, self.cfg
         lines = [f"# Sweep {self.study.name!r} ({s.name})", "",
-                 (f"- base config: {cfg.name} ({pipe.name('a')} vs {pipe.name('b')}), "
+                 (f"- base config: {cfg.name} ({pipe.a.model_name} vs {pipe.b.model_name}), "
                   f"{cfg.extract.n_tokens:,} extracted tokens"),
                  f"- storage: {self.study.storage.url}",
                  f"- sampler: {s.sampler.name}, seed {s.sampler.seed}",

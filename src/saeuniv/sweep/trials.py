@@ -21,6 +21,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from ..config import Config
+from ..tracking import pair_key, stage_run
 from . import objectives
 from .attrs import RETRY_ATTR, RUN_ATTR, SKIPPED_ATTR, WORKER_ATTR
 from .spec import SweepSpec
@@ -101,7 +102,7 @@ class TrialRunner:
     def run_trial(self, trial) -> list[float]:
         """The trial's nested MLflow run: its parameters, per-layer-pair metrics and
         values."""
-        from .pipeline_api import log_scores, pair_key, stage_run
+        from ..stages.similarity import log_scores
 
         params = {p.path: p.suggest(trial) for p in self.spec.params}
         with stage_run("trial", run_name=f"trial-{trial.number}",

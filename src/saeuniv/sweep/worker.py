@@ -57,7 +57,7 @@ def run_sweep(spec: SweepSpec, cfg: Config, store=None,
     trials wanted over all workers) to the spec's. MLflow must already point at the
     tracking store and experiment (``tracking.setup_tracking``).
     """
-    from .pipeline_api import Pipeline
+    from ..pipeline import Pipeline  # torch and the models: not at start-up
 
     store = store or Store()
     n_trials = check_n_trials(spec, n_trials)
