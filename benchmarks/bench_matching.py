@@ -15,18 +15,19 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import scipy
 import scipy.sparse as sp
 import torch
 
-from saeuniv.matching import correlation, match, topk_correlation
+from saeuniv.core.matching import correlation, match, topk_correlation
 
-FULL = dict(n_tokens=50_000, f=16_384, l0=64, f_big=131_072, chunk=10_000, subset=512,
-            baseline_blocks=8, max_bytes=256 * 2**20)
-QUICK = dict(n_tokens=5_000, f=1_024, l0=32, f_big=8_192, chunk=1_000, subset=256,
-             baseline_blocks=4, max_bytes=4 * 2**20)
+FULL = {"n_tokens": 50_000, "f": 16_384, "l0": 64, "f_big": 131_072, "chunk": 10_000, "subset": 512,
+            "baseline_blocks": 8, "max_bytes": 256 * 2**20}
+QUICK = {"n_tokens": 5_000, "f": 1_024, "l0": 32, "f_big": 8_192, "chunk": 1_000, "subset": 256,
+             "baseline_blocks": 4, "max_bytes": 4 * 2**20}
 THRESHOLD = 0.1
 
 
@@ -76,9 +77,10 @@ def chunks(x, size):
 
 
 def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    mem = int(open("/proc/meminfo").readline().split()[1]) / 2**20
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     return (f"{cpu}; {len(os.sched_getaffinity(0))} usable cores; {mem:.1f} GiB RAM; "
             f"load avg {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}; "
             f"python {platform.python_version()}, numpy {np.__version__}, "
@@ -87,7 +89,8 @@ def machine():
 
 def peak_rss_gb():
     """Peak RSS of this process (VmHWM; unlike ru_maxrss it resets at exec)."""
-    line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines()
+                if x.startswith("VmHWM:"))
     return int(line.split()[1]) / 2**20
 
 
@@ -133,13 +136,13 @@ def child(kind, cfg):
         a, b, _ = planted_pair(0, cfg["n_tokens"], cfg["f"], cfg["f"], cfg["l0"])
         before = peak_rss_gb()
         _, t = timed(correlation, chunks(a, cfg["chunk"]), chunks(b, cfg["chunk"]))
-        out = dict(time=t, peak=peak_rss_gb())
+        out = {"time": t, "peak": peak_rss_gb()}
     else:
         a, b, truth = planted_pair(1, cfg["n_tokens"], cfg["f_big"], cfg["f"], cfg["l0"])
         before = peak_rss_gb()
         top, t = timed(topk_correlation, a, b, k=1, max_bytes=cfg["max_bytes"])
-        out = dict(time=t, peak=peak_rss_gb(), l0_b=b.nnz / b.shape[0],
-                   recovered=float(recovered(match(top, "one_to_one", THRESHOLD), truth)))
+        out = {"time": t, "peak": peak_rss_gb(), "l0_b": b.nnz / b.shape[0],
+                   "recovered": float(recovered(match(top, "one_to_one", THRESHOLD), truth))}
         cols = np.sort(np.random.default_rng(2).choice(cfg["f"], 256, replace=False))
         best = np.nanargmax(np.nan_to_num(correlation(a, b[:, cols]), nan=-np.inf), axis=0)
         out["agree"] = float((top.b_partner[cols, 0] == best).mean())

@@ -20,15 +20,15 @@ import tracemalloc
 
 import numpy as np
 
-from saeuniv import metrics
+from saeuniv.core import metrics
 
 try:
     from threadpoolctl import threadpool_info, threadpool_limits
 except ImportError:  # optional: only used to report and set BLAS threads
     threadpool_info = threadpool_limits = None
 
-FULL = dict(n=5000, d_a=512, d_b=768, n_perm=1000, n_naive=20, rsa_n=20_000)
-QUICK = dict(n=600, d_a=64, d_b=96, n_perm=100, n_naive=5, rsa_n=2_000)
+FULL = {"n": 5000, "d_a": 512, "d_b": 768, "n_perm": 1000, "n_naive": 20, "rsa_n": 20_000}
+QUICK = {"n": 600, "d_a": 64, "d_b": 96, "n_perm": 100, "n_naive": 5, "rsa_n": 2_000}
 
 
 def paired_data(n, d_a, d_b, seed=0, shared=32, strength=0.5):
@@ -85,7 +85,8 @@ def bench_null(name, A, B, cfg, **kwargs):
     print(f"\n[{name}] observed {res.observed:.4f}, null {res.null_mean:.4f} +- {res.null_sd:.4f}, "
           f"z {res.z:.1f}, p {res.p:.4f}")
     print(f"  one plain {name}: {plain:.2f} s")
-    print(f"  fast null, {cfg['n_perm']} permutations: {fast:.2f} s = {fast / plain:.1f}x one plain")
+    print(f"  fast null, {cfg['n_perm']} permutations: {fast:.2f} s = {fast / plain:.1f}x "
+          "one plain")
     print(f"  naive null: {naive:.1f} s (timed {cfg['n_naive']} permutations, extrapolated "
           f"to {cfg['n_perm']}); fast is {naive / fast:.1f}x faster")
     return plain, fast, naive
@@ -103,9 +104,10 @@ def explain_svcca(A, B, cfg, plain, fast):
           f"({fast / plain:.1f}x)")
     if fast < 3 * plain:
         return
-    print(f"  why: 99% variance keeps k_a={k_a}, k_b={k_b} directions, so each permutation needs "
-          f"Qa^T Qb[p], a {n}x{k_a}x{k_b} product ({flop / 1e9:.2f} GFLOP). At the measured float32 "
-          f"matmul rate ({3 * flop / gemm / 1e9:.0f} GFLOP/s) {cfg['n_perm']} such products alone take "
+    print(f"  why: 99% variance keeps k_a={k_a}, k_b={k_b} directions, so each permutation "
+          f"needs Qa^T Qb[p], a {n}x{k_a}x{k_b} product ({flop / 1e9:.2f} GFLOP). At the "
+          f"measured float32 matmul rate ({3 * flop / gemm / 1e9:.0f} GFLOP/s) "
+          f"{cfg['n_perm']} such products alone take "
           f"{floor:.1f} s = {floor / plain:.1f}x one plain SVCCA, before any eigenvalues.")
     _, plain_k = timed(metrics.svcca, A, B, k=50)
     _, fast_k = timed(metrics.permutation_null, "svcca", A, B, n_perm=cfg["n_perm"], k=50)

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from saeuniv import metrics, subspaces
+from saeuniv.core import metrics, subspaces
 
 
 def main() -> None:
@@ -42,12 +42,12 @@ def main() -> None:
     for m in (int(x) for x in args.sizes.split(",")):
         for name, debiased in (("svcca", False), ("rsa", False), ("cka", False), ("cka", True)):
             t = time.perf_counter()
+            kw = subspaces.metric_options(name, m, 0, debiased)
             r = subspaces.random_subspace_null(name, A, B, pool, pool, m, args.draws, 0, 0.0,
-                                               debiased=debiased)
+                                               **kw)
             batched = time.perf_counter() - t
             draws = np.random.default_rng([0, 1])
             picks = [draws.choice(pool.size, m, replace=False) for _ in range(args.naive)]
-            kw = subspaces._metric_kwargs(name, m, 0, debiased)
             t = time.perf_counter()
             direct = [getattr(metrics, name)(A[pool[p]], B[pool[p]], **kw) for p in picks]
             naive = (time.perf_counter() - t) / args.naive * args.draws

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from helpers import artifact_dir, finished, runs
 from saeuniv import cli, stages
 from saeuniv.files import sha256_file
+
+from helpers import artifact_dir, finished, runs
 
 
 def test_audit_prints_provenance_and_finds_the_artifacts_intact(tiny_run, capsys,

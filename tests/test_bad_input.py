@@ -11,7 +11,6 @@ in its ``saeuniv.error`` tag.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -24,10 +23,11 @@ import mlflow
 import pytest
 import yaml
 
-from helpers import private_runs
 import saeuniv
 from saeuniv import cli
 from saeuniv.store import Store
+
+from helpers import private_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = Path(saeuniv.__file__).resolve().parents[1]  # the saeuniv under test, for subprocesses
@@ -302,7 +302,7 @@ def test_bad_input_is_refused_fast_and_leaves_nothing(ctx, name, argv, patterns,
         err, limit = capsys.readouterr().err, FAST_S
     elapsed = time.monotonic() - t0
     assert code == 2, err[-3000:]
-    lines = [l for l in err.splitlines() if re.match(r"saeuniv( \w+)?: error: ", l)]
+    lines = [layer for layer in err.splitlines() if re.match(r"saeuniv( \w+)?: error: ", layer)]
     assert len(lines) == 1, err[-3000:]  # one line names the problem
     for pattern in patterns:
         assert re.search(pattern, lines[0]), (pattern, lines[0])

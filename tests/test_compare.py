@@ -6,9 +6,10 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 
-from helpers import finished, runs
 from saeuniv import cli
 from saeuniv.compare import depth_curve, diff_grid, load_run
+
+from helpers import finished, runs
 
 
 def test_compare_lines_up_two_main_runs(tiny_run, tiny_pipe, own_tracking, capsys):

@@ -1,10 +1,10 @@
 """Config loading, validation and packaging metadata."""
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from saeuniv.config import ConfigError, load_config

@@ -22,7 +22,8 @@ def test_split_is_disjoint_and_seeded(tmp_path, corpus_dir):
     cfg = CorpusConfig(source=str(corpus_dir), analysis_fraction=0.25, max_doc_chars=500)
     entry = prepare_corpus(cfg, store)
     train, analysis = read_split(entry, "train"), read_split(entry, "analysis")
-    src = lambda docs: {d["id"].split("-")[0] for d in docs}
+    def src(docs):
+        return {d["id"].split("-")[0] for d in docs}
     assert src(train).isdisjoint(src(analysis))
     assert len(src(analysis)) == 30 and len(src(train)) == 90
     again = prepare_corpus(CorpusConfig(source=str(corpus_dir), analysis_fraction=0.25,

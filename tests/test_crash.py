@@ -28,15 +28,15 @@ import pytest
 from filelock import FileLock
 
 import saeuniv
-from helpers import env_vars
-from saeuniv import cli
+from saeuniv import cli, stages
 from saeuniv.config import load_config
 from saeuniv.doctor import check_store, orphan_reason, verify_entry
-from saeuniv import stages
 from saeuniv.pipeline import Pipeline
-from saeuniv.stages import similarity
 from saeuniv.procs import hostname, owner_tags
+from saeuniv.stages import similarity
 from saeuniv.store import NOT_KINDS, PARTIAL, Store, What
+
+from helpers import env_vars
 
 SRC = str(Path(saeuniv.__file__).resolve().parents[1])
 SHARD_WINDOWS = 4  # 13 shards per model: many points to be killed at
@@ -159,8 +159,8 @@ def test_same_config_and_seed_give_identical_results(ref):
         assert run.info.status == other.info.status == "FINISHED"
         assert run.data.metrics and _finite_equal(run.data.metrics, other.data.metrics), stage
         for key in (k for k in run.data.metrics if "/" not in k):  # per-layer and curves
-            hist = lambda r: [(m.step, m.value) for m in client.get_metric_history(
-                r.info.run_id, key)]
+            def hist(r, key=key):
+                return [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, key)]
             assert hist(run) == hist(other), (stage, key)
     grids = [mlflow.artifacts.load_dict(f"runs:/{r['main'].info.run_id}/grids.json")
              for r in (one, two)]

@@ -14,7 +14,7 @@ def _bash_blocks(text):
 def test_ci_runs_the_readme_test_command():
     blocks = _bash_blocks((ROOT / "README.md").read_text())
     test_cmd = next(b for b in blocks if "pytest" in b)
-    ci_lines = [l.strip() for l in (ROOT / ".ci/run").read_text().splitlines()]
+    ci_lines = [layer.strip() for layer in (ROOT / ".ci/run").read_text().splitlines()]
     assert test_cmd in ci_lines
 
 

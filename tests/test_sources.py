@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import synthetic_text
 from saeuniv import cli
 from saeuniv.config import load_config
 from saeuniv.extract import load_codes
@@ -20,6 +19,8 @@ from saeuniv.saes import SAEError
 from saeuniv.sides import Side
 from saeuniv.stages import similarity
 from saeuniv.store import Store
+
+from helpers import synthetic_text
 
 
 def _tokenizer(folder, vocab_size: int, bos: bool):
@@ -164,7 +165,7 @@ def test_two_tokenizers_are_compared_on_shared_boundaries(hf_run):
     assert n >= 800
     assert n < (wa.offsets[:, :, 1] > wa.offsets[:, :, 0]).sum()  # some tokens not shared
     for side in pipe.sides:
-        for layer, entry in side.codes.items():
+        for _layer, entry in side.codes.items():
             assert load_codes(entry).shape[0] == n
     scored = [similarity.load(similarity.entry(pipe, la, lb)) for la, lb in pipe.pairs]
     assert len(scored) == 3 * 2 and all(s["layer_a"] in pipe.a.layers for s in scored)

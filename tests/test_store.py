@@ -173,7 +173,7 @@ def test_paths_of_the_layout(tmp_path):
 def test_drop_partial_removes_a_folder_unless_its_lock_is_held(tmp_path):
     store = Store(tmp_path)
     keys = [store.key("thing", {"a": i}) for i in range(2)]
-    for i, key in enumerate(keys):
+    for i, _key in enumerate(keys):
         (store.partial_dir("thing", {"a": i}) / "shard-00000.npz").write_bytes(b"x")
     with FileLock(str(store.partial_lock("thing", keys[1]))):
         assert lock_held(store.partial_lock("thing", keys[1]))

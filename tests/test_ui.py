@@ -65,11 +65,11 @@ def browser(tmp_path):
 def server(tracking, tmp_path):
     """``mlflow server`` over the test's SQLite store; stopped by its PID."""
     port = _free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking,
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    with open(tmp_path / "mlflow-server.log", "w") as log:  # the server keeps its own copy
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking,
+             "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -81,7 +81,6 @@ def server(tracking, tmp_path):
             except OSError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                log.flush()
                 pytest.fail("mlflow server did not start:\n"
                             + (tmp_path / "mlflow-server.log").read_text()[-3000:])
             time.sleep(0.5)
@@ -93,7 +92,6 @@ def server(tracking, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log.close()
 
 
 def _wait_for(driver, texts: list[str], timeout: float = 90) -> None:

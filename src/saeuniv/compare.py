@@ -118,7 +118,8 @@ def table(rows: list[dict], ids: list[str]) -> str:
     header = ["param"] + [i[:12] for i in ids]
     body = [[row["param"]] + [row[i] for i in ids] for row in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    def fmt(cells):
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
 
 

@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .procs import boot_id, hostname, pid_alive
 from .files import is_temp_name, lock_held
+from .procs import boot_id, hostname, pid_alive
 from .store import (  # verify_entry was defined here: doctor.verify_entry still works
     Found,
     Store,

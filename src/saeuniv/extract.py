@@ -31,9 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import faults
+from .files import atomic_file, atomic_write_text
 from .models import NONFINITE_FIX, LoadedModel, check_finite, set_threads
 from .saes import STAT_KEYS, check_compatible, merge_quality, quality_stats
-from .files import atomic_file, atomic_write_text
 from .store import Entry, Store
 from .tokens import Windows
 
@@ -168,7 +168,7 @@ def _write_shards(model: LoadedModel, saes: dict[int, object], windows: Windows,
     for s, start in enumerate(bar):
         todo = [layer for layer in group if not (partial[layer] / shard_name(s)).exists()]
         if todo:
-            _extract_shard(model, {layer: saes[layer] for layer in todo}, windows, start,
+            extract_shard(model, {layer: saes[layer] for layer in todo}, windows, start,
                            min(start + shard_windows, n), batch_size,
                            {layer: partial[layer] / shard_name(s) for layer in todo}, label)
             faults.point("shard")
@@ -191,8 +191,10 @@ def _partial(store: Store, spec: dict, layout: dict) -> Path:
 
 
 @torch.no_grad()
-def _extract_shard(model: LoadedModel, saes: dict[int, object], windows: Windows, lo: int,
-                   hi: int, batch_size: int, dest: dict[int, Path], label: str) -> None:
+def extract_shard(model: LoadedModel, saes: dict[int, object], windows: Windows, lo: int,
+                  hi: int, batch_size: int, dest: dict[int, Path], label: str) -> None:
+    """Encode windows ``lo:hi`` with the SAE of every layer of ``saes`` and write each
+    layer's codes (CSR) and quality statistics to its shard file ``dest[layer]``."""
     parts: dict[int, list[sp.csr_matrix]] = {layer: [] for layer in saes}
     stats: dict[int, list[dict]] = {layer: [] for layer in saes}
     layers = sorted(saes)

@@ -48,7 +48,8 @@ def render(title: str, summary: str, heatmaps: dict[str, str], curves: str,
            quality: list[tuple[str, int, dict]], pairs: list[dict]) -> str:
     """The page. ``heatmaps``: metric -> base64 PNG; ``curves``: base64 PNG; ``quality``:
     (side, layer, {l0, fvu, dead_fraction}); ``pairs``: rows of ``stages.match.top_pairs``."""
-    img = lambda b64, alt: f'<img alt="{escape(alt)}" src="data:image/png;base64,{b64}">'
+    def img(b64, alt):
+        return f'<img alt="{escape(alt)}" src="data:image/png;base64,{b64}">'
     parts = [f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{escape(title)}"
              f"</title><style>{STYLE}</style></head><body>", f"<h1>{escape(title)}</h1>",
              '<h2 id="summary">Summary</h2>', f"<pre>{escape(summary)}</pre>",
@@ -61,9 +62,9 @@ def render(title: str, summary: str, heatmaps: dict[str, str], curves: str,
               "<p>Each A layer against the B layer at the nearest relative depth; the band is "
               "the null mean &plusmn; 2 sd.</p>", img(curves, "depth_curves.png"),
               '<h2 id="quality">SAE quality per layer</h2>']
-    by_layer: dict[tuple[str, int], dict] = {(s, l): q for s, l, q in quality}
-    rows = [{"side": s, "layer": l, "sae_l0": float(q["l0"]), "sae_fvu": float(q["fvu"]),
-             "sae_dead": float(q["dead_fraction"])} for (s, l), q in sorted(by_layer.items())]
+    by_layer: dict[tuple[str, int], dict] = {(s, layer): q for s, layer, q in quality}
+    rows = [{"side": s, "layer": layer, "sae_l0": float(q["l0"]), "sae_fvu": float(q["fvu"]),
+             "sae_dead": float(q["dead_fraction"])} for (s, layer), q in sorted(by_layer.items())]
     parts.append(_table(["side", "layer", "sae_l0", "sae_fvu", "sae_dead"], rows))
     parts += ['<h2 id="pairs">Top matched feature pairs</h2>',
               "<p>Per layer pair, the pairs with the highest activation correlation; the "

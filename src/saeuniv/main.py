@@ -5,7 +5,7 @@ the parent's report (like MLflow's multistep example, one stage after the other)
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import mlflow
 

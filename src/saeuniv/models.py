@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,10 +98,10 @@ class LoadedModel:
         """
         tokens = tokens.to(self.device)
         if self.backend == "tl":
-            hooks = {self.hook(l): l for l in layers}
+            hooks = {self.hook(layer): layer for layer in layers}
             _, cache = self.model.run_with_cache(
                 tokens, names_filter=lambda name: name in hooks, stop_at_layer=max(layers) + 1)
-            return {l: cache[h] for h, l in hooks.items()}
+            return {layer: cache[h] for h, layer in hooks.items()}
         base, blocks = hf_blocks(self.model)
         out: dict[int, torch.Tensor] = {}
         deepest = max(layers)
@@ -113,7 +113,7 @@ class LoadedModel:
                     raise _Stop
             return hook
 
-        handles = [blocks[l].register_forward_hook(grab(l)) for l in layers]
+        handles = [blocks[layer].register_forward_hook(grab(layer)) for layer in layers]
         try:
             base(input_ids=tokens, use_cache=False)
         except _Stop:
@@ -124,7 +124,7 @@ class LoadedModel:
         return out
 
     def check_layers(self, layers: list[int], side: str) -> None:
-        bad = [l for l in layers if not 0 <= l < self.n_layers]
+        bad = [layer for layer in layers if not 0 <= layer < self.n_layers]
         if bad:
             raise ModelError(
                 f"{side}: layer(s) {bad} are out of range for {self.name!r}, which has "
@@ -222,7 +222,8 @@ def _train_member(member, family, vocab_size, train, val, path) -> dict:
     if len(train) < n_steps * family.batch_size:
         raise ModelError(
             f"the training split has {len(train)} windows but {n_steps * family.batch_size} are "
-            f"needed for family.train_tokens={family.train_tokens}; lower it or use a larger corpus")
+            f"needed for family.train_tokens={family.train_tokens}; lower it or use a larger "
+            "corpus")
     order = np.random.default_rng(family.seed).permutation(len(train))
     opt = torch.optim.AdamW(model.parameters(), lr=family.lr, weight_decay=0.01,
                             betas=(0.9, 0.95))
@@ -290,7 +291,7 @@ def hf_blocks(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleL
     """(base model, its list of decoder blocks) of a Hugging Face causal LM."""
     base = getattr(model, "base_model", model)
     n = hf_text_config(model.config).num_hidden_layers
-    for name, child in base.named_children():
+    for _name, child in base.named_children():
         if isinstance(child, torch.nn.ModuleList) and len(child) == n:
             return base, child
     raise ModelError(f"cannot find the {n} decoder blocks of {type(model).__name__}; "
@@ -397,7 +398,9 @@ def outside_tokenizer(ref, store: Store, identity: dict) -> Entry:
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         elif ref.source == "transformer_lens":
             from transformer_lens.loading_from_pretrained import (
-                get_official_model_name, get_pretrained_model_config)
+                get_official_model_name,
+                get_pretrained_model_config,
+            )
 
             tok = AutoTokenizer.from_pretrained(get_official_model_name(ref.name))
         else:

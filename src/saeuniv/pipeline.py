@@ -129,7 +129,7 @@ class Pipeline:
         self.store.check_space(planned_bytes(self, stage), fix=DISK_FIX)
         self.validated.add(stage)
 
-    def with_analysis(self, cfg: Config) -> "Pipeline":
+    def with_analysis(self, cfg: Config) -> Pipeline:
         """A pipeline for ``cfg`` that shares this one's upstream artefacts (corpus to codes).
 
         ``cfg`` may differ from this pipeline's config only in the analysis sections

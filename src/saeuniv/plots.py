@@ -16,8 +16,8 @@ def heatmap(grid: np.ndarray, layers_a: list[int], layers_b: list[int], title: s
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(layers_b), 1.0 + 0.55 * len(layers_a)))
     masked = np.ma.masked_invalid(grid)
     im = ax.imshow(masked, cmap="viridis", aspect="auto", origin="lower")
-    ax.set_xticks(range(len(layers_b)), [str(l) for l in layers_b])
-    ax.set_yticks(range(len(layers_a)), [str(l) for l in layers_a])
+    ax.set_xticks(range(len(layers_b)), [str(layer) for layer in layers_b])
+    ax.set_yticks(range(len(layers_a)), [str(layer) for layer in layers_a])
     ax.set_xlabel(f"{label_b} layer")
     ax.set_ylabel(f"{label_a} layer")
     ax.set_title(title, fontsize=10)
@@ -105,8 +105,8 @@ def subspace_grid(rows: list[dict], metric: str, categories: list[str], layers_a
         im = ax.imshow(np.ma.masked_invalid(grid), cmap="coolwarm", vmin=-5, vmax=5,
                        aspect="auto", origin="lower")
         ax.set_title(cat, fontsize=9)
-        ax.set_xticks(range(len(layers_b)), [str(l) for l in layers_b], fontsize=6)
-        ax.set_yticks(range(len(layers_a)), [str(l) for l in layers_a], fontsize=6)
+        ax.set_xticks(range(len(layers_b)), [str(layer) for layer in layers_b], fontsize=6)
+        ax.set_yticks(range(len(layers_a)), [str(layer) for layer in layers_a], fontsize=6)
     for ax in axes.ravel()[len(categories):]:
         ax.axis("off")
     for ax in axes[:, 0]:

@@ -22,9 +22,9 @@ import io
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -56,8 +56,12 @@ class Quality:
 
 
 def _training_sae(cfg: SAEConfig, d_in: int):
-    from sae_lens import (JumpReLUTrainingSAEConfig, StandardTrainingSAEConfig, TrainingSAE,
-                          TopKTrainingSAEConfig)
+    from sae_lens import (
+        JumpReLUTrainingSAEConfig,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAEConfig,
+        TrainingSAE,
+    )
 
     d_sae = cfg.expansion * d_in
     common = {"d_in": d_in, "d_sae": d_sae}
@@ -91,7 +95,7 @@ def collect_activations(model: LoadedModel, layers: list[int], windows, n_tokens
                         batch_size: int = 16, label: str = "") -> dict[int, torch.Tensor]:
     """Residual activations at ``layers`` on the masked positions of ``windows``
     (float32, CPU), up to ``n_tokens`` rows per layer, one forward pass per batch."""
-    parts: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     got = 0
     bar = tqdm(total=n_tokens, desc=f"activations {label}", unit="tok", mininterval=2)
     with torch.no_grad():
@@ -99,17 +103,17 @@ def collect_activations(model: LoadedModel, layers: list[int], windows, n_tokens
             toks = torch.as_tensor(windows.tokens[start:start + batch_size], dtype=torch.long)
             keep = torch.as_tensor(windows.mask[start:start + batch_size])
             res = model.residuals(toks, layers)
-            for l in layers:
-                acts = res[l][keep.to(res[l].device)].float().cpu()
-                check_finite(acts, f"model {label} layer {l}: activations on the SAE training "
-                             "windows", NONFINITE_FIX)
-                parts[l].append(acts)
+            for layer in layers:
+                acts = res[layer][keep.to(res[layer].device)].float().cpu()
+                check_finite(acts, f"model {label} layer {layer}: activations on the SAE "
+                             "training windows", NONFINITE_FIX)
+                parts[layer].append(acts)
             got += int(keep.sum())
             bar.update(int(keep.sum()))
             if got >= n_tokens:
                 break
     bar.close()
-    return {l: torch.cat(p)[:n_tokens] for l, p in parts.items()}
+    return {layer: torch.cat(p)[:n_tokens] for layer, p in parts.items()}
 
 
 def train_saes(model_key: str, get_model: Callable[[], LoadedModel], layers: list[int],
@@ -124,8 +128,9 @@ def train_saes(model_key: str, get_model: Callable[[], LoadedModel], layers: lis
     while training is trained again from the start (seeded: the same weights); its
     store entry is only made, by a rename, once it is whole.
     """
-    out = {l: store.get("sae", sae_spec(model_key, l, cfg, windows_key)) for l in layers}
-    missing = [l for l, e in out.items() if e is None]
+    out = {layer: store.get("sae", sae_spec(model_key, layer, cfg, windows_key))
+           for layer in layers}
+    missing = [layer for layer, e in out.items() if e is None]
     if not missing:
         return out
     model, windows = get_model(), get_windows()
@@ -136,7 +141,7 @@ def train_saes(model_key: str, get_model: Callable[[], LoadedModel], layers: lis
         acts = collect_activations(model, layers_now, windows, cfg.train_tokens,
                                    label=label or model.name)
         for layer in layers_now:
-            def build(path: Path, layer=layer) -> dict:
+            def build(path: Path, layer=layer, acts=acts) -> dict:
                 return _fit(model, layer, cfg, acts[layer], path)
 
             out[layer], _ = store.get_or_create(

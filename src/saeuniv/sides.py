@@ -19,8 +19,17 @@ from .core import matching
 from .core.depth import relative_depth
 from .corpus import read_split
 from .extract import extract_codes
-from .models import (LoadedModel, ModelError, ModelInfo, describe, load_family_model,
-                     load_outside_model, model_identity, outside_tokenizer, resolve_device)
+from .models import (
+    LoadedModel,
+    ModelError,
+    ModelInfo,
+    describe,
+    load_family_model,
+    load_outside_model,
+    model_identity,
+    outside_tokenizer,
+    resolve_device,
+)
 from .saes import check_compatible, load_pretrained, load_sae, sae_key, train_saes
 from .store import Entry
 from .tokens import Windows, load_tokenizer, load_windows, make_windows, tokenizer_sha
@@ -268,7 +277,8 @@ class Side:
         """SAE codes of every used layer on the analysis windows (layer -> entry)."""
         e = self.cfg.extract
         return extract_codes(
-            lambda: self.model, self.model_key, {l: self.sae_keys[l] for l in self.used_layers},
+            lambda: self.model, self.model_key,
+            {layer: self.sae_keys[layer] for layer in self.used_layers},
             lambda layer: self.saes[layer], self.windows, self.up.windows_entry, self.name,
             self.store, e.batch_size, e.shard_windows, e.layers_per_pass, label=self.label)
 

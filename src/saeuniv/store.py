@@ -34,8 +34,15 @@ from filelock import FileLock, Timeout
 
 from . import __version__, faults
 from .config import digest
-from .files import (HIDDEN, atomic_write_text, fsync_dir, fsync_file, is_temp_name, locked,
-                    sha256_file)
+from .files import (
+    HIDDEN,
+    atomic_write_text,
+    fsync_dir,
+    fsync_file,
+    is_temp_name,
+    locked,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 

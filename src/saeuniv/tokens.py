@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.alignment import pair_segments
 from .config import TokenizerConfig
+from .core.alignment import pair_segments
 from .corpus import read_split
 from .store import Entry, Store
 
@@ -135,8 +135,8 @@ def paired_windows(docs: list[str], sides: list[tuple], context: int,
                 if same:  # one tokenizer: every text position is compared
                     keep_a = keep_b = sp_a[a0:a1, 1] > sp_a[a0:a1, 0]
                     keep_a[0] &= bool(sides[0][1])
-                for k, (ids, spans, lo, hi, keep) in enumerate(
-                        ((ids_a, sp_a, a0, a1, keep_a), (ids_b, sp_b, b0, b1, keep_b))[:len(sides)]):
+                pieces = ((ids_a, sp_a, a0, a1, keep_a), (ids_b, sp_b, b0, b1, keep_b))
+                for k, (ids, spans, lo, hi, keep) in enumerate(pieces[:len(sides)]):
                     rows[k].append((ids[lo:hi], spans[lo:hi], keep))
                 doc_ids.append(start + j)
                 collected += int(keep_a.sum())
@@ -149,7 +149,7 @@ def paired_windows(docs: list[str], sides: list[tuple], context: int,
     if not doc_ids:
         raise ValueError("no token windows could be made: the documents are empty")
     out = []
-    for (tok, bos), (pad, bos_id), side_rows in zip(sides, specials, rows):
+    for (_tok, bos), (pad, bos_id), side_rows in zip(sides, specials, rows):
         n = len(side_rows)
         tokens = np.full((n, context), pad, np.int32)
         mask = np.zeros((n, context), bool)

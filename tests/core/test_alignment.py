@@ -54,7 +54,7 @@ def test_two_tokenizers_compare_only_shared_boundaries_in_the_same_text():
 
 def test_a_model_without_bos_never_compares_its_first_position():
     sa, sb = spans_of(TEXT, WORDS), spans_of(TEXT, PIECES)
-    for a0, a1, b0, b1, ka, kb in pair_segments(sa, sb, 6, 9, first_a=True, first_b=False):
+    for _a0, _a1, _b0, _b1, ka, kb in pair_segments(sa, sb, 6, 9, first_a=True, first_b=False):
         assert not kb[0] and ka.sum() == kb.sum()
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import runs
 from saeuniv import cli
 from saeuniv.config import load_config
 from saeuniv.core.alignment import valid_positions
@@ -16,6 +15,8 @@ from saeuniv.extract import load_codes
 from saeuniv.pipeline import Pipeline
 from saeuniv.store import Store
 from saeuniv.tokens import make_windows
+
+from helpers import runs
 
 
 def test_codes_drop_pad_and_bos_and_match_a_direct_encoding(tiny_pipe):
@@ -63,7 +64,7 @@ def test_interrupted_extraction_resumes_from_its_shards(tiny_run, own_store, mon
     store = Store(own_store)
     cfg = tiny_run["cfg"].replace(**{"extract.n_tokens": 1200, "extract.shard_windows": 8})
     calls = []
-    real = extract._extract_shard
+    real = extract.extract_shard
 
     def dies_on_third(model, saes, windows, lo, hi, *args):
         calls.append(lo)
@@ -71,13 +72,13 @@ def test_interrupted_extraction_resumes_from_its_shards(tiny_run, own_store, mon
             raise KeyboardInterrupt("killed")
         return real(model, saes, windows, lo, hi, *args)
 
-    monkeypatch.setattr(extract, "_extract_shard", dies_on_third)
+    monkeypatch.setattr(extract, "extract_shard", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         _ = Pipeline(cfg, store).b.codes
     n_shards = -(-len(Pipeline(cfg, store).b.windows.tokens) // 8)
     assert n_shards > 3
     calls.clear()
-    monkeypatch.setattr(extract, "_extract_shard", lambda *a: (calls.append(a[3]), real(*a))[1])
+    monkeypatch.setattr(extract, "extract_shard", lambda *a: (calls.append(a[3]), real(*a))[1])
     resumed = Pipeline(cfg, store).b.codes
     assert calls == [8 * s for s in range(2, n_shards)]  # the two finished shards are reused
     side = Pipeline(cfg, store).b

@@ -21,7 +21,6 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from helpers import private_runs
 from saeuniv import cli
 from saeuniv.core import metrics
 from saeuniv.core.matching import POLICIES, correlation, dead_features, match
@@ -32,6 +31,8 @@ from saeuniv.stages import match as match_stage
 from saeuniv.stages import similarity
 from saeuniv.store import Store
 from saeuniv.upstream import Upstream
+
+from helpers import private_runs
 
 # -- the pure core ----------------------------------------------------------------------------
 
@@ -99,9 +100,11 @@ def world(tmp_path_factory, corpus_dir):
     root = tmp_path_factory.mktemp("hazards")
     with private_runs(root, chdir=True):
         saes = root / "saes"
+        folder_a = _folder_saes(saes, "a", 16, 2, _constant_a0)
+        folder_b = _folder_saes(saes, "b", 32, 3, _dead_b0)
         args = ["--config", "tiny", "--set", f"corpus.source={corpus_dir}",
-                "--set", f"sae_a={{source: folder, path: '{_folder_saes(saes, 'a', 16, 2, _constant_a0)}'}}",
-                "--set", f"sae_b={{source: folder, path: '{_folder_saes(saes, 'b', 32, 3, _dead_b0)}'}}"]
+                "--set", f"sae_a={{source: folder, path: '{folder_a}'}}",
+                "--set", f"sae_b={{source: folder, path: '{folder_b}'}}"]
         yield {"root": root, "args": args}
 
 
@@ -192,7 +195,8 @@ def test_dead_constant_and_unmatched_features_are_reported_not_scored(world, ran
     tags = runs["match"].data.tags
     for la in (0, 1):
         assert re.search(r"no pairs left after matching .*dead or constant features: \d of A, "
-                         r"128 of B\); lower match.threshold", tags[f"saeuniv.warning.match.a{la}-b0"])
+                         r"128 of B\); lower match.threshold",
+                         tags[f"saeuniv.warning.match.a{la}-b0"])
     found = runs["match"].data.metrics
     assert found["n_dead_b/a0-b0"] == 128 and found["n_dead_b/a0-b1"] < 128
     # the constant feature 0 of A layer 0 counts as dead and is never paired; A's count does
@@ -211,7 +215,7 @@ def test_dead_constant_and_unmatched_features_are_reported_not_scored(world, ran
         assert "svcca/a0-b1" in run.data.metrics  # the live layer pairs are scored
     summary = mlflow.artifacts.load_text(f"runs:/{runs['main'].info.run_id}/summary.md")
     assert "## Layer pairs without a score" in summary
-    assert f"- a0-b0: {status}" in summary and f"- a1-b0: " in summary
+    assert f"- a0-b0: {status}" in summary and "- a1-b0: " in summary
     assert "- a0-b1:" not in summary
     grids = mlflow.artifacts.load_dict(f"runs:/{runs['main'].info.run_id}/grids.json")
     assert grids["metrics"]["svcca"]["observed"][0][0] is None

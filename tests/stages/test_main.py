@@ -8,9 +8,10 @@ import json
 import mlflow
 import numpy as np
 
-from helpers import artifact_dir, finished, runs
 from saeuniv import cli, stages
 from saeuniv.tracking import git_info
+
+from helpers import artifact_dir, finished, runs
 
 
 def test_main_run_has_nested_stage_runs(tiny_run):

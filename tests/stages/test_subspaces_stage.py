@@ -11,13 +11,14 @@ import mlflow
 import numpy as np
 import scipy.sparse as sp
 
-from helpers import runs
 from saeuniv import cli
 from saeuniv.core import matching
 from saeuniv.core import subspaces as core
 from saeuniv.corpus import read_split
 from saeuniv.stages import match
 from saeuniv.stages import subspaces as stage
+
+from helpers import runs
 
 
 def _subspace_runs(tiny_run):

@@ -247,9 +247,9 @@ def test_killed_sweep_resumes_without_duplicated_or_lost_trials(warm, env):
     spec = write_spec(env["dir"], study="tiny-resume")
     args = [sys.executable, "-c", WORKER, "sweep", str(spec), "--set",
             f"corpus.source={warm['corpus']}"]
-    log = open(env["dir"] / "first.log", "w")
-    first = subprocess.Popen(args, cwd=env["dir"], env=_worker_env(SWEEP_TEST_DELAY=3),
-                             stdout=log, stderr=subprocess.STDOUT)
+    with open(env["dir"] / "first.log", "w") as log:  # the child keeps its own copy
+        first = subprocess.Popen(args, cwd=env["dir"], env=_worker_env(SWEEP_TEST_DELAY=3),
+                                 stdout=log, stderr=subprocess.STDOUT)
 
     def second_trial_running():
         try:
@@ -266,7 +266,6 @@ def test_killed_sweep_resumes_without_duplicated_or_lost_trials(warm, env):
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-        log.close()
     assert killed.number == 1 and killed.params
     r = runs(env)
     ours = r[r["tags.saeuniv.stage"].isin(["sweep", "trial"])]
@@ -389,18 +388,18 @@ def test_two_workers_share_one_study_on_postgresql(warm, env, postgres_url):
     spec = write_spec(env["dir"], study=study, n_trials=n_trials)
     args = [sys.executable, "-c", WORKER, "sweep", str(spec), "--set",
             f"corpus.source={warm['corpus']}", "--storage", postgres_url]
-    logs = [open(env["dir"] / f"worker{i}.log", "w") for i in range(2)]
-    workers = [subprocess.Popen(args, cwd=env["dir"],
-                                env=_worker_env(SWEEP_TEST_DELAY=1.5), stdout=log,
-                                stderr=subprocess.STDOUT) for log in logs]
+    workers = []
+    for i in range(2):
+        with open(env["dir"] / f"worker{i}.log", "w") as log:  # the child keeps its own copy
+            workers.append(subprocess.Popen(args, cwd=env["dir"],
+                                            env=_worker_env(SWEEP_TEST_DELAY=1.5), stdout=log,
+                                            stderr=subprocess.STDOUT))
     try:
         codes = [w.wait(timeout=400) for w in workers]
     finally:
         for w in workers:
             if w.poll() is None:
                 w.kill()
-        for log in logs:
-            log.close()
     output = "\n".join((env["dir"] / f"worker{i}.log").read_text()[-2000:]
                        for i in range(2))
     assert codes == [0, 0], output

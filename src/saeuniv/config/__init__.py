@@ -7,11 +7,31 @@ the safe loader, rejects unknown keys (naming them and the allowed ones), applie
 
 from .checks import check, validate
 from .loading import CONFIG_DIR, from_dict, load_config, safe_yaml, set_path
-from .sections import (DEVICES, DTYPES, MATCH_POLICIES, METRICS, MODEL_SOURCES, PAIRS,
-                       SAE_ARCHITECTURES, SAE_SOURCES, Config, ConfigError, CorpusConfig,
-                       ExtractConfig, FamilyConfig, MatchConfig, MemberConfig, ModelRef,
-                       SAEConfig, SAERef, SimilarityConfig, SubspacesConfig, TokenizerConfig,
-                       digest, plain)
+from .sections import (
+                       DEVICES,
+                       DTYPES,
+                       MATCH_POLICIES,
+                       METRICS,
+                       MODEL_SOURCES,
+                       PAIRS,
+                       SAE_ARCHITECTURES,
+                       SAE_SOURCES,
+                       Config,
+                       ConfigError,
+                       CorpusConfig,
+                       ExtractConfig,
+                       FamilyConfig,
+                       MatchConfig,
+                       MemberConfig,
+                       ModelRef,
+                       SAEConfig,
+                       SAERef,
+                       SimilarityConfig,
+                       SubspacesConfig,
+                       TokenizerConfig,
+                       digest,
+                       plain,
+)
 
 __all__ = [
     "CONFIG_DIR", "DEVICES", "DTYPES", "MATCH_POLICIES", "METRICS", "MODEL_SOURCES", "PAIRS",

@@ -6,8 +6,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .sections import (DEVICES, DTYPES, MATCH_POLICIES, METRICS, MODEL_SOURCES, PAIRS,
-                       SAE_ARCHITECTURES, SAE_SOURCES, Config, ConfigError)
+from .sections import (
+    DEVICES,
+    DTYPES,
+    MATCH_POLICIES,
+    METRICS,
+    MODEL_SOURCES,
+    PAIRS,
+    SAE_ARCHITECTURES,
+    SAE_SOURCES,
+    Config,
+    ConfigError,
+)
 
 
 def check(cond: bool, msg: str) -> None:

@@ -13,9 +13,21 @@ from typing import Any
 import yaml
 
 from .checks import validate
-from .sections import (Config, ConfigError, CorpusConfig, ExtractConfig, FamilyConfig,
-                       MatchConfig, MemberConfig, ModelRef, SAEConfig, SAERef, SimilarityConfig,
-                       SubspacesConfig, TokenizerConfig)
+from .sections import (
+    Config,
+    ConfigError,
+    CorpusConfig,
+    ExtractConfig,
+    FamilyConfig,
+    MatchConfig,
+    MemberConfig,
+    ModelRef,
+    SAEConfig,
+    SAERef,
+    SimilarityConfig,
+    SubspacesConfig,
+    TokenizerConfig,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "builtin_configs"
 
@@ -94,9 +106,8 @@ def _coerce(cls, f, value, where):
         return tuple(_build(MemberConfig, m, f"{where}[{i}]") for i, m in enumerate(value))
     if f.name == "metrics":
         return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-    expected = {int: int, float: float, bool: bool, str: str}.get(
-        f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(f.type)
-    )
+    scalars = {"int": int, "float": float, "bool": bool, "str": str}  # annotations as text
+    expected = f.type if f.type in scalars.values() else scalars.get(f.type)
     if expected in (int, float) and isinstance(value, bool):  # YAML true is not a number
         raise ConfigError(f"{where} must be {expected.__name__}, got {value!r}")
     if expected is float and isinstance(value, int):

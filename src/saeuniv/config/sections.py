@@ -272,7 +272,7 @@ class Config:
     def hash(self) -> str:
         return digest(self.to_dict())
 
-    def replace(self, **overrides) -> "Config":
+    def replace(self, **overrides) -> Config:
         """A copy with ``"section.key": value`` overrides applied and validated."""
         from .loading import from_dict, set_path  # loading builds on these sections
 

@@ -6,8 +6,8 @@ Build (``scores`` store entry, ``scores.json``): per metric of the registry
 ``saeuniv.core.metrics.METRICS``, the observed score, null mean and sd, z, p, and the
 metric's details (SVCCA: directions kept, the Lan-compatible score). Logged per layer pair
 (``aI-bJ``): ``n_pairs/aI-bJ``, ``<metric>/aI-bJ`` and ``<metric>_<field>/aI-bJ`` for
-``null_mean``, ``z``, ``p`` and the details (``k_a``, ``k_b``, ``lan_compatible``), e.g. ``svcca/a1-b2``, ``svcca_z/a1-b2``,
-``svcca_k_a/a1-b2`` (see ``log_scores``).
+``null_mean``, ``z``, ``p`` and the details (``k_a``, ``k_b``, ``lan_compatible``), e.g.
+``svcca/a1-b2``, ``svcca_z/a1-b2``, ``svcca_k_a/a1-b2`` (see ``log_scores``).
 """
 
 from __future__ import annotations
