@@ -302,7 +302,7 @@ def test_bad_input_is_refused_fast_and_leaves_nothing(ctx, name, argv, patterns,
         err, limit = capsys.readouterr().err, FAST_S
     elapsed = time.monotonic() - t0
     assert code == 2, err[-3000:]
-    lines = [layer for layer in err.splitlines() if re.match(r"saeuniv( \w+)?: error: ", layer)]
+    lines = [line for line in err.splitlines() if re.match(r"saeuniv( \w+)?: error: ", line)]
     assert len(lines) == 1, err[-3000:]  # one line names the problem
     for pattern in patterns:
         assert re.search(pattern, lines[0]), (pattern, lines[0])
