@@ -177,7 +177,9 @@ def test_sae_folder_source_gives_the_same_codes(hf_run, tmp_path):
         shutil.copytree(pipe.a.sae_entries[layer].path / "sae", tmp_path / f"layer_{layer}")
     cfg = hf_run["cfg"].replace(**{"sae_a": {"source": "folder",
                                              "path": str(tmp_path / "layer_{layer}")}})
-    other = Pipeline(cfg, hf_run["store"])
+    own = shutil.copytree(hf_run["root"] / "store", tmp_path / "store",
+                          ignore=shutil.ignore_patterns("*.lock"))
+    other = Pipeline(cfg, Store(own))  # new codes go into a copy of the shared store
     other.validate()
     assert other.a.sae_keys[1] != pipe.a.sae_keys[1]
     fresh = other.a.codes[1]
