@@ -116,13 +116,13 @@ def report(pipe) -> None:
     quality = extract.log_quality(pipe)
     mlflow.log_dict(nan_to_none(g), "grids.json")
     images, curves_png = figures(pipe, g)
-    mlflow.log_text(csv_text([row for la, lb in pipe.pairs for row in match.top_pairs(
-        pipe, la, lb, match.entry(pipe, la, lb), None)]), "matched_pairs.csv")
+    ranked = [match.top_pairs(pipe, la, lb, match.entry(pipe, la, lb), None)
+              for la, lb in pipe.pairs]  # every pair of each layer pair, best first
+    mlflow.log_text(csv_text([row for rows in ranked for row in rows]), "matched_pairs.csv")
     text = summary(pipe, g)
     mlflow.log_text(text, "summary.md")
     mlflow.set_tag("mlflow.note.content", text)
-    top = [row for la, lb in pipe.pairs
-           for row in match.top_pairs(pipe, la, lb, match.entry(pipe, la, lb), REPORT_PAIRS)]
+    top = [row for rows in ranked for row in rows[:REPORT_PAIRS]]
     mlflow.log_text(render(f"saeuniv: {pipe.a.model_name} vs {pipe.b.model_name}", text,
                            images, curves_png, quality, top), "report.html")
 

@@ -50,7 +50,7 @@ class Memo(dict):
 
 
 class Side:
-    """Model ``name`` ("a" or "b") of the comparison held by ``up`` (a ``Upstream``)."""
+    """Model ``name`` ("a" or "b") of the comparison held by ``up`` (an ``Upstream``)."""
 
     def __init__(self, up, name: str):
         self.up, self.name = up, name
