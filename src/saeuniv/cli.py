@@ -18,11 +18,11 @@ from pathlib import Path
 import yaml
 
 from . import stages
-from .config import ConfigError, load_config, safe_yaml
+from .config import MATCH_POLICIES, ConfigError, load_config, safe_yaml
 
 SHORTCUTS = {
     # option: (config paths, type, help)
-    "policy": (("match.policy",), str, "match policy: max, one_to_one, mutual, hungarian, lan"),
+    "policy": (("match.policy",), str, f"match policy: {', '.join(MATCH_POLICIES)}"),
     "threshold": (("match.threshold",), float, "keep pairs with correlation above this"),
     "n_perm": (("similarity.n_perm", "subspaces.n_perm"), int,
                "permutations in each null (similarity and subspaces)"),
