@@ -15,10 +15,18 @@ result is compared:
   describe inputs (code identity and process tags left out), the run description, and the
   bytes of every artefact.
 
-It prints what it compared and each difference, and exits with status 1 when anything
-differs. Needs the project installed (``pip install -e .``) and, for the default corpus,
-npm. A config takes minutes to hours by its size: ``tiny`` about 1 minute per side and run,
-``default`` about 5 (2-core CPU).
+Each side runs on one CPU of its own (the two sides at once when there are two), so every
+torch operation runs on one thread: with two threads, training the built-in family is not
+bit-reproducible from one process to the next, even with the same code (two runs of the
+same commit give weights that differ in the last bits, and the SAEs and everything after
+them follow); with one thread it is.
+
+It prints what it compared, the number of differences by store kind and by run, and the
+first differences of each, and exits with status 1 when anything differs.
+
+Needs the project installed (``pip install -e .``) and, for the default corpus, npm. A
+config takes minutes to hours by its size: ``tiny`` about 1 minute per run, ``default``
+about 8 (one thread).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +55,9 @@ VOLATILE_TAGS = ("saeuniv.code_version", "saeuniv.git_commit", "saeuniv.git_dirt
                  "saeuniv.inputs_hash", "saeuniv.reused_from")
 
 
-def run_side(src: Path, work: Path, config: str, runs: int) -> float:
-    """``saeuniv run --config config`` ``runs`` times with the package at ``src``; seconds."""
+def run_side(src: Path, work: Path, config: str, runs: int, cpu: int) -> float:
+    """``saeuniv run --config config`` ``runs`` times with the package at ``src``, on CPU
+    ``cpu`` alone (one thread); seconds."""
     work.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(src), "SAEUNIV_HOME": str(work / "store"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
@@ -58,7 +68,8 @@ def run_side(src: Path, work: Path, config: str, runs: int) -> float:
         with open(work / f"run{i + 1}.log", "w") as log:
             proc = subprocess.run([sys.executable, "-c", RUN, "run", "--config", config,
                                    "--experiment", "same-results"], cwd=work, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)
+                                  stdout=log, stderr=subprocess.STDOUT,
+                                  preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
         if proc.returncode:
             raise SystemExit(f"saeuniv run --config {config} failed with the code at {src} "
                              f"(exit {proc.returncode}); see {work / f'run{i + 1}.log'}")
@@ -150,6 +161,40 @@ def differences(a, b, where: str = "") -> list[str]:
     return [] if a == b else [f"{where}: {str(a)[:120]} != {str(b)[:120]}"]
 
 
+def run_both(config: str, base: Path, srcs: dict[str, Path], runs: int) -> dict:
+    """Run every side of ``srcs`` (side -> package folder), each on a CPU of its own, and
+    fingerprint what they left; side -> fingerprint."""
+    cpus = sorted(os.sched_getaffinity(0))
+    parallel = len(cpus) >= len(srcs)
+
+    def one(i_side):
+        i, (side, src) = i_side
+        return run_side(src, base / side, config, runs, cpus[i if parallel else 0])
+
+    with ThreadPoolExecutor(len(srcs) if parallel else 1) as pool:
+        seconds = list(pool.map(one, enumerate(srcs.items())))
+    fps = {}
+    for side, s in zip(srcs, seconds):  # one at a time: MLflow's tracking URI is global
+        fps[side] = {"store": store_fingerprint(base / side / "store"),
+                     "runs": runs_fingerprint(base / side)}
+        (base / f"{side}.json").write_text(json.dumps(fps[side], indent=1))
+        print(f"{config} {side}: {runs} runs in {s:.0f} s; {count(fps[side])}", flush=True)
+    return fps
+
+
+def report(diff: list[str], per_group: int = 5) -> None:
+    """The number of differences per store kind and per run, then the first of each."""
+    groups: dict[str, list[str]] = {}
+    for line in diff:
+        head = line.split(": ")[0].split("/")
+        groups.setdefault("/".join(head[:3] if head[1] == "store" else head[:4]), []).append(line)
+    for group, lines in groups.items():
+        print(f"  {len(lines):6d}  {group}")
+    for lines in groups.values():
+        for line in lines[:per_group]:
+            print("    " + line)
+
+
 def count(fp: dict) -> str:
     store, runs = fp["store"], fp["runs"]
     n_files = sum(len(e["files"]) for e in store.values())
@@ -177,20 +222,12 @@ def main(argv=None) -> int:
     status = 0
     try:
         for config in configs:
-            fps = {}
-            for side, src in (("ref", tree / "src"), ("new", REPO / "src")):
-                work = base / config / side
-                seconds = run_side(src, work, config, args.runs)
-                fps[side] = {"store": store_fingerprint(work / "store"),
-                             "runs": runs_fingerprint(work)}
-                (base / config / f"{side}.json").write_text(json.dumps(fps[side], indent=1))
-                print(f"{config} {side}: {args.runs} runs in {seconds:.0f} s; "
-                      f"{count(fps[side])}", flush=True)
+            fps = run_both(config, base / config, {"ref": tree / "src", "new": REPO / "src"},
+                           args.runs)
             diff = differences(fps["ref"], fps["new"])
             print(f"{config}: {'IDENTICAL' if not diff else f'{len(diff)} DIFFERENCES'} "
                   f"(reference {args.ref} vs working tree)")
-            for line in diff[:200]:
-                print("  " + line)
+            report(diff)
             status |= bool(diff)
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
