@@ -86,3 +86,93 @@ def test_valid_positions_masks_pad_and_leading_bos_only():
     toks = np.array([[0, 5, 6, 1, 1], [0, 0, 7, 8, 9]])
     mask = valid_positions(toks, pad_id=1, bos_id=0)
     assert mask.tolist() == [[False, True, True, False, False], [False, True, True, True, True]]
+
+
+# -- the contract of pair_segments on random tokenizations -------------------
+
+def random_spans(rng: np.random.Generator, length: int) -> np.ndarray:
+    """Spans of a random tokenizer over text [0, length): random cuts, some tokens split
+    into byte pieces that share one span, some zero-width tokens."""
+    cuts = np.flatnonzero(rng.random(length - 1) < 0.5) + 1
+    bounds = [0, *cuts.tolist(), length]
+    spans = []
+    for s, e in zip(bounds, bounds[1:]):
+        if rng.random() < 0.1:
+            spans.append((s, s))  # zero-width
+        spans += [(s, e)] * (2 if rng.random() < 0.15 else 1)  # byte pieces of one character
+    return np.asarray(spans)
+
+
+def unique_ends(spans: np.ndarray) -> dict[int, int]:
+    """Boundary -> index of the one token that stands for it (the last to end there)."""
+    out = {}
+    for i, (s, e) in enumerate(spans):
+        if e > s:
+            out[e] = i  # a later token ending at the same offset replaces it
+    return out
+
+
+def check_segments(sa, sb, body_a, body_b, first_a, first_b):
+    segs = pair_segments(sa, sb, body_a, body_b, first_a, first_b)
+    ua, ub = unique_ends(sa), unique_ends(sb)
+    shared = sorted(set(ua) & set(ub))
+    assert last_ends(sa).tolist() == [e if ua.get(e) == i else -1
+                                      for i, (_, e) in enumerate(sa)]
+    assert (segs[0][0], segs[0][2]) == (0, 0)
+    # it stops when one side runs out (bodies too short to reach a shared boundary can
+    # leave the other side's last tokens unvisited; nothing wrong is compared)
+    assert segs[-1][1] == len(sa) or segs[-1][3] == len(sb)
+    kept = []
+    for (a0, a1, b0, b1, ka, kb), nxt in zip(segs, [*segs[1:], None]):
+        assert 1 <= a1 - a0 <= body_a and 1 <= b1 - b0 <= body_b
+        assert nxt is None or (nxt[0], nxt[2]) == (a1, b1)
+        assert ka.shape == (a1 - a0,) and kb.shape == (b1 - b0,)
+        # compared: every shared boundary whose two tokens both lie in the segment
+        inside = [e for e in shared if a0 <= ua[e] < a1 and b0 <= ub[e] < b1
+                  and (first_a or ua[e] != a0) and (first_b or ub[e] != b0)]
+        assert sa[a0:a1][ka, 1].tolist() == inside == sb[b0:b1][kb, 1].tolist()
+        assert [ua[e] - a0 for e in inside] == np.flatnonzero(ka).tolist()
+        assert [ub[e] - b0 for e in inside] == np.flatnonzero(kb).tolist()
+        kept += inside
+        # the segment is the longest that ends on a shared boundary within both bodies
+        fits = [e for e in shared if a0 < np.searchsorted(sa[:, 1], e, "right") <= a0 + body_a
+                and b0 < np.searchsorted(sb[:, 1], e, "right") <= b0 + body_b]
+        if fits:
+            assert a1 == np.searchsorted(sa[:, 1], max(fits), "right")
+            assert b1 == np.searchsorted(sb[:, 1], max(fits), "right")
+    assert kept == sorted(set(kept))  # each boundary compared at most once, in order
+    return segs, kept, shared
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_pair_segments_keeps_its_contract_on_random_tokenizations(seed):
+    rng = np.random.default_rng(seed)
+    length = int(rng.integers(1, 40))
+    sa, sb = random_spans(rng, length), random_spans(rng, length)
+    body_a, body_b = (int(b) for b in rng.integers(1, 7, size=2))
+    first_a, first_b = (bool(f) for f in rng.random(2) < 0.7)
+    check_segments(sa, sb, body_a, body_b, first_a, first_b)
+
+
+def test_pair_segments_with_room_for_everything_compares_every_shared_boundary():
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        sa, sb = random_spans(rng, 30), random_spans(rng, 30)
+        segs, kept, shared = check_segments(sa, sb, len(sa), len(sb), True, True)
+        assert len(segs) == 1 and kept == shared
+        assert (segs[0][1], segs[0][3]) == (len(sa), len(sb))
+
+
+def test_pair_segments_refuses_spans_out_of_order_on_either_side():
+    ok, bad = np.array([[0, 3], [3, 5]]), np.array([[0, 5], [5, 3]])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        pair_segments(ok, bad, 4, 4)
+    # equal ends (the byte pieces of one character) are in order on both sides
+    same_end = np.array([[0, 3], [3, 5], [3, 5]])
+    assert len(pair_segments(same_end, same_end, 1, 1)) == 3
+
+
+def test_a_leading_pad_stays_masked_when_the_model_has_a_bos():
+    toks = np.array([[1, 1, 5], [0, 6, 1]])  # left padding; BOS then text then pad
+    assert valid_positions(toks, pad_id=1, bos_id=0).tolist() == [[False, False, True],
+                                                                   [False, True, False]]

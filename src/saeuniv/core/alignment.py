@@ -63,15 +63,17 @@ def last_ends(spans: np.ndarray) -> np.ndarray:
     Returns
     -------
     ends : ndarray of int64, shape (n_tokens,)
-        ``-1`` for zero-width tokens and for tokens followed by one that ends at
-        the same offset (e.g. the bytes of one character split over tokens), so a
-        boundary is represented by exactly one token.
+        ``-1`` for zero-width tokens and for tokens followed by another
+        non-zero-width token that ends at the same offset (e.g. the bytes of one
+        character split over tokens), so a boundary is represented by exactly
+        one token. A zero-width token never hides the boundary before it.
     """
     spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-    ends = spans[:, 1].copy()
-    ends[spans[:, 1] <= spans[:, 0]] = -1
-    if len(ends) > 1:
-        ends[:-1][spans[:-1, 1] >= spans[1:, 1]] = -1
+    ends = np.full(len(spans), -1, dtype=np.int64)
+    real = np.flatnonzero(spans[:, 1] > spans[:, 0])
+    last = np.ones(len(real), dtype=bool)
+    last[:-1] = spans[real[:-1], 1] < spans[real[1:], 1]
+    ends[real[last]] = spans[real[last], 1]
     return ends
 
 
@@ -115,11 +117,12 @@ def pair_segments(spans_a: np.ndarray, spans_b: np.ndarray, body_a: int, body_b:
     out, ia, ib = [], 0, 0
     while ia < na and ib < nb:
         ja, jb = min(ia + body_a, na), min(ib + body_b, nb)
-        lo = max(raw_a[ia - 1] if ia else -1, raw_b[ib - 1] if ib else -1)
-        cap = min(raw_a[ja - 1], raw_b[jb - 1])
-        cand = shared[(shared > lo) & (shared <= cap)]
+        # a boundary in reach ends a token of each side inside the bodies; it may equal
+        # the previous cut's offset when that cut fell between the byte pieces of one
+        # character
+        lo, cap = max(raw_a[ia], raw_b[ib]), min(raw_a[ja - 1], raw_b[jb - 1])
         cut = None
-        for e in cand[::-1]:  # the longest segment that fits both bodies
+        for e in shared[(shared >= lo) & (shared <= cap)][::-1]:  # the longest that fits
             ka, kb = np.searchsorted(raw_a, e, "right"), np.searchsorted(raw_b, e, "right")
             if ia < ka <= ja and ib < kb <= jb:
                 cut = (ka, kb)
