@@ -46,4 +46,5 @@ def test_the_middle_band_holds_its_edges_and_nothing_outside():
     assert in_middle(lo) and in_middle(hi) and in_middle(0.5)
     assert in_middle(2 / 6) and in_middle(4 / 6)  # 1/3 and 2/3 reached by another division
     assert not in_middle(lo - 1e-6) and not in_middle(hi + 1e-6)
+    assert in_middle(lo - 1e-9) and in_middle(hi + 1e-9)  # rounding at an edge is inside
     assert [la for la in range(6) if in_middle(relative_depth(la, 6))] == [1, 2, 3]

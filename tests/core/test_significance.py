@@ -58,3 +58,20 @@ def test_the_both_nulls_rule_refuses_mismatched_families_and_bad_alpha():
         significant_against_both([0.1, 0.2], [0.1])
     with pytest.raises(ValueError, match="alpha must be in"):
         significant_against_both([0.1], [0.1], alpha=0)
+
+
+def test_the_ends_of_the_p_value_range_are_p_values():
+    q = fdr_bh([0, 1, 0.5])
+    assert q.dtype == np.float64 and q.tolist() == [0.0, 1.0, 0.75]
+    assert fdr_bh(np.array([1, 0])).tolist() == [1.0, 0.0]  # integers read as p-values
+    assert (fdr_bh(np.linspace(0, 1, 11)) <= 1).all()
+
+
+def test_a_q_value_equal_to_alpha_is_not_significant():
+    # q = 0.05 exactly against alpha = 0.05: the rule is q < alpha, on each null
+    assert significant_against_both([0.05], [0.01], alpha=0.05)[2].tolist() == [False]
+    assert significant_against_both([0.01], [0.05], alpha=0.05)[2].tolist() == [False]
+    assert significant_against_both([0.0499], [0.0499], alpha=0.05)[2].tolist() == [True]
+    for bad in (1, 1.5, -0.1):
+        with pytest.raises(ValueError, match="alpha must be in"):
+            significant_against_both([0.1], [0.1], alpha=bad)

@@ -254,3 +254,36 @@ def test_random_subspaces_of_other_metrics_are_scored_draw_by_draw():
     direct = [metrics.procrustes(A[p], B[p]) for p in
               (draws.choice(120, 15, replace=False) for _ in range(5))]
     assert r.null.tolist() == pytest.approx(direct, abs=1e-12)
+
+
+def test_label_features_counts_rank_zero_rows_and_picks_the_most_hit_phrase():
+    occ = subspaces.occurrences(["cat dog cat"], ConceptSet(
+        "t", ("animals",), (("cat", "dog"),)))
+    spans = [[0, 3], [4, 7], [8, 11]]  # "cat", "dog", "cat"
+    top = [[0, 1, 2],     # cat twice, dog once: cat
+           [1, 0, -1],    # one each: dog, hit by the higher-ranked activation
+           [-1, -1, -1]]  # no activations
+    lab = subspaces.label_features(top, spans, occ, min_hits=2)
+    assert lab.hits[:, 0].tolist() == [3, 2, 0]
+    assert lab.phrase[:, 0].tolist() == [0, 1, -1]
+    assert lab.member[:, 0].tolist() == [True, True, False]  # hits == min_hits belongs
+    assert subspaces.label_features(top, spans, occ, min_hits=3).member[:, 0].tolist() == [
+        True, False, False]
+    assert subspaces.label_features([[0]], spans, occ).hits.tolist() == [[1]]  # row 0 counts
+
+
+def test_a_category_with_exactly_min_pairs_is_scored_with_the_seed_it_is_given():
+    rng = np.random.default_rng(1)
+    A, B = _aligned(rng, 40, 6, 0.5)
+
+    def score(seed):
+        return subspaces.score_category("c", A, B, _pairs(np.arange(8)), 8, 8, np.arange(40),
+                                        np.arange(40), ("rsa",), n_perm=50, seed=seed,
+                                        min_pairs=8)
+
+    s1, s2 = score(1), score(2)
+    assert s1.status == "ok" and s1.n_pairs == 8
+    assert s1.metrics == score(1).metrics  # seeded: the same nulls again
+    assert s1.metrics["rsa"]["observed"] == s2.metrics["rsa"]["observed"]
+    assert s1.metrics["rsa"]["shuffle"]["null_mean"] != s2.metrics["rsa"]["shuffle"]["null_mean"]
+    assert s1.metrics["rsa"]["random"]["null_mean"] != s2.metrics["rsa"]["random"]["null_mean"]
