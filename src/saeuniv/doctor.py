@@ -31,6 +31,7 @@ from pathlib import Path
 from .files import is_temp_name, lock_held
 from .procs import boot_id, hostname, pid_alive
 from .store import (  # verify_entry was defined here: doctor.verify_entry still works
+    SHARD_PREFIX,
     Found,
     Store,
     StoreError,
@@ -39,7 +40,6 @@ from .store import (  # verify_entry was defined here: doctor.verify_entry still
 )
 
 TEMP_GRACE_S = 600  # a lock-free temporary file younger than this may still be written
-SHARD_PREFIX = "shard-"  # extract.py's shard files (extract imports torch: too slow here)
 
 
 @dataclass

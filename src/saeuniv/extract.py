@@ -34,13 +34,12 @@ from . import faults
 from .files import atomic_file, atomic_write_text
 from .models import NONFINITE_FIX, LoadedModel, check_finite, set_threads
 from .saes import STAT_KEYS, check_compatible, merge_quality, quality_stats
-from .store import Entry, Store
+from .store import SHARD_PREFIX, Entry, Store
 from .tokens import Windows
 
 log = logging.getLogger(__name__)
 KIND = "codes"  # the store kind of a layer's codes
 LAYOUT = "layout.json"  # in the partial folder: the shard size its shards were made with
-SHARD_PREFIX = "shard-"  # shard-<i>.npz in the partial folder (doctor counts these too)
 
 
 class ExtractionError(ValueError):

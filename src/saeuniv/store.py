@@ -56,6 +56,7 @@ OLD_PREFIX = ".old-"         # <kind>/.old-<key>-<rand>/: a forced entry being r
 CORRUPT_MARK = ".corrupt-"   # <kind>/<key>.corrupt-<time>-<rand>/: moved aside
 PROBE_PREFIX = ".probe-"     # .probe-<rand>: Store()'s write probe
 PARTIAL = "partial"          # partial/<kind>/<key>/: pieces of an unfinished entry
+SHARD_PREFIX = "shard-"      # partial/codes/<key>/shard-<i>.npz: extraction's pieces
 MEMO = "memo"                # memo/<hash>.json: file_sha256's memory
 NOT_KINDS = (PARTIAL, MEMO)  # folders of the root that hold no entries
 KEY_LEN = 64                 # a key is a SHA-256 in hex
@@ -136,6 +137,7 @@ class What(Enum):
     MEMO_TEMP = "memo-temp"      # memo/.<name>.<rand>.tmp: a checksum being remembered
     PROBE = "probe"              # .probe-<rand>: Store()'s write probe, unless killed
     PARTIAL = "partial"          # partial/<kind>/<key>/: pieces of an unfinished entry
+SHARD_PREFIX = "shard-"      # partial/codes/<key>/shard-<i>.npz: extraction's pieces
 
 
 @dataclass(frozen=True)
