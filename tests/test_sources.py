@@ -17,7 +17,7 @@ from saeuniv.models import ModelError, hf_blocks, load_outside_model
 from saeuniv.pipeline import Pipeline
 from saeuniv.saes import SAEError
 from saeuniv.sides import Side
-from saeuniv.stages import similarity
+from saeuniv.stages import match, similarity
 from saeuniv.store import Store
 
 from helpers import synthetic_text
@@ -167,8 +167,23 @@ def test_two_tokenizers_are_compared_on_shared_boundaries(hf_run):
     for side in pipe.sides:
         for _layer, entry in side.codes.items():
             assert load_codes(entry).shape[0] == n
-    scored = [similarity.load(similarity.entry(pipe, la, lb)) for la, lb in pipe.pairs]
-    assert len(scored) == 3 * 2 and all(s["layer_a"] in pipe.a.layers for s in scored)
+    # each layer pair's scores: its own layers, the pairs its matching kept, and a score
+    # against its null wherever enough pairs were kept
+    sim = pipe.cfg.similarity
+    assert sorted(pipe.pairs) == [(la, lb) for la in range(3) for lb in range(2)]
+    n_ok = 0
+    for la, lb in pipe.pairs:
+        s = similarity.load(similarity.entry(pipe, la, lb))
+        assert (s["layer_a"], s["layer_b"]) == (la, lb)
+        assert s["n_pairs"] == len(match.load(match.entry(pipe, la, lb)).a)
+        assert (s["status"] == "ok") == (s["n_pairs"] >= sim.min_pairs), s["status"]
+        if s["status"] == "ok":
+            n_ok += 1
+            assert set(s["metrics"]) == set(sim.metrics)
+            for r in s["metrics"].values():
+                if "error" not in r:
+                    assert np.isfinite(r["observed"]) and 1 / (sim.n_perm + 1) <= r["p"] <= 1
+    assert n_ok >= 1
 
 
 def test_sae_folder_source_gives_the_same_codes(hf_run, tmp_path):
