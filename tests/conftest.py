@@ -63,7 +63,7 @@ def tiny_run(tmp_path_factory, corpus_dir):
     from saeuniv.config import load_config
 
     args = ["run", "--config", "tiny", "--set", f"corpus.source={corpus_dir}"]
-    with private_runs(root) as uri:
+    with private_runs(root, chdir=True) as uri:  # its artefacts (./mlruns) under root too
         t0 = time.time()
         assert cli.main(args) == 0
         cold = time.time() - t0
