@@ -247,32 +247,35 @@ def _campaign(ctx, upstream: Path, corpus, work: str, chosen: list[str], event: 
     code, took = _run_child(ctx, whole, corpus, work)
     assert code == 0 and took > 0
     report.append(trial(whole, "uninterrupted", code))  # another process: the same bits too
-    for i, t in enumerate(np.sort(rng.uniform(0.05, 0.8, n_random)) * took):
+    for i, share in enumerate(np.sort(rng.uniform(0.05, 0.8, n_random))):
         root = _copy(upstream, upstream.parent / f"timed{i}")
-        code, t = _timed_kill(ctx, root, corpus, work, float(t))
+        code, t = _timed_kill(ctx, root, corpus, work, float(share), took)
         report.append(trial(root, f"t={t:.2f}s", code))
     print(f"\n{work}: {len(report) - 1} kill points, uninterrupted {took:.2f}s (point, exit "
           "code, finished entries, pieces kept):", *report, sep="\n  ")
     return report, took
 
 
-def _timed_kill(ctx, root: Path, corpus, work: str, delay: float) -> tuple[int, float]:
-    """SIGKILL a ``work`` process ``delay`` seconds into its stage, and check the kill
-    landed inside the stage (the stage never reported its end). A process faster than the
-    timed one (a busy machine) can finish first: then a fresh copy of ``root`` is killed
-    at half the delay, at most three tries. (exit code, the delay that landed)."""
+def _timed_kill(ctx, root: Path, corpus, work: str, share: float,
+                took: float) -> tuple[int, float]:
+    """SIGKILL a ``work`` process ``share`` of the stage's duration (``took`` seconds) into
+    its stage, and check the kill landed inside the stage (the stage never reported its
+    end). The stage's speed follows the machine's load (a shared machine: tenfold and more),
+    so a stage that outran the kill is timed again on a fresh copy of ``root``, with its
+    own duration as the new ``took``, at most five tries. (exit code, the delay that
+    landed)."""
     clean = _copy(root, root.parent / f"{root.name}-clean")
-    for _ in range(3):
-        code, ended = _run_child(ctx, root, corpus, work, delay=delay)
+    for _ in range(5):
+        code, ended = _run_child(ctx, root, corpus, work, delay=share * took)
         if ended < 0:
             assert code == -signal.SIGKILL, code
             shutil.rmtree(clean)
-            return code, delay
+            return code, share * took
         shutil.rmtree(root)
         _copy(clean, root)
-        delay /= 2
-    raise AssertionError(f"{work}: the stage ended before a kill at {2 * delay:.2f}s, "
-                         "three times")
+        took = ended
+    raise AssertionError(f"{work}: the stage outran a kill at {share:.0%} of its duration "
+                         "five times")
 
 
 def _same_scores(cfg, ref_store: Path, root: Path) -> None:
