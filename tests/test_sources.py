@@ -20,7 +20,7 @@ from saeuniv.sides import Side
 from saeuniv.stages import match, similarity
 from saeuniv.store import Store
 
-from helpers import synthetic_text
+from helpers import private_runs, synthetic_text
 
 
 def _tokenizer(folder, vocab_size: int, bos: bool):
@@ -129,25 +129,17 @@ def test_transformer_lens_hook_agrees_with_hf_hidden_states():
 
 @pytest.fixture(scope="module")
 def hf_run(hf_folders, corpus_dir, tmp_path_factory):
-    """One `saeuniv run` on the two tiny HF folders (two tokenizers)."""
-    import os
-
+    """One `saeuniv run` on the two tiny HF folders (two tokenizers), into a private store
+    and MLflow database (its artefacts under the same folder)."""
     root = tmp_path_factory.mktemp("hfrun")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "SAEUNIV_HOME": str(root / "store")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     args = ["run", "--config", "tiny", "--set", f"corpus.source={corpus_dir}",
             "--set", f"model_a={{source: hf, name: tiny-llama, path: {hf_folders['llama']}}}",
             "--set", f"model_b={{source: hf, name: tiny-gpt2, path: {hf_folders['gpt2']}}}",
             "--set", "extract.n_tokens=800"]
-    try:
+    with private_runs(root, chdir=True):
         assert cli.main(args) == 0
-        cfg = _hf_config(hf_folders, corpus_dir, **{"extract.n_tokens": 800})
-        yield {"root": root, "cfg": cfg, "store": Store(root / "store")}
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    cfg = _hf_config(hf_folders, corpus_dir, **{"extract.n_tokens": 800})
+    return {"root": root, "cfg": cfg, "store": Store(root / "store")}
 
 
 def test_two_tokenizers_are_compared_on_shared_boundaries(hf_run):
