@@ -19,6 +19,18 @@ from helpers import OFFLINE_ENV, private_runs, synthetic_text
 os.environ.update(OFFLINE_ENV)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse-order", action="store_true",
+                     help="run the collected tests in reverse order (use with -p no:randomly): "
+                          "a test that needs another's leftovers fails")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle, if it is active
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse-order"):
+        items.reverse()
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
     """A folder of 120 synthetic .txt documents."""
@@ -51,7 +63,7 @@ def tiny_run(tmp_path_factory, corpus_dir):
     from saeuniv.config import load_config
 
     args = ["run", "--config", "tiny", "--set", f"corpus.source={corpus_dir}"]
-    with private_runs(root) as uri:
+    with private_runs(root, chdir=True) as uri:  # its artefacts (./mlruns) under root too
         t0 = time.time()
         assert cli.main(args) == 0
         cold = time.time() - t0

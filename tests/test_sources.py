@@ -17,10 +17,10 @@ from saeuniv.models import ModelError, hf_blocks, load_outside_model
 from saeuniv.pipeline import Pipeline
 from saeuniv.saes import SAEError
 from saeuniv.sides import Side
-from saeuniv.stages import similarity
+from saeuniv.stages import match, similarity
 from saeuniv.store import Store
 
-from helpers import synthetic_text
+from helpers import private_runs, synthetic_text
 
 
 def _tokenizer(folder, vocab_size: int, bos: bool):
@@ -129,25 +129,17 @@ def test_transformer_lens_hook_agrees_with_hf_hidden_states():
 
 @pytest.fixture(scope="module")
 def hf_run(hf_folders, corpus_dir, tmp_path_factory):
-    """One `saeuniv run` on the two tiny HF folders (two tokenizers)."""
-    import os
-
+    """One `saeuniv run` on the two tiny HF folders (two tokenizers), into a private store
+    and MLflow database (its artefacts under the same folder)."""
     root = tmp_path_factory.mktemp("hfrun")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "SAEUNIV_HOME": str(root / "store")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     args = ["run", "--config", "tiny", "--set", f"corpus.source={corpus_dir}",
             "--set", f"model_a={{source: hf, name: tiny-llama, path: {hf_folders['llama']}}}",
             "--set", f"model_b={{source: hf, name: tiny-gpt2, path: {hf_folders['gpt2']}}}",
             "--set", "extract.n_tokens=800"]
-    try:
+    with private_runs(root, chdir=True):
         assert cli.main(args) == 0
-        cfg = _hf_config(hf_folders, corpus_dir, **{"extract.n_tokens": 800})
-        yield {"root": root, "cfg": cfg, "store": Store(root / "store")}
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    cfg = _hf_config(hf_folders, corpus_dir, **{"extract.n_tokens": 800})
+    return {"root": root, "cfg": cfg, "store": Store(root / "store")}
 
 
 def test_two_tokenizers_are_compared_on_shared_boundaries(hf_run):
@@ -167,8 +159,23 @@ def test_two_tokenizers_are_compared_on_shared_boundaries(hf_run):
     for side in pipe.sides:
         for _layer, entry in side.codes.items():
             assert load_codes(entry).shape[0] == n
-    scored = [similarity.load(similarity.entry(pipe, la, lb)) for la, lb in pipe.pairs]
-    assert len(scored) == 3 * 2 and all(s["layer_a"] in pipe.a.layers for s in scored)
+    # each layer pair's scores: its own layers, the pairs its matching kept, and a score
+    # against its null wherever enough pairs were kept
+    sim = pipe.cfg.similarity
+    assert sorted(pipe.pairs) == [(la, lb) for la in range(3) for lb in range(2)]
+    n_ok = 0
+    for la, lb in pipe.pairs:
+        s = similarity.load(similarity.entry(pipe, la, lb))
+        assert (s["layer_a"], s["layer_b"]) == (la, lb)
+        assert s["n_pairs"] == len(match.load(match.entry(pipe, la, lb)).a)
+        assert (s["status"] == "ok") == (s["n_pairs"] >= sim.min_pairs), s["status"]
+        if s["status"] == "ok":
+            n_ok += 1
+            assert set(s["metrics"]) == set(sim.metrics)
+            for r in s["metrics"].values():
+                if "error" not in r:
+                    assert np.isfinite(r["observed"]) and 1 / (sim.n_perm + 1) <= r["p"] <= 1
+    assert n_ok >= 1
 
 
 def test_sae_folder_source_gives_the_same_codes(hf_run, tmp_path):

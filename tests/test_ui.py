@@ -1,9 +1,10 @@
-"""The MLflow UI in a real browser: a tiny run's metrics and heatmap on its run page.
+"""The MLflow UI in a real browser: the tiny run's page (its name, id, experiment and
+metrics, no error shown), its heatmap, and its HTML report rendered in the artefact view.
 
-Starts ``mlflow server`` on a loopback port over the run's SQLite store, opens the run in
-headless Chromium (the system ``chromium`` and ``chromedriver``, driven by Selenium; no
-browser download) and saves screenshots under ``$SAEUNIV_TEST_ARTIFACTS`` (CI keeps them)
-or the test's temporary folder. Skipped when Chromium is absent, except under
+Starts ``mlflow server`` on a loopback port over a copy of the tiny run's SQLite database,
+opens the run in headless Chromium (the system ``chromium`` and ``chromedriver``, driven by
+Selenium; no browser download) and saves screenshots under ``$SAEUNIV_TEST_ARTIFACTS`` (CI
+keeps them) or the test's temporary folder. Skipped when Chromium is absent, except under
 ``SAEUNIV_REQUIRE_BROWSER=1`` (CI), where that is a failure.
 """
 
@@ -20,8 +21,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
+from mlflow.artifacts import load_text
 
-from saeuniv import cli
+from helpers import finished, runs
 
 REQUIRED = os.environ.get("SAEUNIV_REQUIRE_BROWSER") == "1"
 
@@ -54,6 +57,7 @@ def browser(tmp_path):
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1600,1200", f"--user-data-dir={tmp_path / 'chromium'}"):
         opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for errors
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
     try:
         yield driver
@@ -62,12 +66,14 @@ def browser(tmp_path):
 
 
 @pytest.fixture()
-def server(tracking, tmp_path):
-    """``mlflow server`` over the test's SQLite store; stopped by its PID."""
+def server(tiny_run, tmp_path):
+    """``mlflow server`` over a copy of the tiny run's SQLite database (the runs' artefacts
+    are read where the run left them); stopped by its PID."""
+    db = shutil.copy(tiny_run["root"] / "mlflow.db", tmp_path / "mlflow.db")
     port = _free_port()
     with open(tmp_path / "mlflow-server.log", "w") as log:  # the server keeps its own copy
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking,
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
              "--host", "127.0.0.1", "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
@@ -94,6 +100,15 @@ def server(tracking, tmp_path):
             proc.wait()
 
 
+# What the MLflow UI shows when something fails: alert and notification elements, the
+# artefact viewers' error boxes, and the texts of its error pages and messages.
+ERROR_SELECTOR = ('[role="alert"], [class*="notification-notice"], [class*="alert-error"], '
+                  '[class*="view-error"], .mlflow-error-image')
+ERROR_TEXTS = ("Something went wrong", "Oops", "The request failed", "Request failed",
+               "Network request failed", "Failed to load", "not found", "does not exist",
+               "Page not found", "RESOURCE_DOES_NOT_EXIST", "INTERNAL_ERROR")
+
+
 def _wait_for(driver, texts: list[str], timeout: float = 90) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -101,29 +116,87 @@ def _wait_for(driver, texts: list[str], timeout: float = 90) -> None:
         lambda d: all(t in d.page_source for t in texts))
 
 
-def test_run_page_shows_metrics_and_heatmap_in_chromium(tracking, corpus_dir, tmp_path,
-                                                        browser, server):
-    import mlflow
+def _visible_text(driver) -> str:
+    from selenium.webdriver.common.by import By
 
-    assert cli.main(["run", "--config", "tiny", "--set", f"corpus.source={corpus_dir}"]) == 0
-    runs = mlflow.search_runs(search_all_experiments=True,
-                              filter_string="tags.saeuniv.stage = 'main'")
-    run_id, exp_id = runs.iloc[0].run_id, runs.iloc[0].experiment_id
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def _errors_shown(driver) -> list[str]:
+    """Error elements on the page (with their text) and error texts the page shows."""
+    from selenium.webdriver.common.by import By
+
+    found = [f"<{e.tag_name} class={e.get_attribute('class')!r}>: {e.text!r}"
+             for e in driver.find_elements(By.CSS_SELECTOR, ERROR_SELECTOR) if e.is_displayed()]
+    text = _visible_text(driver)
+    return found + [t for t in ERROR_TEXTS if t.lower() in text.lower()]
+
+
+# The UI asks for the signed-in user; a server without authentication answers 404.
+NO_AUTH = "/ajax-api/2.0/mlflow/users/current - Failed to load resource"
+
+
+def _console_errors(driver) -> list[str]:
+    """Console errors (level SEVERE) since the last call (the log is drained)."""
+    return [e["message"] for e in driver.get_log("browser")
+            if e["level"] == "SEVERE" and NO_AUTH not in e["message"]]
+
+
+def _report_in_frame(browser, n_images: int) -> dict:
+    """In the artefact view's iframe of report.html: its headings, and each image's
+    decoded size; back to the page after."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    frame = WebDriverWait(browser, 60, poll_frequency=0.5).until(
+        lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "iframe.mlflow-html-iframe")),
+                       False))
+    browser.switch_to.frame(frame)
+    try:
+        WebDriverWait(browser, 60, poll_frequency=0.5).until(lambda d: len([
+            i for i in d.find_elements(By.TAG_NAME, "img")
+            if d.execute_script("return arguments[0].complete", i)]) >= n_images)
+        return {
+            "h1": [h.text for h in browser.find_elements(By.TAG_NAME, "h1")],
+            "h2": [h.text for h in browser.find_elements(By.TAG_NAME, "h2")],
+            "images": [(i.get_attribute("alt"), *browser.execute_script(
+                "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", i))
+                for i in browser.find_elements(By.TAG_NAME, "img")],
+            "tables": len(browser.find_elements(By.TAG_NAME, "table")),
+        }
+    finally:
+        browser.switch_to.default_content()
+
+
+def test_run_page_shows_the_run_its_heatmap_and_report_in_chromium(tiny_run, tmp_path,
+                                                                   browser, server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    mains = finished(runs(tiny_run["uri"]), "main").sort_values("start_time")
+    run, other = mains.iloc[0], mains.iloc[1]  # the cold run; the warm one must not show
+    experiment = MlflowClient(tiny_run["uri"]).get_experiment(run.experiment_id).name
     shots = Path(os.environ.get("SAEUNIV_TEST_ARTIFACTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
-    page = f"{server}/#/experiments/{exp_id}/runs/{run_id}"
+    page = f"{server}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
     browser.get(page)
     try:  # metric names that only the run's metrics table shows (not the description)
-        _wait_for(browser, ["main:tiny", "rsa_z", "rsa_null_mean", "sae_fvu_a"])
+        _wait_for(browser, [run.run_id, "rsa_z", "rsa_null_mean", "sae_fvu_a"])
+        # this run, in its experiment: the header, the breadcrumb, the id in the overview
+        header = browser.find_element(By.CSS_SELECTOR, '[data-testid="runs-header"]')
+        assert header.text == run["tags.mlflow.runName"] == "main:tiny"
+        crumb = browser.find_element(By.CSS_SELECTOR, 'a[data-testid="experiment-runs-link"]')
+        assert crumb.text == experiment
+        assert f"#/experiments/{run.experiment_id}/" in crumb.get_attribute("href")
+        text = _visible_text(browser)
+        assert run.run_id in text and other.run_id not in text
+        assert _errors_shown(browser) == [] and _console_errors(browser) == []
     finally:
         browser.save_screenshot(str(shots / "mlflow-run-page.png"))
         (shots / "mlflow-run-page.html").write_text(browser.page_source)
     browser.get(f"{page}/artifacts")
     try:
         _wait_for(browser, ["heatmap_svcca.png", "report.html", "artifacts.sha256.json"])
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import WebDriverWait
-
         browser.find_element(By.XPATH, "//*[text()='heatmap_svcca.png']").click()
         img = WebDriverWait(browser, 60, poll_frequency=0.5).until(lambda d: next(
             (i for i in d.find_elements(By.TAG_NAME, "img")
@@ -131,6 +204,26 @@ def test_run_page_shows_metrics_and_heatmap_in_chromium(tracking, corpus_dir, tm
                  or (i.get_attribute("src") or "").startswith("blob:"))
              and d.execute_script("return arguments[0].naturalWidth", i) > 0), False))
         assert img.is_displayed()  # the heatmap itself, loaded from the server
+        assert _errors_shown(browser) == [] and _console_errors(browser) == []
     finally:
         browser.save_screenshot(str(shots / "mlflow-run-artifacts.png"))
-    assert (shots / "mlflow-run-page.png").stat().st_size > 0
+    # the report, rendered by the artefact view: the file's title, every section, every
+    # image decoded (a broken data: URI decodes to 0 x 0), and nothing logged as an error
+    metrics = tiny_run["cfg"].similarity.metrics
+    html = load_text(f"runs:/{run.run_id}/report.html")
+    try:
+        browser.find_element(By.XPATH, "//*[text()='report.html']").click()
+        report = _report_in_frame(browser, len(metrics) + 1)
+        assert _errors_shown(browser) == [] and _console_errors(browser) == []
+    finally:
+        browser.save_screenshot(str(shots / "mlflow-run-report.png"))
+    assert report["h1"] == [html.split("<h1>")[1].split("</h1>")[0]]
+    assert report["h2"] == ["Summary", "Heatmaps", "Per-layer curves", "SAE quality per layer",
+                            "Top matched feature pairs"]
+    assert [alt for alt, *_ in report["images"]] == [f"heatmap_{m}.png" for m in metrics] + [
+        "depth_curves.png"]
+    assert all(w > 0 and h > 0 for _, w, h in report["images"]), report["images"]
+    assert report["tables"] == 2  # SAE quality, top pairs
+    # the error checks bite: a run that does not exist shows an error
+    browser.get(f"{server}/#/experiments/{run.experiment_id}/runs/{'0' * 32}")
+    WebDriverWait(browser, 60, poll_frequency=0.5).until(_errors_shown)

@@ -70,9 +70,15 @@ def test_bytes_of_one_character_count_once():
 def test_no_reachable_shared_boundary_moves_on_without_comparing():
     sa = np.array([[0, 1], [1, 2], [2, 3], [3, 10]])
     sb = np.array([[0, 10]])
-    segs = pair_segments(sa, sb, 2, 1)
-    assert sum(int(s[4].sum()) for s in segs) == sum(int(s[5].sum()) for s in segs) <= 1
-    assert segs[-1][1] == 4 or segs[-1][3] == 1
+    # the one shared boundary (10) ends A's 4th token, beyond A's body of 2: one segment of
+    # both bodies, nothing compared, and B is used up
+    got = [(a0, a1, b0, b1, ka.tolist(), kb.tolist())
+           for a0, a1, b0, b1, ka, kb in pair_segments(sa, sb, 2, 1)]
+    assert got == [(0, 2, 0, 1, [False, False], [False])]
+    # a body that reaches it compares that boundary alone
+    got = [(a0, a1, b0, b1, ka.tolist(), kb.tolist())
+           for a0, a1, b0, b1, ka, kb in pair_segments(sa, sb, 4, 1)]
+    assert got == [(0, 4, 0, 1, [False, False, False, True], [True])]
 
 
 def test_bad_input_is_named():

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -31,8 +32,6 @@ from saeuniv.stages import match as match_stage
 from saeuniv.stages import similarity
 from saeuniv.store import Store
 from saeuniv.upstream import Upstream
-
-from helpers import private_runs
 
 # -- the pure core ----------------------------------------------------------------------------
 
@@ -93,19 +92,23 @@ def _constant_a0(layer, sae):  # feature 0 of A layer 0 reads nothing: one const
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, corpus_dir):
-    """A private MLflow database and store, and folder SAEs for the tiny family's shapes:
-    A (xs: 2 layers x 16) with a constant feature at layer 0, B (s: 3 layers x 32) with
-    every feature dead at layer 0."""
+def saes(tmp_path_factory, corpus_dir):
+    """Folder SAEs for the tiny family's shapes (read only): A (xs: 2 layers x 16) with a
+    constant feature at layer 0, B (s: 3 layers x 32) with every feature dead at layer 0;
+    the command-line arguments that use them."""
     root = tmp_path_factory.mktemp("hazards")
-    with private_runs(root, chdir=True):
-        saes = root / "saes"
-        folder_a = _folder_saes(saes, "a", 16, 2, _constant_a0)
-        folder_b = _folder_saes(saes, "b", 32, 3, _dead_b0)
-        args = ["--config", "tiny", "--set", f"corpus.source={corpus_dir}",
-                "--set", f"sae_a={{source: folder, path: '{folder_a}'}}",
-                "--set", f"sae_b={{source: folder, path: '{folder_b}'}}"]
-        yield {"root": root, "args": args}
+    folder_a = _folder_saes(root, "a", 16, 2, _constant_a0)
+    folder_b = _folder_saes(root, "b", 32, 3, _dead_b0)
+    return ["--config", "tiny", "--set", f"corpus.source={corpus_dir}",
+            "--set", f"sae_a={{source: folder, path: '{folder_a}'}}",
+            "--set", f"sae_b={{source: folder, path: '{folder_b}'}}"]
+
+
+@pytest.fixture()
+def world(saes, tracking):
+    """The folder SAEs' arguments, and a store and MLflow database of the test's own (a
+    store another test wrote to could hold the entries this one must build)."""
+    return {"store": Path(os.environ["SAEUNIV_HOME"]), "args": saes}
 
 
 @pytest.fixture()
@@ -151,7 +154,7 @@ def _run_ids() -> set:
 def test_nan_activations_fail_extraction_naming_model_layer_and_count(world, random_models,
                                                                       capsys):
     random_models("xs", 1)  # A's block 1 writes NaN: layer 0 is fine, layer 1 is not
-    store = world["root"] / "store"
+    store = world["store"]
     before = _run_ids()
     assert cli.main(["extract", *world["args"]]) == 2
     err = capsys.readouterr().err
@@ -180,7 +183,7 @@ def test_nan_activations_fail_extraction_naming_model_layer_and_count(world, ran
 
 def test_dead_constant_and_unmatched_features_are_reported_not_scored(world, random_models,
                                                                       monkeypatch):
-    store = Store(world["root"] / "store")
+    store = Store(world["store"])
     before = _run_ids()
     assert cli.main(["run", *world["args"]]) == 0
     new = _new_runs(before)

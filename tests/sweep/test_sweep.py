@@ -63,36 +63,39 @@ def warm(tmp_path_factory, corpus_dir):
 
 
 @pytest.fixture(scope="module")
-def tracking_db(tmp_path_factory):
-    """One MLflow SQLite database for the module (made once: its migrations take
-    seconds); each test logs into its own experiment."""
+def empty_db(tmp_path_factory):
+    """An empty MLflow SQLite database, made once (its migrations take seconds); each
+    test works on a copy of it."""
     folder = tmp_path_factory.mktemp("tracking")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
     cwd = os.getcwd()
-    # the store's default artefact root (./mlruns) is fixed when it is made
-    os.chdir(folder)
+    os.chdir(folder)  # the default experiment's artefact root (./mlruns) is fixed here
     try:
-        mlflow.MlflowClient().search_experiments()
+        mlflow.MlflowClient(uri).search_experiments()
     finally:
         os.chdir(cwd)
-    return {"uri": uri, "optuna": f"sqlite:///{folder / 'optuna.db'}", "folder": folder}
+    return folder / "mlflow.db"
 
 
 @pytest.fixture()
-def env(warm, tracking_db, tmp_path, monkeypatch, request):
-    """The module's MLflow database (so Optuna's default database beside it), a fresh
-    experiment, a copy of the warm artefact store, and a private working folder."""
+def env(warm, empty_db, tmp_path, monkeypatch, request):
+    """A copy of the empty MLflow database (so Optuna's default database beside it is the
+    test's own too), a fresh experiment, a copy of the warm artefact store, and a private
+    working folder."""
+    folder = tmp_path / "tracking"
+    folder.mkdir()
+    uri = f"sqlite:///{shutil.copy(empty_db, folder / 'mlflow.db')}"
     experiment = f"{request.node.name[:60]}-{uuid.uuid4().hex[:6]}"
     store = shutil.copytree(warm["store"], tmp_path / "store",
                             ignore=shutil.ignore_patterns("*.lock"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_db["uri"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
     monkeypatch.setenv("SAEUNIV_HOME", str(store))
     monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(tracking_db["uri"])
+    mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment)  # made here, so concurrent workers find it
-    yield {**tracking_db, "dir": tmp_path, "experiment": experiment, "store": store}
+    yield {"uri": uri, "optuna": f"sqlite:///{folder / 'optuna.db'}", "folder": folder,
+           "dir": tmp_path, "experiment": experiment, "store": store}
     while mlflow.active_run():
         mlflow.end_run()
 
@@ -208,8 +211,21 @@ def test_pareto_sweep_on_a_journal_file(warm, env):
     front = best["pareto_front"]
     assert front and all(set(f["values"]) == {"svcca_observed_all", "n_pairs_middle"}
                          for f in front)
+    # each trial's second objective: the mean of its pair counts over the layer pairs of
+    # the A layers at relative depth 1/3 to 2/3 (tiny A: 2 blocks, so layer 0 alone)
+    pipe = Pipeline(warm["cfg"], Store(env["store"]))
+    middle = [la for la in pipe.a.layers if 1 / 3 <= (la + 1) / pipe.a.info.n_layers <= 2 / 3]
+    assert middle == [0]
     trial_runs = r[r["tags.saeuniv.stage"] == "trial"]
-    assert (trial_runs["metrics.n_pairs_middle"] >= 0).all()
+    assert len(trial_runs) == 2
+    for _, t in trial_runs.iterrows():
+        counts = [t[f"metrics.n_pairs/a{la}-b{lb}"] for la in middle for lb in pipe.b.layers]
+        assert min(counts) > 0
+        assert t["metrics.n_pairs_middle"] == pytest.approx(np.mean(counts))
+    logged = {tuple(t[f"metrics.{k}"] for k in ("svcca_observed_all", "n_pairs_middle"))
+              for _, t in trial_runs.iterrows()}
+    assert {(f["values"]["svcca_observed_all"], f["values"]["n_pairs_middle"])
+            for f in front} <= logged
 
 
 def test_storage_must_not_be_the_mlflow_database(warm, env, capsys):
