@@ -166,8 +166,9 @@ def child(kind, cfg, n_threads):
     print(json.dumps(dict(out, before=before)))
 
 
-def run_child(kind, quick, n_threads):
-    cmd = [sys.executable, __file__, "--child", kind, "--threads", str(n_threads)]
+def run_child(kind, cfg, quick, n_threads):
+    cmd = [sys.executable, __file__, "--child", kind, "--threads", str(n_threads),
+           "--features", str(cfg["f"]), "--tokens", str(cfg["n_tokens"])]
     cmd += ["--quick"] if quick else []
     return json.loads(subprocess.run(cmd, check=True, capture_output=True,
                                      text=True).stdout.splitlines()[-1])
@@ -243,12 +244,12 @@ def memory(cfg, quick, n_threads):
     n, f = cfg["n_tokens"], cfg["f"]
     print(f"\n== memory (peak RSS of a fresh process: interpreter, torch, codes and one cold "
           f"call; {n_threads} thread(s)) ==")
-    r = run_child("corr", quick, n_threads)
+    r = run_child("corr", cfg, quick, n_threads)
     dense_gb = f * f * 8 / 2**30
     print(f"correlation {f:,} x {f:,} over {n:,} tokens: peak RSS {r['peak']:.2f} GiB "
           f"(before the call {r['before']:.2f} GiB; float64 accumulator alone {dense_gb:.2f} "
           f"GiB; target < 3 GB = 2.79 GiB), {r['time']:.1f} s")
-    r = run_child("topk", quick, n_threads)
+    r = run_child("topk", cfg, quick, n_threads)
     full_gb = cfg["f_big"] * f * 4 / 2**30
     print(f"topk_correlation {cfg['f_big']:,} x {f:,}, k=1, max_bytes = "
           f"{cfg['max_bytes'] / 2**20:.0f} MiB, over all {n:,} tokens (B L0 {r['l0_b']:.1f}): "
@@ -265,14 +266,18 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, smoke run")
     p.add_argument("--no-memory", action="store_true", help="skip the memory children")
+    p.add_argument("--features", type=int, help="F per side (top-k's A side: 8 F)")
+    p.add_argument("--tokens", type=int, help="tokens (a multiple of the chunk size)")
     p.add_argument("--child", choices=["corr", "topk"], help=argparse.SUPPRESS)
     add_arguments(p)
     args = p.parse_args()
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    cfg.update({"f": args.features, "f_big": 8 * args.features} if args.features else {})
+    cfg.update({"n_tokens": args.tokens} if args.tokens else {})
     if args.child:
         return child(args.child, cfg, args.threads[0])
     n, f = cfg["n_tokens"], cfg["f"]
-    start(f"{'quick' if args.quick else 'full'}; {versions()}")
+    start(f"{'quick' if args.quick else 'full'} {cfg}; {versions()}")
     a, b, truth = planted_pair(0, n, f, f, cfg["l0"])
     print(f"data: {n:,} tokens, F_a = F_b = {f:,}, L0 A {a.nnz / n:.1f}, B {b.nnz / n:.1f}, "
           f"{(truth >= 0).sum():,} planted pairs, {(truth < 0).sum():,} unmatched B features")
