@@ -16,7 +16,8 @@ count (torch and BLAS limited alike for every side), times:
 * ``extract``: saeuniv's extraction of the configured layers (residuals with an early
   stop, SAE encode and decode for quality statistics, sparse codes written to a shard).
 
-Each is one untimed warm-up call, then the median of --repeats timed calls. It prints
+Each is one untimed warm-up call, then the median of --repeats timed calls, the four
+taken in turn in each round so that a drift in the machine's load hits all alike. It prints
 tokens/s (positions processed, batch x context) and the ratios; the target is
 extract / base >= 0.8. SAEs are freshly initialised TopK SAEs of the configured width,
 which cost the same as trained ones. Models and tokenizers come from the store (fetched
@@ -28,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from timing import add_arguments, end, median_time, method, start, threads
+from timing import add_arguments, end, interleaved, method, start, threads
 
 from saeuniv.config import load_config
 from saeuniv.extract import extract_shard
@@ -55,30 +56,19 @@ def main():
         _ = side.model, side.windows
     for n_threads in args.threads:
         print(f"\n=== {n_threads} thread(s) ===")
-        print(method(n_threads, args.repeats, "nothing extrapolated"))
+        print(method(n_threads, args.repeats, "the four passes interleaved, round by round; "
+                     "nothing extrapolated"))
         with threads(n_threads):
             for side in pipe.sides:
                 measure(side, cfg, args)
     end()
 
 
-def forwards(model, layers, toks, bs, repeats):
-    """Median seconds of the three forward passes: base (no head, full depth), base stopped
-    after the deepest of ``layers``, and the whole model with logits."""
-    base, _ = hf_blocks(model.model)
-
-    def batched(call):
-        with torch.no_grad():
-            for i in range(0, len(toks), bs):
-                call(toks[i:i + bs].to(model.device))
-
-    deepest = [max(layers)]
-    return (median_time(lambda: batched(lambda t: base(input_ids=t, use_cache=False)),
-                        repeats).seconds,
-            median_time(lambda: batched(lambda t: model.residuals(t, deepest)),
-                        repeats).seconds,
-            median_time(lambda: batched(lambda t: model.model(input_ids=t, use_cache=False)),
-                        repeats).seconds)
+def batched(model, toks, bs, call):
+    """``call`` on each batch of ``bs`` windows of ``toks``, without gradients."""
+    with torch.no_grad():
+        for i in range(0, len(toks), bs):
+            call(toks[i:i + bs].to(model.device))
 
 
 def measure(side, cfg, args) -> None:
@@ -94,14 +84,22 @@ def measure(side, cfg, args) -> None:
     saes = {layer: TopKSAE(TopKSAEConfig(d_in=model.d_model, d_sae=width, k=cfg.sae.topk))
             .to(model.device) for layer in layers}
     bs = cfg.extract.batch_size
-    base, deep, logits = forwards(model, layers, toks, bs, args.repeats)
+    body, _ = hf_blocks(model.model)
+    deepest = [max(layers)]
     with tempfile.TemporaryDirectory() as tmp:
         dest = {layer: Path(tmp) / f"{layer}.npz" for layer in layers}
         sub = type(win)(win.tokens[:args.windows], win.mask[:args.windows],
                         win.doc[:args.windows], win.offsets[:args.windows], win.pad_id,
                         win.bos_id)
-        extract = median_time(lambda: extract_shard(model, saes, sub, 0, len(sub.tokens), bs,
-                                                    dest, model.name), args.repeats).seconds
+        t = interleaved({
+            "base": lambda: batched(model, toks, bs,
+                                    lambda x: body(input_ids=x, use_cache=False)),
+            "deep": lambda: batched(model, toks, bs, lambda x: model.residuals(x, deepest)),
+            "logits": lambda: batched(model, toks, bs,
+                                      lambda x: model.model(input_ids=x, use_cache=False)),
+            "extract": lambda: extract_shard(model, saes, sub, 0, len(sub.tokens), bs, dest,
+                                             model.name)}, args.repeats)
+    base, deep, logits, extract = (t[k].seconds for k in ("base", "deep", "logits", "extract"))
     print(f"{side.name}: {model.name} ({model.n_layers} layers x {model.d_model}), "
           f"{len(layers)} layers extracted (deepest {max(layers)}), SAEs {width} features, "
           f"torch threads {torch.get_num_threads()}")

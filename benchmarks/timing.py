@@ -102,6 +102,25 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: bool = True)
     return Timed(statistics.median(times), tuple(times), out)
 
 
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, Timed]:
+    """Each of ``fns`` once untimed, then ``repeats`` rounds calling each in turn; the median
+    per name. Interleaving puts every side under the same load when another process's use
+    of the CPU drifts, which timing one side after the other does not."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    outs: dict[str, object] = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: Timed(statistics.median(ts), tuple(ts), outs[name])
+            for name, ts in times.items()}
+
+
 def median_per_call(fn: Callable[[object], object], items: list) -> Timed:
     """Warm up with ``fn(items[0])``, then time ``fn(item)`` for every item; the median call.
 
