@@ -25,6 +25,7 @@ import numpy as np
 from timing import (
     add_arguments,
     end,
+    interleaved,
     median_per_call,
     median_time,
     method,
@@ -55,14 +56,14 @@ def paired_data(n, d_a, d_b, seed=0, shared=32, strength=0.5):
 def bench_null(name, A, B, cfg, repeats, **kwargs):
     """Print and return (plain, fast null, naive null) seconds for one metric.
 
-    Plain and fast null: median of ``repeats`` warm calls. Naive null: the median of
+    Plain and fast null: median of ``repeats`` warm calls, taken in turn. Naive null: the median of
     ``n_naive`` single permuted calls (after one warm-up) times ``n_perm``, which
     ``scale_up`` allows only up to 10x."""
     metric = getattr(metrics, name)
-    plain = median_time(lambda: metric(A, B, **kwargs), repeats).seconds
-    fast_t = median_time(lambda: metrics.permutation_null(
-        name, A, B, n_perm=cfg["n_perm"], seed=0, **kwargs), repeats)
-    res, fast = fast_t.out, fast_t.seconds
+    t = interleaved({"plain": lambda: metric(A, B, **kwargs),
+                     "fast": lambda: metrics.permutation_null(
+                         name, A, B, n_perm=cfg["n_perm"], seed=0, **kwargs)}, repeats)
+    plain, res, fast = t["plain"].seconds, t["fast"].out, t["fast"].seconds
     print(f"\n[{name}] observed {res.observed:.4f}, null {res.null_mean:.4f} +- {res.null_sd:.4f}, "
           f"z {res.z:.1f}, p {res.p:.4f}")
     print(f"  one plain {name}: {plain:.3f} s")
@@ -96,9 +97,10 @@ def explain_svcca(A, B, cfg, repeats, plain, fast):
           f"measured float32 matmul rate ({flop / gemm / 1e9:.0f} GFLOP/s) "
           f"{cfg['n_perm']} such products alone take "
           f"{floor:.1f} s = {floor / plain:.1f}x one plain SVCCA, before any eigenvalues.")
-    plain_k = median_time(lambda: metrics.svcca(A, B, k=50), repeats).seconds
-    fast_k = median_time(lambda: metrics.permutation_null(
-        "svcca", A, B, n_perm=cfg["n_perm"], k=50), repeats).seconds
+    t = interleaved({"plain": lambda: metrics.svcca(A, B, k=50),
+                     "fast": lambda: metrics.permutation_null(
+                         "svcca", A, B, n_perm=cfg["n_perm"], k=50)}, repeats)
+    plain_k, fast_k = t["plain"].seconds, t["fast"].seconds
     print(f"  with a fixed k=50 the per-permutation product is tiny: null {fast_k:.2f} s = "
           f"{fast_k / plain_k:.1f}x one plain svcca(k=50) ({plain_k:.3f} s) -> "
           f"{'MET' if fast_k < 3 * plain_k else 'NOT MET'}", flush=True)
