@@ -1,34 +1,45 @@
 """Benchmark saeuniv.matching on SAE-like codes with a planted matching.
 
-    python benchmarks/bench_matching.py [--quick]
+    python benchmarks/bench_matching.py [--quick] [--threads 1,2] [--repeats 3]
 
 Prints the machine, exactness (streamed vs dense float64 on a feature subset,
-planted-pair recovery), speed against the reference dense method, and peak
-RSS of the streaming correlation and of blocked top-k (each in a fresh
-subprocess so that its peak is its own).
+planted-pair recovery), speed against the reference dense method at each thread count
+(ours: median of --repeats warm calls; the dense method: z-scoring A timed the same way,
+then at least 10% of B's columns in blocks of 100, each block timed after a warm-up
+block, the median block scaled to all blocks, at most 10x), and peak RSS of the
+streaming correlation and of blocked top-k (each in a fresh subprocess so that its peak
+is its own).
 """
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import scipy
 import scipy.sparse as sp
 import torch
+from timing import (
+    add_arguments,
+    end,
+    median_per_call,
+    median_time,
+    method,
+    scale_up,
+    start,
+    threads,
+)
 
 from saeuniv.core.matching import correlation, match, topk_correlation
 
 FULL = {"n_tokens": 50_000, "f": 16_384, "l0": 64, "f_big": 131_072, "chunk": 10_000, "subset": 512,
-            "baseline_blocks": 8, "max_bytes": 256 * 2**20}
+            "max_bytes": 256 * 2**20}
 QUICK = {"n_tokens": 5_000, "f": 1_024, "l0": 32, "f_big": 8_192, "chunk": 1_000, "subset": 256,
-             "baseline_blocks": 4, "max_bytes": 4 * 2**20}
+             "max_bytes": 4 * 2**20}
 THRESHOLD = 0.1
+BLOCK = 100  # B columns per block of the dense reference method
 
 
 # ---------------------------------------------------------------- data
@@ -76,15 +87,9 @@ def chunks(x, size):
 # ---------------------------------------------------------------- helpers
 
 
-def machine():
-    cpu = next((line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    return (f"{cpu}; {len(os.sched_getaffinity(0))} usable cores; {mem:.1f} GiB RAM; "
-            f"load avg {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}; "
-            f"python {platform.python_version()}, numpy {np.__version__}, "
-            f"scipy {scipy.__version__}, torch {torch.__version__}")
+def versions():
+    return (f"scipy {scipy.__version__}, torch {torch.__version__} "
+            f"(default {torch.get_num_threads()} threads)")
 
 
 def peak_rss_gb():
@@ -92,12 +97,6 @@ def peak_rss_gb():
     line = next(x for x in Path("/proc/self/status").read_text().splitlines()
                 if x.startswith("VmHWM:"))
     return int(line.split()[1]) / 2**20
-
-
-def timed(fn, *args, **kwargs):
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t
 
 
 def recovered(m, truth):
@@ -114,43 +113,63 @@ def zscore_(x):
     return x.sub_(mean).div_(std + 1e-8)
 
 
-def dense_baseline(a, b, n_blocks, block=100):
-    """Reference method on the first n_blocks blocks of B columns: z-score, then
-    A_z^T B_z / N in float32 (torch), keeping max/argmax per column."""
-    n = a.shape[0]
-    (az, t_a) = timed(lambda: zscore_(torch.from_numpy(a.toarray())))
+def block_counts(f):
+    """(blocks of BLOCK columns in all of B's f columns, blocks the dense method is timed on:
+    at least a tenth of them)."""
+    n_blocks = -(-f // BLOCK)
+    return n_blocks, -(-n_blocks // 10)
+
+
+def dense_baseline(a, b, repeats):
+    """Reference method: z-score A, then A_z^T B_z / N in float32 (torch) over blocks of
+    BLOCK B columns, keeping max/argmax per column. Times z-scoring A (median of
+    ``repeats`` warm calls) and the first ceil(10%) of blocks one by one after a warm-up
+    block; returns (argmax of the timed columns, z-score seconds, median block seconds,
+    blocks timed)."""
+    n, f = b.shape
+    z_a = median_time(lambda: zscore_(torch.from_numpy(a.toarray())), repeats)
+    az = z_a.out
     b_csc = b.tocsc()
-    argmax, t = [], time.perf_counter()
-    for j in range(0, n_blocks * block, block):
-        bz = zscore_(torch.from_numpy(b_csc[:, j : j + block].toarray()))
-        argmax.append((az.T @ bz / n).max(0).indices.numpy())
-    return np.concatenate(argmax), t_a, time.perf_counter() - t
+    _, timed_blocks = block_counts(f)
+
+    def block(j):
+        bz = zscore_(torch.from_numpy(b_csc[:, j:j + BLOCK].toarray()))
+        return (az.T @ bz / n).max(0).indices.numpy()
+
+    blocks = median_per_call(block, list(range(0, timed_blocks * BLOCK, BLOCK)))
+    return np.concatenate(blocks.out), z_a.seconds, blocks.seconds, timed_blocks
 
 
 # ---------------------------------------------------------------- memory children
 
 
-def child(kind, cfg):
+def child(kind, cfg, n_threads):
     """Run one measurement in this (fresh) process and print a JSON line."""
-    if kind == "corr":
-        a, b, _ = planted_pair(0, cfg["n_tokens"], cfg["f"], cfg["f"], cfg["l0"])
-        before = peak_rss_gb()
-        _, t = timed(correlation, chunks(a, cfg["chunk"]), chunks(b, cfg["chunk"]))
-        out = {"time": t, "peak": peak_rss_gb()}
-    else:
-        a, b, truth = planted_pair(1, cfg["n_tokens"], cfg["f_big"], cfg["f"], cfg["l0"])
-        before = peak_rss_gb()
-        top, t = timed(topk_correlation, a, b, k=1, max_bytes=cfg["max_bytes"])
-        out = {"time": t, "peak": peak_rss_gb(), "l0_b": b.nnz / b.shape[0],
+    with threads(n_threads):
+        if kind == "corr":
+            a, b, _ = planted_pair(0, cfg["n_tokens"], cfg["f"], cfg["f"], cfg["l0"])
+            before = peak_rss_gb()
+            t = median_time(lambda: correlation(chunks(a, cfg["chunk"]), chunks(b, cfg["chunk"])),
+                            1, warmup=False).seconds
+            out = {"time": t, "peak": peak_rss_gb()}
+        else:
+            a, b, truth = planted_pair(1, cfg["n_tokens"], cfg["f_big"], cfg["f"], cfg["l0"])
+            before = peak_rss_gb()
+            run = median_time(lambda: topk_correlation(a, b, k=1, max_bytes=cfg["max_bytes"]),
+                              1, warmup=False)
+            top = run.out
+            out = {"time": run.seconds, "peak": peak_rss_gb(), "l0_b": b.nnz / b.shape[0],
                    "recovered": float(recovered(match(top, "one_to_one", THRESHOLD), truth))}
-        cols = np.sort(np.random.default_rng(2).choice(cfg["f"], 256, replace=False))
-        best = np.nanargmax(np.nan_to_num(correlation(a, b[:, cols]), nan=-np.inf), axis=0)
-        out["agree"] = float((top.b_partner[cols, 0] == best).mean())
+            cols = np.sort(np.random.default_rng(2).choice(cfg["f"], 256, replace=False))
+            best = np.nanargmax(np.nan_to_num(correlation(a, b[:, cols]), nan=-np.inf), axis=0)
+            out["agree"] = float((top.b_partner[cols, 0] == best).mean())
     print(json.dumps(dict(out, before=before)))
 
 
-def run_child(kind, quick):
-    cmd = [sys.executable, __file__, "--child", kind] + (["--quick"] if quick else [])
+def run_child(kind, cfg, quick, n_threads):
+    cmd = [sys.executable, __file__, "--child", kind, "--threads", str(n_threads),
+           "--features", str(cfg["f"]), "--tokens", str(cfg["n_tokens"])]
+    cmd += ["--quick"] if quick else []
     return json.loads(subprocess.run(cmd, check=True, capture_output=True,
                                      text=True).stdout.splitlines()[-1])
 
@@ -158,25 +177,11 @@ def run_child(kind, quick):
 # ---------------------------------------------------------------- main
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes, smoke run")
-    p.add_argument("--child", choices=["corr", "topk"], help=argparse.SUPPRESS)
-    args = p.parse_args()
-    cfg = QUICK if args.quick else FULL
-    if args.child:
-        return child(args.child, cfg)
-
-    n, f = cfg["n_tokens"], cfg["f"]
-    print(f"machine: {machine()}")
-    print(f"mode: {'quick' if args.quick else 'full'}")
-    (a, b, truth), t = timed(planted_pair, 0, n, f, f, cfg["l0"])
-    print(f"data: {n:,} tokens, F_a = F_b = {f:,}, L0 A {a.nnz / n:.1f}, B {b.nnz / n:.1f}, "
-          f"{(truth >= 0).sum():,} planted pairs, {(truth < 0).sum():,} unmatched B "
-          f"features (generated in {t:.1f} s)")
-
-    print("\n== exactness ==")
-    corr, t_cold = timed(correlation, chunks(a, cfg["chunk"]), chunks(b, cfg["chunk"]))
+def exactness(a, b, truth, cfg):
+    """Streamed vs dense float64 on a subset, planted recovery per policy, top-k agreement."""
+    f = cfg["f"]
+    print("\n== exactness (single calls; times here are not the speed figures) ==")
+    corr = correlation(chunks(a, cfg["chunk"]), chunks(b, cfg["chunk"]))
     rng = np.random.default_rng(1)
     sa, sb = (np.sort(rng.choice(f, cfg["subset"], replace=False)) for _ in range(2))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -184,50 +189,67 @@ def main():
         ref = np.corrcoef(xa.T, xb.T)[: len(sa), len(sa):]
     sub = corr[np.ix_(sa, sb)]
     same_nan = np.array_equal(np.isnan(sub), np.isnan(ref))
-    print(f"streamed ({n // cfg['chunk']} chunks of {cfg['chunk']:,} tokens, float32 output) vs "
-          f"dense float64 np.corrcoef on a random {len(sa)} x {len(sb)} feature subset: "
-          f"max |diff| = {np.nanmax(np.abs(sub - ref)):.2e} (target 1e-6), "
+    print(f"streamed ({a.shape[0] // cfg['chunk']} chunks of {cfg['chunk']:,} tokens, float32 "
+          f"output) vs dense float64 np.corrcoef on a random {len(sa)} x {len(sb)} feature "
+          f"subset: max |diff| = {np.nanmax(np.abs(sub - ref)):.2e} (target 1e-6), "
           f"NaN pattern equal: {same_nan}")
     for policy in ("max", "one_to_one", "mutual", "lan"):
-        m, t = timed(match, corr, policy, THRESHOLD)
+        m = match(corr, policy, THRESHOLD)
         false = np.isin(m.b, np.flatnonzero(truth < 0)).sum()
         print(f"planted pairs recovered, {policy:>10} (corr > {THRESHOLD}): "
-              f"{recovered(m, truth):.4f}; {m.n:,} pairs, {false} on unmatched B features; "
-              f"match {t:.2f} s")
-    top, t_top = timed(topk_correlation, a, b, k=1, max_bytes=cfg["max_bytes"])
-    best, t_match = timed(match, corr, "max", -1.0)
+              f"{recovered(m, truth):.4f}; {m.n:,} pairs, {false} on unmatched B features")
+    top = topk_correlation(a, b, k=1, max_bytes=cfg["max_bytes"])
+    best = match(corr, "max", -1.0)
     agree = (top.b_partner[best.b, 0] == best.a).mean()
     print(f"topk_correlation(k=1, max_bytes={cfg['max_bytes'] / 2**20:.0f} MiB) best partner "
-          f"of B agrees with the full matrix: {agree:.4f} ({t_top:.1f} s)")
-    del corr, xa, xb
+          f"of B agrees with the full matrix: {agree:.4f}")
+    return best
 
-    print("\n== speed ==")
-    _, t_warm = timed(correlation, chunks(a, cfg["chunk"]), chunks(b, cfg["chunk"]))
-    ours = t_cold + t_match
-    print(f"streaming correlation of the full {f:,} x {f:,} matrix: {t_cold:.2f} s on first use "
-          f"of fresh memory (this VM faults it in slowly), {t_warm:.2f} s when repeated "
-          f"({n / t_warm:,.0f} tokens/s); match(max) {t_match:.2f} s; "
-          f"total (first-use timing) {ours:.2f} s")
-    n_blocks = min(cfg["baseline_blocks"], f // 100)
-    arg, t_a, t_b = dense_baseline(a, b, n_blocks)
-    frac = n_blocks * 100 / f
-    total = t_a + t_b / frac
-    cols = np.arange(n_blocks * 100)
+
+def time_ours(a, b, cfg, repeats):
+    """Seconds of the streaming correlation and of match(max) on its matrix, each the median
+    of ``repeats`` warm calls (the F x F matrix is freed on return)."""
+    corr = median_time(lambda: correlation(chunks(a, cfg["chunk"]), chunks(b, cfg["chunk"])),
+                       repeats)
+    return corr.seconds, median_time(lambda: match(corr.out, "max", -1.0), repeats).seconds
+
+
+def speed(a, b, best, cfg, n_threads, repeats):
+    """Ours (correlation + match) against the dense reference method at ``n_threads``."""
+    n, f = a.shape[0], cfg["f"]
+    print(f"\n== speed, {n_threads} thread(s) ==")
+    n_blocks, timed_blocks = block_counts(f)
+    print(method(n_threads, repeats, f"dense method: {timed_blocks} of {n_blocks} blocks "
+                 f"of {BLOCK} B columns timed one by one after a warm-up block, median block x "
+                 f"all blocks (extrapolated {n_blocks / timed_blocks:.1f}x)"))
+    with threads(n_threads):
+        t_corr, t_match = time_ours(a, b, cfg, repeats)
+        ours = t_corr + t_match
+        arg, t_a, t_block, done = dense_baseline(a, b, repeats)
+    total = t_a + scale_up(t_block * done, done, n_blocks)
+    cols = np.arange(done * BLOCK)
     live = np.isin(cols, best.b)
     agree = (arg[live] == best.a[np.searchsorted(best.b, cols[live])]).mean()
-    print(f"reference dense method (torch float32, z-score, A_z^T B_z / N in blocks of 100 "
-          f"B columns, max/argmax): z-scoring A {t_a:.1f} s; {n_blocks * 100} of {f:,} B "
-          f"columns ({frac:.1%}) in {t_b:.1f} s -> extrapolated linearly to all columns: "
-          f"{total:.3g} s; its argmax agrees with ours on {agree:.4f} of those columns")
-    print(f"speed-up: {total / ours:.0f}x (target >= 20x)")
+    print(f"ours: streaming correlation of the full {f:,} x {f:,} matrix {t_corr:.2f} s "
+          f"({n / t_corr:,.0f} tokens/s) + match(max) {t_match:.2f} s = {ours:.2f} s")
+    print(f"reference dense method (torch float32, z-score, A_z^T B_z / N in blocks of {BLOCK} "
+          f"B columns, max/argmax): z-scoring A {t_a:.1f} s + {t_block:.2f} s per block x "
+          f"{n_blocks} blocks ({done * BLOCK:,} of {f:,} columns timed, "
+          f"{done * BLOCK / f:.1%}) = {total:.3g} s; its argmax agrees with ours on "
+          f"{agree:.4f} of the timed columns")
+    print(f"speed-up: {total / ours:.0f}x (target >= 20x)", flush=True)
 
-    print("\n== memory (peak RSS of a fresh process: interpreter, torch, codes and the call) ==")
-    r = run_child("corr", args.quick)
+
+def memory(cfg, quick, n_threads):
+    n, f = cfg["n_tokens"], cfg["f"]
+    print(f"\n== memory (peak RSS of a fresh process: interpreter, torch, codes and one cold "
+          f"call; {n_threads} thread(s)) ==")
+    r = run_child("corr", cfg, quick, n_threads)
     dense_gb = f * f * 8 / 2**30
     print(f"correlation {f:,} x {f:,} over {n:,} tokens: peak RSS {r['peak']:.2f} GiB "
           f"(before the call {r['before']:.2f} GiB; float64 accumulator alone {dense_gb:.2f} "
           f"GiB; target < 3 GB = 2.79 GiB), {r['time']:.1f} s")
-    r = run_child("topk", args.quick)
+    r = run_child("topk", cfg, quick, n_threads)
     full_gb = cfg["f_big"] * f * 4 / 2**30
     print(f"topk_correlation {cfg['f_big']:,} x {f:,}, k=1, max_bytes = "
           f"{cfg['max_bytes'] / 2**20:.0f} MiB, over all {n:,} tokens (B L0 {r['l0_b']:.1f}): "
@@ -238,6 +260,33 @@ def main():
           f"(one_to_one) {r['recovered']:.4f} (low by construction: copies of A "
           f"features are only ~{cfg['l0'] * 0.81 * f / cfg['f_big']:.0f} of B's L0, the rest "
           f"is background)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, smoke run")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory children")
+    p.add_argument("--features", type=int, help="F per side (top-k's A side: 8 F)")
+    p.add_argument("--tokens", type=int, help="tokens (a multiple of the chunk size)")
+    p.add_argument("--child", choices=["corr", "topk"], help=argparse.SUPPRESS)
+    add_arguments(p)
+    args = p.parse_args()
+    cfg = dict(QUICK if args.quick else FULL)
+    cfg.update({"f": args.features, "f_big": 8 * args.features} if args.features else {})
+    cfg.update({"n_tokens": args.tokens} if args.tokens else {})
+    if args.child:
+        return child(args.child, cfg, args.threads[0])
+    n, f = cfg["n_tokens"], cfg["f"]
+    start(f"{'quick' if args.quick else 'full'} {cfg}; {versions()}")
+    a, b, truth = planted_pair(0, n, f, f, cfg["l0"])
+    print(f"data: {n:,} tokens, F_a = F_b = {f:,}, L0 A {a.nnz / n:.1f}, B {b.nnz / n:.1f}, "
+          f"{(truth >= 0).sum():,} planted pairs, {(truth < 0).sum():,} unmatched B features")
+    best = exactness(a, b, truth, cfg)
+    for n_threads in args.threads:
+        speed(a, b, best, cfg, n_threads, args.repeats)
+    if not args.no_memory:
+        memory(cfg, args.quick, args.threads[0])
+    end()
 
 
 if __name__ == "__main__":
