@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helpers import synthetic_text
+from helpers import bpe_tokenizer
 
 # "<|endoftext|>" as in GPT-2-style vocabularies: transformers adds it to a gpt2-type GGUF
 # tokenizer that lacks it (one token more than the model embeds)
@@ -22,19 +22,7 @@ LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
 
 def reference_tokenizer(vocab_size: int = 300):
     """A byte-level BPE trained on the synthetic text, BOS prepended (a fast tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(synthetic_text(60, seed=1), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    return bpe_tokenizer(vocab_size, bos=True, specials=SPECIALS)
 
 
 def reference_model(tok, seed: int = 0):

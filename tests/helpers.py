@@ -43,6 +43,26 @@ def synthetic_text(n_docs: int, seed: int = 0) -> list[str]:
     return docs
 
 
+def bpe_tokenizer(vocab_size: int, bos: bool, seed: int = 1,
+                  specials=("<s>", "</s>", "<pad>")):
+    """A byte-level BPE trained on synthetic text (``seed``) as a Hugging Face fast
+    tokenizer, ``<s>`` prepended when ``bos``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(synthetic_text(60, seed=seed), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
 @contextlib.contextmanager
 def env_vars(**values):
     """Set environment variables for a block and restore them after (for module-scoped

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helpers import synthetic_text
+from helpers import bpe_tokenizer, synthetic_text
 
 D_MODEL, D_LIVE, N_LAYERS, D_SAE = 16, 12, 2, 64
 ENC_DEAD_NORM = 3.0   # norm of each encoder column's part outside the live subspace
@@ -36,19 +36,7 @@ ENC_NOISE, DEC_NOISE = 0.01, 0.05  # B's SAE: per-coordinate noise added inside 
 
 def tokenizer(folder: Path):
     """A byte-level BPE that reads a BOS, saved as a Hugging Face tokenizer in ``folder``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(synthetic_text(60, seed=3), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    fast = bpe_tokenizer(300, bos=True, seed=3)
     fast.save_pretrained(str(folder))
     return fast
 

@@ -20,25 +20,11 @@ from saeuniv.sides import Side
 from saeuniv.stages import match, similarity
 from saeuniv.store import Store
 
-from helpers import private_runs, synthetic_text
+from helpers import bpe_tokenizer, private_runs
 
 
 def _tokenizer(folder, vocab_size: int, bos: bool):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<s>", "</s>", "<pad>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(synthetic_text(60, seed=1), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    fast = bpe_tokenizer(vocab_size, bos)
     fast.save_pretrained(str(folder))
     return fast
 
