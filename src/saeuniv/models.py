@@ -361,7 +361,8 @@ def describe(ref, store: Store) -> ModelInfo:
 
 
 def load_outside_model(ref, store: Store, key: str) -> LoadedModel:
-    """Load a ``transformer_lens``, ``hf`` or ``gguf`` model for extraction (eval mode)."""
+    """Load a ``transformer_lens``, ``hf`` or ``gguf`` model for extraction (eval mode);
+    Hugging Face and GGUF models are loaded without their output head."""
     device, dtype = resolve_device(ref.device), DTYPES[ref.dtype]
     set_threads()
     if ref.source == "transformer_lens":
@@ -372,14 +373,15 @@ def load_outside_model(ref, store: Store, key: str) -> LoadedModel:
         model.eval()
         return LoadedModel(ref.name, model, model.cfg.n_layers, model.cfg.d_model, key, "tl",
                            device)
-    from transformers import AutoModelForCausalLM
+    # the base model, without the output head: only the residual stream is read, and a
+    # large vocabulary's head (Qwen2.5's 151,936 x d_model) is most of the load's memory
+    from transformers import AutoModel
 
     if ref.source == "gguf":
         path = _gguf_location(ref, store)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=dtype)
+        model = AutoModel.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(_hf_source(ref)[0], dtype=dtype)
+        model = AutoModel.from_pretrained(_hf_source(ref)[0], dtype=dtype)
     model.to(device).eval()
     text = hf_text_config(model.config)
     hf_blocks(model)  # fail now if the blocks cannot be found

