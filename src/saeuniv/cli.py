@@ -114,6 +114,26 @@ def _add_audit_and_compare(sub) -> None:
     comp.add_argument("--experiment", default=None, help="MLflow experiment name")
 
 
+def _add_ladder(sub) -> None:
+    ladder = sub.add_parser(
+        "ladder", help="compare N >= 3 models of one family pair by pair (a child main run "
+        "per pair) and log the trend across sizes",
+        description="Run every pair of the ladder file CONFIG (all pairs, or neighbours plus "
+        "every model against the largest) as a child main run of one ladder run, then log "
+        "each metric's middle-band score against the parameter ratio and the smaller "
+        "model's size, and the models x models matrix. Each model's SAEs and codes are made "
+        "once, by the first pair that needs them.")
+    ladder.add_argument("config", help="ladder file (YAML), e.g. configs/ladder-tiny.yaml")
+    ladder.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of the config every pair shares, e.g. "
+                        "--set extract.n_tokens=8000")
+    _store_option(ladder)
+    ladder.add_argument("--experiment", default=None, help="MLflow experiment name")
+    ladder.add_argument("--force", action="store_true",
+                        help="recompute every entry once (shared entries too), reusing no "
+                        "finished run")
+
+
 def _add_doctor(sub) -> None:
     doc = sub.add_parser(
         "doctor", help="find runs left RUNNING by a killed process and what crashes left in "
@@ -147,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sub.add_parser(stage.name, help=stage.help))
     _add_sweep(sub)
     _add_audit_and_compare(sub)
+    _add_ladder(sub)
     _add_doctor(sub)
     return parser
 
@@ -219,6 +240,8 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         return compare_main(args)
     if args.command == "doctor":
         return doctor_main(args)
+    if args.command == "ladder":
+        return ladder_main(args)
     try:
         cfg = _config(args)
         from .main import run_main
@@ -319,6 +342,30 @@ def compare_main(args) -> int:
     print(text)
     print(f"saeuniv: compare run {run_id} logged; browse it with\n"
           f"  mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def ladder_main(args) -> int:
+    """``saeuniv ladder``: 0 when every pair and the trend are logged, 2 on bad input."""
+    try:
+        from .ladder import load_ladder, run_ladder
+        from .store import Store
+        from .tracking import install_signal_handlers, setup_tracking
+
+        ladder = load_ladder(args.config, _parse_set(args.set))
+        store = Store(args.store)
+    except (ConfigError, OSError, RuntimeError) as err:
+        print(f"saeuniv: error: {err}", file=sys.stderr)
+        return 2
+    install_signal_handlers()
+    uri = setup_tracking(args.experiment)
+    try:
+        run_id = run_ladder(ladder, store, force=args.force)
+    except ValueError as err:  # bad input found before or during the pairs: one clear line
+        print(f"saeuniv: error: {err}", file=sys.stderr)
+        return 2
+    print(f"saeuniv: ladder run {run_id} finished ({len(ladder.pairs())} pairs); browse it "
+          f"with\n  mlflow ui --backend-store-uri {uri}")
     return 0
 
 

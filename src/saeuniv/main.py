@@ -35,14 +35,15 @@ def flat_params(cfg: Config) -> dict[str, str]:
 
 
 def run_main(cfg: Config, store: Store | None = None, launcher: Callable | None = None,
-             force: bool = False) -> str:
+             force: bool = False, pipe: Pipeline | None = None) -> str:
     """Run every stage of ``stages.STAGES`` as a nested child of one ``main`` run, then log
     the report; returns the main run's id.
 
     ``launcher(stage, pipe)`` runs a stage; by default in this process (``run_stage``,
-    reusing a finished stage run with the same inputs unless ``force``).
+    reusing a finished stage run with the same inputs unless ``force``). ``pipe`` is
+    ``cfg``'s pipeline when the caller already holds one (a ladder).
     """
-    pipe = Pipeline(cfg, store)
+    pipe = pipe or Pipeline(cfg, store)
     if force:  # every entry recomputed once, from the corpus on
         pipe.store.force |= {kind for stage in stages.STAGES for kind in stage.kinds}
     launch = launcher or (lambda stage, p: run_stage(stage, p, force=force))

@@ -85,7 +85,7 @@ def _codes(pipe, shapes: dict) -> tuple[int, str]:
     sizes = []
     for (side, layer), (_, l0) in shapes.items():
         spec = codes_spec(planned_model_key(side), layer, planned_sae_key(side, layer),
-                          windows, side.codes_side)
+                          windows, side.windows_side)
         if not pipe.store.has("codes", spec):
             sizes.append((8 * l0 + 4) * rows)  # CSR: float32 value + int32 index
     # the layer being finished holds its shards and its matrix at once

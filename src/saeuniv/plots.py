@@ -117,3 +117,40 @@ def subspace_grid(rows: list[dict], metric: str, categories: list[str], layers_a
     fig.colorbar(im, ax=axes, shrink=0.8, label="z against random subspaces (clipped ±5 in "
                  "colour)")
     return fig
+
+
+def trend(series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+          title: str, xlabel: str, ylabel: str):
+    """Scores against a model size on a log axis, one line per metric with its null band:
+    name -> (x, score, null_mean, null_sd), the band null mean ± 2 sd."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, (x, y, mean, sd) in series.items():
+        order = np.argsort(x, kind="stable")
+        x, y, mean, sd = (np.asarray(v, dtype=float)[order] for v in (x, y, mean, sd))
+        line, = ax.plot(x, y, marker="o", label=name)
+        ax.fill_between(x, mean - 2 * sd, mean + 2 * sd, color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{ylabel} (band: null mean ± 2 sd)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def model_matrix(grid: np.ndarray, labels: list[str], title: str):
+    """A models x models matrix (smaller model as row); unscored cells show "-"."""
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * n, 1.2 + 0.7 * n))
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(n), labels, rotation=30, ha="right")
+    ax.set_yticks(range(n), labels)
+    ax.set_title(title, fontsize=10)
+    for i in range(n):
+        for j in range(n):
+            text = "-" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="grey" if np.isnan(grid[i, j]) else "white")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return fig

@@ -1,7 +1,7 @@
 """The ``MLproject`` file, generated from the stage registry and the command line's shortcuts.
 
 Every stage of ``saeuniv.stages.STAGES`` is an entry point, as is ``main`` (the whole
-pipeline), ``sweep`` and ``compare``; the parameters of ``main`` and the stages are the
+pipeline), ``sweep``, ``ladder`` and ``compare``; the parameters of ``main`` and the stages are the
 command line's ``SHORTCUTS`` and ``config``. Regenerate the file after changing either:
 
     python -m saeuniv.project > MLproject
@@ -21,7 +21,7 @@ name: saeuniv
 
 conda_env: conda.yaml
 
-# Every entry point but sweep and compare takes the same parameters. `config` is a YAML
+# Every entry point but sweep, ladder and compare takes the same parameters. `config` is a YAML
 # file (e.g. configs/smollm2-vs-gemma3.yaml) or a built-in name (default, tiny); the others
 # override the matching config value when given, and `config` (the default) keeps the
 # config's own value. Run with --env-manager local
@@ -39,6 +39,12 @@ TAIL = """\
       n_trials: {type: string, default: spec}
     command: >-
       python -m saeuniv.cli sweep {spec} --storage {storage} --n-trials {n_trials}
+  # Compare N >= 3 models of one family pair by pair (config: a ladder file, see
+  # configs/ladder-tiny.yaml): a child main run per pair, the trend on the ladder run.
+  ladder:
+    parameters:
+      config: {type: string, default: configs/ladder-tiny.yaml}
+    command: python -m saeuniv.cli ladder {config}
   # Line up two or more main runs (runs: their ids, separated by spaces or commas) in a new
   # run tagged saeuniv.stage=compare: depth curves, difference heatmap, params that differ.
   compare:

@@ -273,10 +273,11 @@ class Side:
         return self.saes[layer].W_dec.detach().double().numpy()
 
     @cached_property
-    def codes_side(self) -> str:
-        """The side name in the store keys of the side's codes: ``ab`` when both sides read
-        the same windows (one tokenizer, the same BOS), so that a model's codes serve every
-        pair it takes part in (a ladder), on either side."""
+    def windows_side(self) -> str:
+        """The side name in the store keys of what the side computes on its analysis windows
+        (codes, SAE preflight): ``ab`` when both sides read the same windows (one tokenizer,
+        the same BOS), so that a model's results serve every pair it takes part in (a
+        ladder), on either side."""
         a, b = self.up.sides
         same = ((tokenizer_sha(a.tokenizer_entry), a.bos)
                 == (tokenizer_sha(b.tokenizer_entry), b.bos))
@@ -289,7 +290,8 @@ class Side:
         return extract_codes(
             lambda: self.model, self.model_key,
             {layer: self.sae_keys[layer] for layer in self.used_layers},
-            lambda layer: self.saes[layer], self.windows, self.up.windows_entry, self.codes_side,
+            lambda layer: self.saes[layer], self.windows, self.up.windows_entry,
+            self.windows_side,
             self.store, e.batch_size, e.shard_windows, e.layers_per_pass, label=self.label)
 
     def depth(self, layer: int) -> float:

@@ -28,6 +28,13 @@ class Upstream:
         self.a, self.b = Side(self, "a"), Side(self, "b")
         self.sides = (self.a, self.b)
 
+    def release(self) -> None:
+        """Drop the loaded models and SAEs (what is in the store stays): a ladder frees a
+        pair's models before the next pair loads its own."""
+        self.models.clear()
+        for side in self.sides:
+            side.saes.clear()
+
     @cached_property
     def corpus(self) -> Entry:
         return prepare_corpus(self.cfg.corpus, self.store)

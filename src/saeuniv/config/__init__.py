@@ -6,7 +6,15 @@ the safe loader, rejects unknown keys (naming them and the allowed ones), applie
 """
 
 from .checks import check, validate
-from .loading import CONFIG_DIR, from_dict, load_config, safe_yaml, set_path
+from .loading import (
+    CONFIG_DIR,
+    from_dict,
+    load_config,
+    merge_config,
+    read_config,
+    safe_yaml,
+    set_path,
+)
 from .sections import (
     DEVICES,
     DTYPES,
@@ -38,5 +46,6 @@ __all__ = [
     "SAE_ARCHITECTURES", "SAE_SOURCES", "Config", "ConfigError", "CorpusConfig",
     "ExtractConfig", "FamilyConfig", "MatchConfig", "MemberConfig", "ModelRef", "SAEConfig",
     "SAERef", "SimilarityConfig", "SubspacesConfig", "TokenizerConfig", "check", "digest",
-    "from_dict", "load_config", "plain", "safe_yaml", "set_path", "validate",
+    "from_dict", "load_config", "merge_config", "plain", "read_config", "safe_yaml",
+    "set_path", "validate",
 ]

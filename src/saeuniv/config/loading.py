@@ -125,12 +125,9 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
-    """Load a YAML config (or the built-in ``default``) and apply overrides.
-
-    ``path`` may be a file path or the name of a built-in config
-    (``default``, ``tiny``). Overrides map dotted keys to values.
-    """
+def read_config(path: str | Path | None = None, what: str = "config") -> Any:
+    """The mapping in a YAML config file, or in the built-in config of that name
+    (``default``, ``tiny``), read with the safe loader; not yet merged or validated."""
     name = str(path) if path else "default"
     p = Path(name)
     if not p.exists():
@@ -138,21 +135,34 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if not builtin.exists():
             choices = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
             raise ConfigError(
-                f"config {name!r} is neither a file nor a built-in config; built-ins: {choices}")
+                f"{what} {name!r} is neither a file nor a built-in config; built-ins: {choices}")
         p = builtin
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"config file {p} is not UTF-8 text (byte {err.start}); "
+        raise ConfigError(f"{what} file {p} is not UTF-8 text (byte {err.start}); "
                           "save it as UTF-8") from None
     except OSError as err:
-        raise ConfigError(f"cannot read config file {p}: {err.strerror or err}") from None
-    data = safe_yaml(text, f"config file {p}") or {}
-    base = Config().to_dict()
-    merged = _merge(base, data, "")
+        raise ConfigError(f"cannot read {what} file {p}: {err.strerror or err}") from None
+    return safe_yaml(text, f"{what} file {p}") or {}
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Load a YAML config (or the built-in ``default``) and apply overrides.
+
+    ``path`` may be a file path or the name of a built-in config
+    (``default``, ``tiny``). Overrides map dotted keys to values.
+    """
+    merged = _merge(Config().to_dict(), read_config(path), "")
     for key, value in (overrides or {}).items():
         set_path(merged, key, value)
     return from_dict(merged)
+
+
+def merge_config(base: Config, data: dict, where: str = "") -> Config:
+    """``base`` with the sections and keys of ``data`` (nested, as in a config file)
+    replacing its own, validated; unknown keys are refused, named from ``where``."""
+    return from_dict(_merge(base.to_dict(), data, where))
 
 
 def _merge(base: dict, data: Any, where: str) -> dict:

@@ -61,6 +61,7 @@ class FamilyConfig:
 
     members: tuple[MemberConfig, ...] = (
         MemberConfig("tiny-s", n_layers=3, d_model=64, d_mlp=256),
+        MemberConfig("tiny-m", n_layers=4, d_model=96, d_mlp=384),
         MemberConfig("tiny-l", n_layers=6, d_model=128, d_mlp=512),
     )
     context: int = 128

@@ -48,9 +48,9 @@ def preflight(pipe, side, n_tokens: int = PREFLIGHT_TOKENS) -> dict[int, Quality
     """SAE quality (L0, FVU, dead fraction) per layer on the side's first analysis tokens,
     cached in the store so a warm run loads no model."""
     layers = side.used_layers
-    spec = {"model": side.model_key, "windows": pipe.up.windows_entry.key, "side": side.name,
-            "saes": {str(layer): side.sae_keys[layer] for layer in layers},
-            "n_tokens": n_tokens}
+    spec = {"model": side.model_key, "windows": pipe.up.windows_entry.key,
+            "side": side.windows_side,
+            "saes": {str(layer): side.sae_keys[layer] for layer in layers}, "n_tokens": n_tokens}
 
     @torch.no_grad()
     def build(out: Path) -> dict:
