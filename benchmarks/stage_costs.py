@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import end, start
+
 from saeuniv import stages
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
@@ -48,6 +50,8 @@ def main() -> None:
            args.tracking_uri or f"sqlite:///{store.resolve().parent / 'mlflow.db'}"}
     common = ["--config", args.config, "--store", str(store)]
     had_entries = any(store.iterdir())
+    start("each stage once as its own process, then `saeuniv run` once (one measurement "
+          "each: a cold run happens once); wall time and peak RSS from /usr/bin/time")
     rows = []
     start = time.time()
     for stage in stages.NAMES:
@@ -56,11 +60,11 @@ def main() -> None:
     rows.append(("all stages", time.time() - start, max(r[2] for r in rows)))
     rows.append(("warm `saeuniv run`", *timed(["run", *common], env)))
     state = "the store had entries before" if had_entries else "cold (empty store)"
-    print(f"\n{args.config}: {state}, {os.cpu_count()} CPUs, load average at the end "
-          f"{os.getloadavg()[0]:.1f}")
+    print(f"\n{args.config}: {state}")
     print(f"{'stage':<22}{'seconds':>10}{'peak RSS GB':>14}")
     for name, wall, rss in rows:
         print(f"{name:<22}{wall:>10.1f}{rss:>14.2f}")
+    end()
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ def test_every_stage_is_an_entry_point_and_a_subcommand():
     from saeuniv.cli import build_parser
 
     entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
-    assert set(entry_points) == {"main", "sweep", "compare", *stages.NAMES}
+    assert set(entry_points) == {"main", "sweep", "ladder", "compare", *stages.NAMES}
+    assert build_parser().parse_args(["ladder", "x.yaml"]).command == "ladder"
     parser = build_parser()
     for name in stages.NAMES:
         assert parser.parse_args([name]).command == name

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from saeuniv.core.depth import MIDDLE, depth_pairs, in_middle, nearest_layer, relative_depth
+from saeuniv.core.depth import (
+    MIDDLE,
+    band_mean,
+    depth_pairs,
+    in_band,
+    in_middle,
+    nearest_layer,
+    relative_depth,
+)
 
 
 def test_relative_depth_is_the_output_of_the_block_over_the_block_count():
@@ -48,3 +57,30 @@ def test_the_middle_band_holds_its_edges_and_nothing_outside():
     assert not in_middle(lo - 1e-6) and not in_middle(hi + 1e-6)
     assert in_middle(lo - 1e-9) and in_middle(hi + 1e-9)  # rounding at an edge is inside
     assert [la for la in range(6) if in_middle(relative_depth(la, 6))] == [1, 2, 3]
+
+
+def test_band_mean_averages_the_cells_whose_two_depths_are_in_the_band():
+    depth_a = [1 / 4, 2 / 4, 3 / 4, 1.0]          # in the middle band: 0.5 only
+    depth_b = [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0]  # 1/3, 1/2, 2/3 (edges included)
+    values = np.arange(24, dtype=float).reshape(4, 6)
+    assert band_mean(values, depth_a, depth_b) == np.mean([7.0, 8.0, 9.0])
+    # an independent computation: loop over the cells
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(4, 6))
+    values[1, 2] = np.nan  # not scored: left out
+    kept = [values[i, j] for i, da in enumerate(depth_a) for j, db in enumerate(depth_b)
+            if 1 / 3 - 1e-12 <= da <= 2 / 3 + 1e-12 and 1 / 3 - 1e-12 <= db <= 2 / 3 + 1e-12
+            and np.isfinite(values[i, j])]
+    assert band_mean(values, depth_a, depth_b) == pytest.approx(np.mean(kept), abs=1e-15)
+    assert band_mean(values, depth_a, depth_b, band=(0.0, 1.0)) == pytest.approx(
+        np.nanmean(values))
+
+
+def test_band_mean_is_nan_without_a_scored_cell_and_checks_its_input():
+    assert np.isnan(band_mean(np.ones((2, 2)), [0.9, 1.0], [0.5, 1.0]))
+    assert np.isnan(band_mean(np.full((1, 1), np.nan), [0.5], [0.5]))
+    with pytest.raises(ValueError, match=r"shape \(2, 2\) but there are 3 A and 2 B depths"):
+        band_mean(np.ones((2, 2)), [0.1, 0.5, 1.0], [0.5, 1.0])
+    with pytest.raises(ValueError, match="band"):
+        in_band([0.5], band=(0.7, 0.3))
+    assert in_band([1 / 3, 2 / 3, 0.3, 0.7]).tolist() == [True, True, False, False]
