@@ -53,11 +53,11 @@ def main() -> None:
     start("each stage once as its own process, then `saeuniv run` once (one measurement "
           "each: a cold run happens once); wall time and peak RSS from /usr/bin/time")
     rows = []
-    start = time.time()
+    t0 = time.time()
     for stage in stages.NAMES:
         rows.append((stage, *timed([stage, *common], env)))
         print(f"stage_costs: {stage} done, {rows[-1][1]:.0f} s", flush=True)
-    rows.append(("all stages", time.time() - start, max(r[2] for r in rows)))
+    rows.append(("all stages", time.time() - t0, max(r[2] for r in rows)))
     rows.append(("warm `saeuniv run`", *timed(["run", *common], env)))
     state = "the store had entries before" if had_entries else "cold (empty store)"
     print(f"\n{args.config}: {state}")
