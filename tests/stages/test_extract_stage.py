@@ -105,3 +105,25 @@ def test_token_budget_larger_than_corpus_is_refused(tmp_path, corpus_dir):
     cfg = load_config("tiny", {"corpus.source": str(corpus_dir), "extract.n_tokens": 10**6})
     with pytest.raises(ValueError, match=r"only \d+ tokens but extract.n_tokens=1000000"):
         Pipeline(cfg, Store(tmp_path)).validate()
+
+
+def test_an_sae_that_reconstructs_the_analysis_tokens_badly_is_tagged(tiny_pipe, tracking,
+                                                                     monkeypatch):
+    """The preflight sees 256 tokens; the extract stage's FVU on every analysis token is the
+    one that counts, and a bad one is tagged on the run, not only logged."""
+    import mlflow
+
+    from saeuniv.stages import extract
+
+    good = {"l0": 8.0, "fvu": 0.2, "dead_fraction": 0.1, "n_tokens": 1500}
+    bad = {**good, "fvu": 1.06}
+    monkeypatch.setattr(extract, "log_quality",
+                        lambda pipe: [("a", 0, good), ("b", 2, bad)])
+    mlflow.set_experiment("fvu-warning")
+    with mlflow.start_run() as run:
+        extract.run(tiny_pipe)
+    tags = mlflow.get_run(run.info.run_id).data.tags
+    assert tags["saeuniv.warning.fvu_b2"].startswith(
+        "SAE b layer 2 reconstructs badly on the 1500 analysis tokens: FVU 1.06 (variance "
+        "explained -0.06)")
+    assert "saeuniv.warning.fvu_a0" not in tags

@@ -4,19 +4,17 @@ SAE codes (``saeuniv.extract`` does the work, shard by shard), then log their qu
 Logged: ``n_tokens`` (compared positions), and per side, step = layer, ``sae_l0_<side>``,
 ``sae_fvu_<side>`` and ``sae_dead_<side>`` on the analysis tokens; the tag
 ``saeuniv.windows``; ``saeuniv.warning.dead_<side><layer>`` for an SAE whose features are
-all dead on these tokens.
+all dead on these tokens, and ``saeuniv.warning.fvu_<side><layer>`` for one that leaves
+more than ``BAD_FVU`` of their variance unexplained (the preflight sees only a few hundred
+tokens; a model whose stream holds rare huge activations can pass it and fail here).
 """
 
 from __future__ import annotations
-
-import logging
 
 import mlflow
 
 from ..tracking import warn
 from .saes import BAD_FVU
-
-log = logging.getLogger(__name__)
 
 
 def run(pipe) -> None:
@@ -27,8 +25,10 @@ def run(pipe) -> None:
                  "layer's features can be matched; check that the SAE belongs to this model, "
                  "layer and dtype")
         elif q["fvu"] > BAD_FVU:
-            log.warning("SAE %s layer %d reconstructs badly: FVU %.2f (variance explained "
-                        "%.2f); its features are unreliable", side, layer, q["fvu"], 1 - q["fvu"])
+            warn(f"fvu_{side}{layer}", f"SAE {side} layer {layer} reconstructs badly on the "
+                 f"{q['n_tokens']} analysis tokens: FVU {q['fvu']:.2f} (variance explained "
+                 f"{1 - q['fvu']:.2f}); its features, and the scores of its layer pairs, are "
+                 "unreliable")
 
 
 def log_quality(pipe) -> list[tuple[str, int, dict]]:
