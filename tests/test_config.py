@@ -123,3 +123,12 @@ def test_mlproject_compare_entry_point_takes_run_ids():
     assert point["command"].endswith("compare {runs}")
     # mlflow run quotes the value: one argument holding every id
     assert parse_run_ids(["a1 b2,c3"]) == ["a1", "b2", "c3"]
+
+
+def test_caveats_are_sentences():
+    cfg = load_config("default", {"caveats": ["Quantized.", "Instruct."]})
+    assert cfg.caveats == ("Quantized.", "Instruct.")
+    assert load_config("default", {"caveats": "One."}).caveats == ("One.",)
+    for bad in ([3], [""], [None]):
+        with pytest.raises(ConfigError, match="caveats must be a list of sentences"):
+            load_config("default", {"caveats": bad})

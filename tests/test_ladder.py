@@ -119,7 +119,11 @@ def test_a_ladder_of_three_tiny_models(tmp_path, corpus_dir, tracking, monkeypat
         return real_load(entry)
 
     monkeypatch.setattr(saeuniv.sides, "load_family_model", counted)
-    assert cli.main(["ladder", str(write_ladder(tmp_path, corpus_dir))]) == 0
+    path = write_ladder(tmp_path, corpus_dir)
+    data = yaml.safe_load(path.read_text())
+    data["caveats"] = ["Tiny models trained on 16k tokens."]
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["ladder", str(path)]) == 0
     # each model loaded (and run) once: the later pairs read its SAEs and codes back
     assert loads == {"xs": 1, "s": 1, "m": 1}
     store = Store(tmp_path / "store")
@@ -145,6 +149,9 @@ def test_a_ladder_of_three_tiny_models(tmp_path, corpus_dir, tracking, monkeypat
     # the parent's middle-band score of a pair is the band mean of its child's grid
     child = next(r for r in children if r.data.tags["mlflow.runName"].endswith("xs-vs-m"))
     grids = mlflow.artifacts.load_dict(f"runs:/{child.info.run_id}/grids.json")
+    for run in (parent, child):  # the caveats travel with the results
+        summary = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/summary.md")
+        assert "**Caveats.** Tiny models trained on 16k tokens." in summary
     observed = np.array(grids["metrics"]["svcca"]["observed"], dtype=float)
     want = band_mean(observed, [(la + 1) / 2 for la in grids["layers_a"]],
                      [(lb + 1) / 4 for lb in grids["layers_b"]])

@@ -159,7 +159,8 @@ def _header(pipe) -> list[str]:
             f"{cfg.match.junk_filter}"
             + (f", on the first {cfg.match.n_tokens:,} tokens" if cfg.match.n_tokens else ""),
             f"- null: {cfg.similarity.n_perm} seeded permutations (seed {cfg.similarity.seed}), "
-            "p = (1 + #null >= observed) / (1 + n_perm)", ""]
+            "p = (1 + #null >= observed) / (1 + n_perm)", "",
+            *([f"**Caveats.** {' '.join(cfg.caveats)}", ""] if cfg.caveats else [])]
 
 
 def _metric_lines(pipe, g: dict, name: str, fields: dict) -> list[str]:

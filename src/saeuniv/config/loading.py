@@ -106,6 +106,11 @@ def _coerce(cls, f, value, where):
         return tuple(_build(MemberConfig, m, f"{where}[{i}]") for i, m in enumerate(value))
     if f.name == "metrics":
         return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if f.name == "caveats":
+        value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(f"{where} must be a list of sentences (strings), got {value!r}")
+        return value
     scalars = {"int": int, "float": float, "bool": bool, "str": str}  # annotations as text
     expected = f.type if f.type in scalars.values() else scalars.get(f.type)
     if expected in (int, float) and isinstance(value, bool):  # YAML true is not a number

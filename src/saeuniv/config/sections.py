@@ -247,10 +247,12 @@ class Config:
     ``layers_a``/``layers_b``: ``all``, ``stride:N`` (every N-th block from 0) or a
     list of block indices. ``pairs``: ``all`` (every A layer against every B
     layer) or ``depth`` (each A layer against the B layer at the nearest relative
-    depth).
+    depth). ``caveats``: what a reader of the results must know about the models
+    or data (fine-tuning, quantization, scale step), printed in the run's summary.
     """
 
     name: str = "default"
+    caveats: tuple[str, ...] = ()
     model_a: ModelRef = ModelRef("family", "tiny-s")
     model_b: ModelRef = ModelRef("family", "tiny-l")
     layers_a: Any = "all"

@@ -112,6 +112,8 @@ def summary(rows: list[dict], ladder: Ladder) -> str:
              "at relative depth 1/3 to 2/3; null: the same mean of the cells' permutation-null "
              "means (sd averaged likewise). Raw scores are not calibrated: their nulls differ "
              "from cell to cell and pair to pair, so read each score against its own null.",
+             *(["", f"**Caveats.** {' '.join(ladder.base.caveats)}"] if ladder.base.caveats
+               else []),
              "", "| A | B | params B/A | metric | middle-band score | null mean ± 2 sd | cells |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
