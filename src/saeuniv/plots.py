@@ -130,12 +130,33 @@ def trend(series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
         line, = ax.plot(x, y, marker="o", label=name)
         ax.fill_between(x, mean - 2 * sd, mean + 2 * sd, color=line.get_color(), alpha=0.15)
     ax.set_xscale("log")
+    ticks = _spread(sorted({float(v) for x, *_ in series.values() for v in x}))
+    ax.set_xticks(ticks, [_short(v) for v in ticks])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{ylabel} (band: null mean ± 2 sd)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _spread(values: list[float], gap: float = 0.05) -> list[float]:
+    """Sorted positive values, each at least ``gap`` decades above the one kept before it
+    (tick labels that would overlap on a log axis are dropped)."""
+    kept: list[float] = []
+    for v in values:
+        if not kept or np.log10(v) - np.log10(kept[-1]) >= gap:
+            kept.append(v)
+    return kept
+
+
+def _short(value: float) -> str:
+    """A tick label: 3 significant digits with k, M or B for thousands, millions, billions."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
 
 
 def model_matrix(grid: np.ndarray, labels: list[str], title: str):
