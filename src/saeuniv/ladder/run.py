@@ -34,7 +34,7 @@ def run_ladder(ladder: Ladder, store: Store | None = None, force: bool = False) 
     with stage_run("ladder", run_name=f"ladder:{ladder.name}") as run:
         mlflow.log_params({"ladder.pairs": ladder.pairing, "ladder.n_models": len(labels),
                            "ladder.models": ", ".join(labels)})
-        mlflow.log_dict(describe(ladder), "ladder.yaml")
+        mlflow.log_dict(ladder.to_dict(), "ladder.yaml")
         for (i, j), pipe in pipes.items():  # every pair checked before any work
             try:
                 pipe.validate()
@@ -52,16 +52,6 @@ def run_ladder(ladder: Ladder, store: Store | None = None, force: bool = False) 
             pipe, (labels[i], labels[j]), (params[i], params[j]))]
         log_trend(rows, labels, ladder)
         return run.info.run_id
-
-
-def describe(ladder: Ladder) -> dict:
-    """The ladder as its file would say it, resolved: models, pairing, shared config."""
-    return {"name": ladder.name, "pairs": ladder.pairing,
-            "models": [{"model": r.model, "sae": r.sae, "layers": r.layers,
-                        "params": r.params} for r in ladder.rungs],
-            "shared": {k: v for k, v in ladder.base.to_dict().items()
-                       if k not in ("model_a", "model_b", "sae_a", "sae_b", "layers_a",
-                                    "layers_b")}}
 
 
 def model_params(ladder: Ladder, pipes: dict) -> list[int]:

@@ -29,6 +29,7 @@ from ..config import Config, ConfigError, load_config, merge_config, plain, read
 
 PAIRINGS = ("all", "adjacent")
 MODEL_KEYS = ("model", "sae", "layers", "params")
+SIDE_KEYS = ("model_a", "model_b", "sae_a", "sae_b", "layers_a", "layers_b")  # set per pair
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,14 @@ class Ladder:
         if self.pairing == "all":
             return [(i, j) for i in range(n) for j in range(i + 1, n)]
         return sorted({(i, i + 1) for i in range(n - 1)} | {(i, n - 1) for i in range(n - 1)})
+
+    def to_dict(self) -> dict:
+        """The ladder as its file would say it, resolved: models, pairing, shared config."""
+        return {"name": self.name, "pairs": self.pairing,
+                "models": [{"model": r.model, "sae": r.sae, "layers": r.layers,
+                            "params": r.params} for r in self.rungs],
+                "shared": {k: v for k, v in self.base.to_dict().items()
+                           if k not in SIDE_KEYS}}
 
     def config(self, i: int, j: int) -> Config:
         """The main config comparing model ``i`` (A) with model ``j`` (B)."""
