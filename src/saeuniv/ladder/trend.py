@@ -19,9 +19,9 @@ def pair_rows(pipe, labels: tuple[str, str], params: tuple[int, int]) -> list[di
     g = grids(pipe)
     depth_a = [pipe.a.depth(layer) for layer in g["layers_a"]]
     depth_b = [pipe.b.depth(layer) for layer in g["layers_b"]]
+    middle = np.ix_(in_band(depth_a), in_band(depth_b))
     rows = []
     for name, fields in g["metrics"].items():
-        middle = np.ix_(in_band(depth_a), in_band(depth_b))
         n_cells = int(np.isfinite(fields["observed"][middle]).sum())
         rows.append({
             "model_a": labels[0], "model_b": labels[1], "params_a": params[0],
