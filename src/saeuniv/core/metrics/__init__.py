@@ -13,8 +13,14 @@ Two nulls tell whether a score is special:
 * :func:`subset_null`: the scores of random subsets of as many pairs, drawn
   from a larger pool of pairs.
 
-Modules: ``inputs`` (validation), ``nulls`` (the null result and the shared
-machinery of the fast paths), ``cca`` (SVCCA, PWCCA), ``kernel`` (CKA,
+Scores of different layer pairs sit at different chance levels (width, pair
+count), so each is also calibrated against its own null (``tau``,
+``calibrated``), and a grid of them is read with :func:`max_cell`,
+:func:`depth_contrast` and :func:`convergence_index`.
+
+Modules: ``inputs`` (validation), ``nulls`` (the null result, calibration and
+the shared machinery of the fast paths), ``calibration`` (grid tests,
+ceilings, the convergence index), ``cca`` (SVCCA, PWCCA), ``kernel`` (CKA,
 Procrustes), ``knn`` (mutual k-NN), ``representational`` (RSA).
 
 Pure core: numpy/scipy in, floats out; no I/O, no logging, no global state.
@@ -28,6 +34,16 @@ from types import MappingProxyType
 
 import numpy as np
 
+from .calibration import (
+    GridTest,
+    check_alpha,
+    contrast_cells,
+    convergence_index,
+    depth_contrast,
+    half_sample_interval,
+    max_cell,
+    pair_ceiling,
+)
 from .cca import (
     SVCCAResult,
     pwcca,
@@ -41,19 +57,36 @@ from .cca import (
 from .inputs import as_matrix, check_int, check_option, check_pair
 from .kernel import cka, cka_null, cka_subsets, hsic, procrustes, procrustes_null
 from .knn import mutual_knn, mutual_knn_null
-from .nulls import NullResult, draw_subsets, naive_null, subset_batches, summarise_null
+from .nulls import (
+    NullResult,
+    calibrate,
+    calibrate_scores,
+    draw_subsets,
+    naive_null,
+    subset_batches,
+    summarise_null,
+)
 from .representational import INNER_SIMILARITIES, OUTER_CORRELATIONS, rsa, rsa_null, rsa_subsets
 
 __all__ = [
+    "GridTest",
     "INNER_SIMILARITIES",
     "METRICS",
     "OUTER_CORRELATIONS",
     "Metric",
     "NullResult",
     "SVCCAResult",
+    "calibrate",
+    "calibrate_scores",
     "cka",
+    "contrast_cells",
+    "convergence_index",
+    "depth_contrast",
+    "half_sample_interval",
     "hsic",
+    "max_cell",
     "mutual_knn",
+    "pair_ceiling",
     "permutation_null",
     "procrustes",
     "pwcca",
@@ -142,8 +175,9 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def permutation_null(metric, A, B, n_perm=1000, seed=0, **metric_kwargs):
-    """Score a pairing against the scores of shuffled pairings.
+def permutation_null(metric, A, B, n_perm=1000, seed=0, alpha=0.05, s_max=1.0,
+                     **metric_kwargs):
+    """Score a pairing against the scores of shuffled pairings, raw and calibrated.
 
     The null permutes the rows of ``B``: the j-th null score is
     ``metric(A, B[p_j])`` where ``p_j`` is the j-th call of
@@ -171,6 +205,15 @@ def permutation_null(metric, A, B, n_perm=1000, seed=0, **metric_kwargs):
 
     A callable metric is recomputed from scratch for each permutation.
 
+    The same draws calibrate the score (:func:`~.nulls.calibrate`): ``tau`` is
+    the permutation test's critical value at level ``alpha`` and ``calibrated``
+    the score above it on a 0-1 scale, so that scores of layer pairs with
+    different pair counts and widths (hence different chance levels) can be
+    compared. Every call with one seed draws the same permutations of ``n``
+    rows: the k-th draw of two layer pairs with as many pairs is one
+    permutation, and grid statistics take their null from the k-th draws of
+    all cells (:func:`depth_contrast`, :func:`max_cell`).
+
     Parameters
     ----------
     metric : {"svcca", "pwcca", "rsa", "cka", "mutual_knn", "procrustes"} or callable
@@ -183,13 +226,18 @@ def permutation_null(metric, A, B, n_perm=1000, seed=0, **metric_kwargs):
         Number of permutations, >= 1 (``null_sd`` and ``z`` are nan for 1).
     seed : int, default=0
         Non-negative seed for ``numpy.random.default_rng``.
+    alpha : float in (0, 1), default=0.05
+        Level of the chance threshold ``tau``.
+    s_max : float, default=1.0
+        The metric's largest score (1 for every registry metric).
     **metric_kwargs
         Passed to the metric (e.g. ``variance``, ``k``, ``inner``).
 
     Returns
     -------
     result : NullResult
-        Observed score, null mean and sd, z, p, n_perm, seed and null scores.
+        Observed score, null mean and sd, z, p, n_perm, seed, null scores,
+        ``tau`` and ``calibrated``.
         With ``null_sd == 0``, z is +inf, -inf or nan (observed above, below
         or equal to the null mean). The smallest possible p is
         ``1 / (1 + n_perm)``.
@@ -198,10 +246,12 @@ def permutation_null(metric, A, B, n_perm=1000, seed=0, **metric_kwargs):
     ------
     ValueError
         If ``metric`` is an unknown name, ``n_perm`` < 1, ``seed`` is not a
-        non-negative integer, or the metric rejects the inputs.
+        non-negative integer, ``alpha`` is outside (0, 1), or the metric
+        rejects the inputs.
     """
     n_perm = check_int(n_perm, "n_perm", 1)
     seed = check_int(seed, "seed", 0)
+    check_alpha(alpha)
     A, B = check_pair(A, B)
     rng = np.random.default_rng(seed)
     perms = (rng.permutation(A.shape[0]) for _ in range(n_perm))
@@ -211,7 +261,7 @@ def permutation_null(metric, A, B, n_perm=1000, seed=0, **metric_kwargs):
         null = naive_null(score, A, B, perms, **metric_kwargs)
     else:
         observed, null = fast(A, B, perms, **metric_kwargs)
-    return summarise_null(observed, null, seed)
+    return summarise_null(observed, null, seed, alpha, s_max)
 
 
 def _resolve(metric):

@@ -16,6 +16,7 @@ Pure core: arrays in, arrays out; no I/O, no logging, no global state.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,8 @@ from .inputs import BLOCK_BYTES
 __all__ = [
     "NullResult",
     "batches",
+    "calibrate",
+    "calibrate_scores",
     "centred_grams",
     "draw_subsets",
     "naive_null",
@@ -57,6 +60,13 @@ class NullResult:
         Seed of ``numpy.random.default_rng`` that drew the permutations.
     null : ndarray of shape (n_perm,)
         Null scores (read-only), in the order the permutations were drawn.
+    tau : float
+        The chance threshold of :func:`calibrate`: the
+        ``ceil((1 - alpha) (n_perm + 1))``-th smallest of ``{observed} U null``.
+    calibrated : float
+        ``clamp((observed - tau) / (s_max - tau), 0, 1)``: 0 at or below chance,
+        1 at the metric's maximum, comparable across layer pairs whose raw
+        chance levels differ.
     """
 
     observed: float
@@ -67,13 +77,66 @@ class NullResult:
     n_perm: int
     seed: int
     null: np.ndarray
+    tau: float = float("nan")
+    calibrated: float = float("nan")
 
 
-def summarise_null(observed, null, seed):
+def calibrate(observed, null, alpha=0.05, s_max=1.0):
+    """The chance threshold of a score and the score above it, on a 0-1 scale.
+
+    Following Groger, Wen and Brbic (2026): with K null scores,
+    ``tau`` is the ``ceil((1 - alpha)(K + 1))``-th smallest of the K + 1 values
+    ``{observed} U null`` (the permutation test's critical value at level
+    ``alpha``), and ``calibrated = clamp((observed - tau) / (s_max - tau), 0, 1)``.
+    A score that does not beat the null at level ``alpha`` calibrates to 0,
+    whatever its raw value; a raw score inflated by width or by few pairs is
+    read above its own chance level.
+
+    Parameters
+    ----------
+    observed : float
+    null : array-like of float, shape (K,)
+        Null scores, K >= 1; non-finite values are not allowed.
+    alpha : float in (0, 1), default=0.05
+    s_max : float, default=1.0
+        The metric's largest possible score.
+
+    Returns
+    -------
+    tau, calibrated : float
+        ``calibrated`` is 0 when ``tau >= s_max``.
+    """
+    null = np.asarray(null, dtype=float)
+    if null.ndim != 1 or null.size < 1 or not np.all(np.isfinite(null)):
+        raise ValueError(f"null must be a non-empty 1-D array of finite scores, got shape "
+                         f"{null.shape}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}; 0.05 is the usual level")
+    values = np.sort(np.append(null, float(observed)))
+    # the rank is an integer in exact arithmetic; the tolerance keeps (1 - 0.1) * 10 at 9
+    rank = min(values.size, max(1, math.ceil((1 - alpha) * values.size - 1e-9)))
+    tau = float(values[rank - 1])
+    return tau, float(calibrate_scores(observed, tau, s_max))
+
+
+def calibrate_scores(scores, tau, s_max=1.0):
+    """``clamp((scores - tau) / (s_max - tau), 0, 1)`` elementwise (0 when
+    ``tau >= s_max``): scores on the calibrated scale of a cell whose chance threshold
+    is ``tau``, e.g. that cell's null draws, so that grid statistics of calibrated
+    scores have a null on the same scale. Keeps NaN."""
+    scores = np.asarray(scores, dtype=float)
+    if not s_max > tau:
+        return np.where(np.isnan(scores), np.nan, 0.0)
+    return np.clip((scores - tau) / (s_max - tau), 0.0, 1.0)
+
+
+def summarise_null(observed, null, seed, alpha=0.05, s_max=1.0):
     """A :class:`NullResult` for ``observed`` against null scores drawn with ``seed``.
 
     ``null`` (1-D float array) is made read-only. z and p follow
-    :class:`NullResult`: p = (1 + #{null >= observed}) / (1 + n).
+    :class:`NullResult`: p = (1 + #{null >= observed}) / (1 + n); ``tau`` and
+    ``calibrated`` follow :func:`calibrate` at ``alpha`` and ``s_max`` (nan
+    when ``observed`` is not finite).
     """
     null = np.asarray(null, dtype=float)
     if null.ndim != 1 or null.size < 1:
@@ -87,7 +150,9 @@ def summarise_null(observed, null, seed):
     else:
         z = float(np.copysign(np.inf, diff)) if diff != 0 else float("nan")
     p = (1 + np.count_nonzero(null >= observed)) / (1 + null.size)
-    return NullResult(observed, mean, sd, z, p, null.size, seed, null)
+    tau, cal = (calibrate(observed, null, alpha, s_max)
+                if np.isfinite(observed) and np.all(np.isfinite(null)) else (np.nan, np.nan))
+    return NullResult(observed, mean, sd, z, p, null.size, seed, null, tau, cal)
 
 
 # ----------------------------------------------------------------------------
