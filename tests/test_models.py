@@ -84,3 +84,24 @@ def test_gguf_embedded_tokenizer_round_trips(tiny_gguf, tmp_path):
         assert mine["offset_mapping"] == want["offset_mapping"], text
         assert loaded.decode(mine["input_ids"]) == tok.decode(want["input_ids"])
         assert loaded.decode(mine["input_ids"][1:]) == text
+
+
+def test_random_init_keeps_the_architecture_and_is_seeded(tiny_gguf, tmp_path):
+    """The no-learning control: the GGUF model's architecture with fresh weights, the same
+    for every load (seeded), computing something else than the trained model."""
+    from saeuniv.models import random_outside_model
+
+    path, _, tok = tiny_gguf
+    ref, store = gguf_ref(path), Store(tmp_path / "store")
+    trained = load_outside_model(ref, store, key="trained")
+    first, again = (random_outside_model(ref, store, key="random") for _ in range(2))
+    assert "random init" in first.name and not hasattr(first.model, "lm_head")
+    assert (first.n_layers, first.d_model) == (trained.n_layers, trained.d_model)
+    shapes = {n: p.shape for n, p in trained.model.named_parameters()}
+    assert {n: p.shape for n, p in first.model.named_parameters()} == shapes
+    for (name, p), q in zip(first.model.named_parameters(), again.model.parameters()):
+        assert torch.equal(p, q), name
+    ids = torch.tensor([tok(s)["input_ids"][:40] for s in SENTENCES[2:]])
+    res_random = first.residuals(ids, [1])[1]
+    assert torch.equal(res_random, again.residuals(ids, [1])[1])
+    assert not torch.allclose(res_random, trained.residuals(ids, [1])[1], atol=1e-3)

@@ -267,6 +267,16 @@ def load_family_model(entry: Entry) -> LoadedModel:
     return LoadedModel(entry.meta["name"], model, cfg["n_layers"], cfg["d_model"], entry.key)
 
 
+def random_family_model(entry: Entry, key: str) -> LoadedModel:
+    """The family member of ``entry`` with the weights it was initialised with before
+    training (its config holds the seed): the no-learning control."""
+    cfg = json.loads(entry.file("config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if k in _TL_FIELDS}
+    model = build_model(cfg).eval()
+    return LoadedModel(f"{entry.meta['name']} (random init)", model, cfg["n_layers"],
+                       cfg["d_model"], key)
+
+
 _TL_FIELDS = (
     "n_layers", "d_model", "d_head", "n_heads", "d_mlp", "d_vocab", "n_ctx", "act_fn",
     "normalization_type", "seed", "default_prepend_bos", "positional_embedding_type",
@@ -387,6 +397,36 @@ def load_outside_model(ref, store: Store, key: str) -> LoadedModel:
     hf_blocks(model)  # fail now if the blocks cannot be found
     return LoadedModel(ref.name or ref.path, model, int(text.num_hidden_layers),
                        int(text.hidden_size), key, "hf", device)
+
+
+def random_outside_model(ref, store: Store, key: str, seed: int = 0) -> LoadedModel:
+    """An outside model's architecture with freshly initialised weights (seeded), read from
+    its config alone: the no-learning control. Hugging Face and GGUF models without their
+    output head, as in ``load_outside_model``."""
+    device, dtype = resolve_device(ref.device), DTYPES[ref.dtype]
+    set_threads()
+    name = f"{ref.name or ref.path} (random init)"
+    torch.manual_seed(seed)
+    if ref.source == "transformer_lens":
+        from transformer_lens import HookedTransformer
+        from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+        cfg = get_pretrained_model_config(ref.name, device=device, dtype=dtype)
+        cfg.seed = seed
+        model = HookedTransformer(cfg).eval()
+        return LoadedModel(name, model, cfg.n_layers, cfg.d_model, key, "tl", device)
+    from transformers import AutoConfig, AutoModel
+
+    if ref.source == "gguf":
+        path = _gguf_location(ref, store)
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        config = AutoConfig.from_pretrained(_hf_source(ref)[0])
+    model = AutoModel.from_config(config, dtype=dtype).to(device).eval()
+    text = hf_text_config(model.config)
+    hf_blocks(model)
+    return LoadedModel(name, model, int(text.num_hidden_layers), int(text.hidden_size), key,
+                       "hf", device)
 
 
 def outside_tokenizer(ref, store: Store, identity: dict) -> Entry:

@@ -4,9 +4,11 @@ per-layer curves, the matched pairs, the summary and one self-contained ``report
 Logged on the active (``main``) run: each layer pair's scores and SAE quality (as the
 ``similarity`` and ``extract`` stages log them); per metric the curve ``<metric>``,
 ``<metric>_null_mean``, ``<metric>_z`` and ``<metric>_p`` with step = A layer, each A layer
-scored against the B layer at the nearest relative depth; ``grids.json``,
-``heatmap_<metric>.png``, ``depth_curves.png``, ``matched_pairs.csv``, ``summary.md``
-(also the run's description) and ``report.html``.
+scored against the B layer at the nearest relative depth; the ``convergence`` stage's
+headline numbers and per-layer-pair index (``stages.convergence``); ``grids.json``,
+``convergence.json``, ``heatmap_<metric>.png`` (raw), ``heatmap_<metric>_cal.png``
+(calibrated), ``heatmap_<metric>_index.png`` (convergence index), ``depth_curves.png``,
+``matched_pairs.csv``, ``summary.md`` (also the run's description) and ``report.html``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import mlflow
 import numpy as np
 
 from .core.significance import ALPHA
-from .stages import extract, match, similarity
+from .stages import convergence, extract, match, similarity
 from .stages.subspaces import main_summary_lines
 from .tracking import csv_text, pair_key
 
-GRID_FIELDS = ("observed", "null_mean", "null_sd", "z", "p")
+GRID_FIELDS = ("observed", "null_mean", "null_sd", "z", "p", "calibrated")
 CURVE_FIELDS = ("null_mean", "z", "p")  # logged beside each curve point
 REPORT_PAIRS = 5  # top matched pairs per layer pair in report.html
 
@@ -83,22 +85,31 @@ def depth_curve(pipe, name: str, fields: dict) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(v, float) for v in (xs, ys, ms, sds))
 
 
-def figures(pipe, g: dict) -> tuple[dict[str, str], str]:
-    """Log the heatmaps and the per-layer curves; returns them as base64 PNGs for the page
-    (metric -> heatmap, curves)."""
+def figures(pipe, g: dict, conv: dict) -> tuple[dict[str, str], str]:
+    """Log the heatmaps (raw, calibrated, convergence index) and the per-layer curves;
+    returns them as base64 PNGs for the page (title -> heatmap, curves)."""
     from .htmlreport import png_base64
     from .plots import depth_curves, heatmap, plt
 
     name_a, name_b = pipe.a.model_name, pipe.b.model_name
+    sim = pipe.cfg.similarity
     images, curves = {}, {}
     for name, fields in g["metrics"].items():
         curves[name] = depth_curve(pipe, name, fields)
-        fig = heatmap(fields["observed"], g["layers_a"], g["layers_b"],
-                      f"{name}: {name_a} vs {name_b} (n_perm={pipe.cfg.similarity.n_perm})",
-                      name_a, name_b, pvalues=fields["p"], alpha=ALPHA)
-        mlflow.log_figure(fig, f"heatmap_{name}.png")
-        images[name] = png_base64(fig)
-        plt.close(fig)
+        panels = {name: (fields["observed"], f"{name}: {name_a} vs {name_b} "
+                         f"(n_perm={sim.n_perm})", fields["p"]),
+                  f"{name}_cal": (fields["calibrated"], f"{name}, calibrated (0: not above "
+                                  f"chance at alpha={sim.alpha})", None)}
+        index = conv["metrics"][name]["index"]["index"]
+        if np.any(np.isfinite(index)):
+            panels[f"{name}_index"] = (index, f"{name}, convergence index (0: floor, "
+                                       "1: twin-SAE ceiling)", None)
+        for key, (values, title, pvalues) in panels.items():
+            fig = heatmap(values, g["layers_a"], g["layers_b"], title, name_a, name_b,
+                          pvalues=pvalues, alpha=ALPHA)
+            mlflow.log_figure(fig, f"heatmap_{key}.png")
+            images[key] = png_base64(fig)
+            plt.close(fig)
     fig = depth_curves(curves, f"{name_a} vs {name_b}, B layer at matching relative depth")
     mlflow.log_figure(fig, "depth_curves.png")
     curves_png = png_base64(fig)
@@ -113,13 +124,15 @@ def report(pipe) -> None:
     g = grids(pipe)
     for la, lb in pipe.pairs:
         similarity.log_scores(similarity.load(similarity.entry(pipe, la, lb)), pair_key(la, lb))
+    conv = convergence.results(pipe)
+    convergence.log(pipe, conv)
     quality = extract.log_quality(pipe)
     mlflow.log_dict(nan_to_none(g), "grids.json")
-    images, curves_png = figures(pipe, g)
+    images, curves_png = figures(pipe, g, conv)
     ranked = [match.top_pairs(pipe, la, lb, match.entry(pipe, la, lb), None)
               for la, lb in pipe.pairs]  # every pair of each layer pair, best first
     mlflow.log_text(csv_text([row for rows in ranked for row in rows]), "matched_pairs.csv")
-    text = summary(pipe, g)
+    text = summary(pipe, g, conv)
     mlflow.log_text(text, "summary.md")
     mlflow.set_tag("mlflow.note.content", text)
     top = [row for rows in ranked for row in rows[:REPORT_PAIRS]]
@@ -183,12 +196,47 @@ def _metric_lines(pipe, g: dict, name: str, fields: dict) -> list[str]:
     return lines
 
 
-def summary(pipe, g: dict) -> str:
-    """``summary.md``: the setup, each metric's best and strongest layer pair, the concept
-    subspaces, the pairs kept per layer pair and the pairs without a score."""
+def _convergence_lines(pipe, conv: dict) -> list[str]:
+    """In words, per metric: does the middle band agree most beyond chance and beyond any
+    layer order, and how much of the ceiling it reaches."""
+    sim = pipe.cfg.similarity
+    lo, hi = sim.band
+    lines = ["", "## Calibrated: does the middle band agree most?", "",
+             f"Calibrated scores are 0 at or below each layer pair's chance threshold "
+             f"(alpha={sim.alpha}); the middle band is relative depth {lo:.2f}-{hi:.2f} on "
+             "both sides. \"Survives\" needs both p < alpha: against the null grids (p) and "
+             "against random layer orders (p_layers).", ""]
+    for name, r in conv["metrics"].items():
+        h, t = r["headline"], r["tests"]["middle"]
+        if "error" in t:
+            lines.append(f"- **{name}**: no middle-band test: {t['error']}")
+            continue
+        survives = t["p"] < sim.alpha and t["p_layers"] < sim.alpha
+        verdict = ("middle layers agree most: **survives calibration**" if survives else
+                   "middle layers agree most: **not supported** after calibration")
+        line = (f"- **{name}**: {verdict}. Middle band raw {h['raw_middle']:.3f}, calibrated "
+                f"{h['cal_middle']:.3f}; contrast {h['middle_contrast']:+.3f} (p "
+                f"{t['p']:.3g}, p_layers {t['p_layers']:.3g})")
+        d = r["tests"]["diagonal"]
+        if "error" not in d:
+            line += (f"; depth diagonal {h['diagonal_contrast']:+.3f} (p {d['p']:.3g}, "
+                     f"p_layers {d['p_layers']:.3g})")
+        if np.isfinite(h["ceiling_fraction"]):
+            line += (f"; the middle band reaches {h['ceiling_fraction']:.0%} of its twin-SAE "
+                     f"ceiling, median convergence index {h['index_median']:.2f}")
+        lines.append(line + ".")
+    lines += [f"- note: {note}" for note in conv["notes"]]
+    return lines
+
+
+def summary(pipe, g: dict, conv: dict) -> str:
+    """``summary.md``: the setup, each metric's best and strongest layer pair, the
+    calibrated reading of the grid, the concept subspaces, the pairs kept per layer pair
+    and the pairs without a score."""
     lines = _header(pipe)
     for name, fields in g["metrics"].items():
         lines += _metric_lines(pipe, g, name, fields)
+    lines += _convergence_lines(pipe, conv)
     lines += main_summary_lines(pipe)
     lines += ["", "## Pairs kept per layer pair", "",
               "| A \\ B | " + " | ".join(str(lb) for lb in g["layers_b"]) + " |",

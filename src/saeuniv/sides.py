@@ -9,7 +9,7 @@ is kept per layer or per token row sits in a ``Memo``.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import cached_property
 
 import numpy as np
@@ -28,6 +28,8 @@ from .models import (
     load_outside_model,
     model_identity,
     outside_tokenizer,
+    random_family_model,
+    random_outside_model,
     resolve_device,
 )
 from .saes import check_compatible, load_pretrained, load_sae, sae_key, train_saes
@@ -57,6 +59,7 @@ class Side:
         self.ref = getattr(up.cfg, f"model_{name}")
         self.sae_ref = getattr(up.cfg, f"sae_{name}")
         self.family = self.ref.source == "family"
+        self.random_init = self.ref.init == "random"
         self.trained_saes = self.sae_ref.source == "train"
         self.saes = Memo(self._load_sae)  # layer -> loaded SAE
         self.contexts = Memo(lambda key: self._context(*key))  # (row, before, after) -> text
@@ -209,9 +212,11 @@ class Side:
 
     @property
     def model_key(self) -> str:
-        """Identity of the weights and dtype (the family entry key, or a content hash)."""
+        """Identity of the weights and dtype (the family entry key, or a content hash; for a
+        random init, a hash of the trained model's key)."""
         entry = self.model_entry
-        return entry.key if entry is not None else digest(self.identity)
+        key = entry.key if entry is not None else digest(self.identity)
+        return digest({"init": "random", "of": key}) if self.random_init else key
 
     def resolved_model_key(self) -> str | None:
         """``model_key`` when it is known without training or fetching anything."""
@@ -223,10 +228,16 @@ class Side:
         """The loaded model (shared with the other side when both use the same weights)."""
         key = self.model_key
         if key not in self.up.models:
-            entry = self.model_entry
-            self.up.models[key] = (load_family_model(entry) if entry is not None
-                                   else load_outside_model(self.ref, self.store, key))
+            self.up.models[key] = self._load_model(key)
         return self.up.models[key]
+
+    def _load_model(self, key: str) -> LoadedModel:
+        entry = self.model_entry
+        if self.random_init:
+            return (random_family_model(entry, key) if entry is not None
+                    else random_outside_model(self.ref, self.store, key))
+        return (load_family_model(entry) if entry is not None
+                else load_outside_model(self.ref, self.store, key))
 
     # -- SAEs and codes -----------------------------------------------------------------
     @cached_property
@@ -242,6 +253,8 @@ class Side:
             raise ConfigError(f"sae_{self.name} is not trained here "
                               f"(source {self.sae_ref.source})")
         s = self.cfg.sae
+        if self.sae_ref.seed_offset:
+            s = replace(s, seed=s.seed + self.sae_ref.seed_offset)
         return train_saes(self.model_key, lambda: self.model, self.used_layers, s,
                           lambda: self.train_windows(s.train_tokens + SAE_WINDOW_MARGIN),
                           self.sae_windows_key, self.store, label=self.label)

@@ -240,11 +240,11 @@ def test_dead_constant_and_unmatched_features_are_reported_not_scored(world, ran
 
     monkeypatch.setattr(metrics, "permutation_null", nan_cka)
     before = _run_ids()
-    assert cli.main(["similarity", *world["args"], "--n-perm", "9"]) == 0
+    assert cli.main(["similarity", *world["args"], "--n-perm", "19"]) == 0
     (run,) = _new_runs(before)
     assert "cka came out nan on" in run.data.tags["saeuniv.error.cka.a0-b1"]
     assert "cka/a0-b1" not in run.data.metrics and "rsa/a0-b1" in run.data.metrics
     scores = similarity.load(similarity.entry(
-        Pipeline(cfg.replace(**{"similarity.n_perm": 9}), store), 0, 1))
+        Pipeline(cfg.replace(**{"similarity.n_perm": 19}), store), 0, 1))
     assert set(scores["metrics"]["cka"]) == {"error"}
     assert json.dumps(scores).count("NaN") == 0

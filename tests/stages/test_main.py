@@ -107,7 +107,8 @@ def test_main_run_logs_a_self_contained_html_report(tiny_run, tiny_pipe):
     for section in ('id="summary"', 'id="heatmaps"', 'id="curves"', 'id="quality"',
                     'id="pairs"'):
         assert section in html
-    assert html.count("data:image/png;base64,") == len(tiny_run["cfg"].similarity.metrics) + 1
+    # per metric: raw, calibrated and convergence-index heatmaps; then the curves
+    assert html.count("data:image/png;base64,") == 3 * len(tiny_run["cfg"].similarity.metrics) + 1
     assert "src=\"http" not in html and "<script" not in html  # nothing fetched, nothing run
     q = tiny_pipe.b.codes[tiny_pipe.b.layers[-1]].meta["quality"]
     assert f'<td class="num">{float(q["fvu"]):.4g}</td>' in html

@@ -75,7 +75,7 @@ def test_with_analysis_shares_the_artefacts_and_refuses_upstream_changes(tiny_pi
     cfg = tiny_pipe.cfg
     codes = tiny_pipe.a.codes
     other = tiny_pipe.with_analysis(cfg.replace(**{"match.threshold": 0.3,
-                                                   "similarity.n_perm": 9}))
+                                                   "similarity.n_perm": 19}))
     assert other.a.codes is codes and other.up is tiny_pipe.up
     assert other.cfg.match.threshold == 0.3
     with pytest.raises(ValueError, match=r"differs upstream of matching in \['extract'\]"):

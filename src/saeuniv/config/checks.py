@@ -4,11 +4,13 @@ together, each refused with a message naming the value and the fix.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .sections import (
     DEVICES,
     DTYPES,
+    INITS,
     MATCH_POLICIES,
     METRICS,
     MODEL_SOURCES,
@@ -142,6 +144,17 @@ def _similarity(cfg: Config) -> None:
     check(0 < sim.variance <= 1, f"similarity.variance must be in (0, 1], got {sim.variance}")
     check(sim.n_perm >= 1, f"similarity.n_perm must be >= 1, got {sim.n_perm}")
     check(sim.min_pairs >= 3, f"similarity.min_pairs must be >= 3, got {sim.min_pairs}")
+    check(0 < sim.alpha < 1, f"similarity.alpha must be in (0, 1), got {sim.alpha}")
+    # below 1/alpha - 1 draws the observed score is always the threshold: calibrated is 0
+    least = math.ceil(1 / sim.alpha - 1 - 1e-9)
+    check(sim.n_perm >= least,
+          f"similarity.n_perm={sim.n_perm} is too few null draws to calibrate at "
+          f"similarity.alpha={sim.alpha}: every calibrated score would be 0; use "
+          f"n_perm >= {least} (200 or more for stable thresholds)")
+    check(len(sim.band) == 2 and 0 <= sim.band[0] < sim.band[1] <= 1,
+          f"similarity.band must be [lo, hi] with 0 <= lo < hi <= 1, got {list(sim.band)}")
+    check(sim.n_halves == 0 or sim.n_halves >= 10,
+          f"similarity.n_halves must be 0 (no interval) or >= 10, got {sim.n_halves}")
 
 
 def _subspaces(cfg: Config) -> None:
@@ -169,6 +182,7 @@ def _model(side: str, ref, members: list[str]) -> None:
     check(ref.dtype in DTYPES, f"{side}.dtype {ref.dtype!r} is unknown; choose one of {DTYPES}")
     check(ref.device in DEVICES,
           f"{side}.device {ref.device!r} is unknown; choose one of {DEVICES}")
+    check(ref.init in INITS, f"{side}.init {ref.init!r} is unknown; choose one of {INITS}")
     if ref.source == "family":
         check(ref.name in members, f"{side}.name {ref.name!r} is not a member of the built-in "
               f"family; choose one of {members}")

@@ -106,6 +106,12 @@ def _coerce(cls, f, value, where):
         return tuple(_build(MemberConfig, m, f"{where}[{i}]") for i, m in enumerate(value))
     if f.name == "metrics":
         return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if f.name == "band":
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                           for v in value)):
+            raise ConfigError(f"{where} must be [lo, hi], two relative depths, got {value!r}")
+        return tuple(float(v) for v in value)
     if f.name == "caveats":
         value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         if not all(isinstance(v, str) and v.strip() for v in value):

@@ -140,13 +140,40 @@ class MatchConfig:
 
 @dataclass(frozen=True)
 class SimilarityConfig:
-    """Metrics on paired decoder rows, each against a seeded permutation null."""
+    """Metrics on paired decoder rows, each against a seeded permutation null.
+
+    Each score is also calibrated against its own ``n_perm`` null draws: ``tau`` is the
+    permutation test's critical value at level ``alpha`` and the calibrated score is
+    ``clamp((score - tau) / (s_max - tau), 0, 1)`` (0: not above chance). Every layer pair
+    uses the same seeded draws, so the grid's best cell and its depth contrasts are tested
+    against the same statistics of the null grids (``band``: the middle band of relative
+    depth). ``n_halves`` random halves of each layer pair's matched pairs give the interval
+    of its scores (0: no interval).
+
+    ``ceiling``: score each model's SAE against a twin SAE of the same model and layer
+    (trained here with the next seed, or ``sae_a.twin`` / ``sae_b.twin`` for pretrained
+    SAEs), the agreement reached with no difference between models. ``control``: score A
+    against a randomly initialised model of B's architecture with SAEs trained here, the
+    agreement reached with no learning. With both, each layer pair gets a convergence
+    index: (calibrated - floor) / (ceiling - floor).
+    """
 
     metrics: tuple[str, ...] = ("svcca", "rsa", "cka", "mutual_knn")
     variance: float = 0.99
     n_perm: int = 200
     seed: int = 0
     min_pairs: int = 10
+    alpha: float = 0.05
+    s_max: float = 1.0
+    band: tuple[float, float] = (1 / 3, 2 / 3)
+    n_halves: int = 100
+    ceiling: bool = True
+    control: bool = True
+
+    def scoring(self) -> dict:
+        """The settings a layer pair's scores depend on (not the grid-wide controls)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("band", "ceiling", "control")}
 
 
 @dataclass(frozen=True)
@@ -201,6 +228,9 @@ class ModelRef:
 
     ``dtype`` is the compute dtype (``float32``, ``bfloat16``, ``float16``);
     ``device`` is ``auto`` (the GPU when one is present), ``cpu`` or ``cuda``.
+    ``init``: ``trained`` (the model's weights) or ``random`` (its architecture with the
+    weights it is initialised with, seeded: the no-learning control of
+    ``similarity.control``).
     """
 
     source: str = "family"
@@ -208,6 +238,7 @@ class ModelRef:
     path: str = ""
     dtype: str = "float32"
     device: str = "auto"
+    init: str = "trained"
 
 
 @dataclass(frozen=True)
@@ -225,6 +256,11 @@ class SAERef:
     ``layer_offset`` is added to the layer before it fills ``{layer}``: set it to 1
     for SAEs on ``blocks.{L+1}.hook_resid_pre``, the same stream as
     ``blocks.L.hook_resid_post``.
+
+    ``twin``: for ``similarity.ceiling``, a second pretrained SAE of the same model and
+    layer (``release``: an id with ``{layer}``, e.g. another L0 variant of the release;
+    ``folder``: a path with ``{layer}``). SAEs trained here get their twin by training
+    again with seed ``sae.seed + seed_offset + 1``.
     """
 
     source: str = "train"
@@ -232,12 +268,23 @@ class SAERef:
     id: str = ""
     path: str = ""
     layer_offset: int = 0
+    twin: str = ""
+    seed_offset: int = 0
 
     def sae_id(self, layer: int) -> str:
         return self.id.format(layer=layer + self.layer_offset)
 
     def folder(self, layer: int) -> str:
         return self.path.format(layer=layer + self.layer_offset)
+
+    def twin_ref(self) -> SAERef | None:
+        """The twin of these SAEs for the ceiling (None: no twin configured)."""
+        if self.source == "train":
+            return dataclasses.replace(self, seed_offset=self.seed_offset + 1)
+        if not self.twin:
+            return None
+        field_ = "id" if self.source == "release" else "path"
+        return dataclasses.replace(self, **{field_: self.twin, "twin": ""})
 
 
 @dataclass(frozen=True)
@@ -292,6 +339,7 @@ MODEL_SOURCES = ("family", "transformer_lens", "hf", "gguf")
 SAE_SOURCES = ("train", "release", "folder")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+INITS = ("trained", "random")
 PAIRS = ("all", "depth")
 
 

@@ -60,7 +60,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("match", "correlate features of A and B and pair them (policy, threshold, filters)",
           "extract", ("match",), ("matches",)),
     Stage("similarity", "SVCCA, RSA, CKA, mutual-kNN on paired decoder rows, with "
-          "permutation nulls", "match", ("similarity",), ("scores",)),
+          "permutation nulls, raw and calibrated", "match", ("similarity",), ("scores",)),
+    Stage("convergence", "grid tests of the calibrated scores (best cell, middle band, "
+          "depth diagonal), twin-SAE ceilings, a random-init floor, the convergence index",
+          "similarity", (), ()),
     Stage("subspaces", "label features by concept (configs/concepts/), score each category "
           "per layer pair against shuffled-pairing and random-subspace nulls", "match",
           ("subspaces",), ("labels", "subspaces")),

@@ -1,19 +1,21 @@
 """The ``similarity`` stage: score the paired decoder rows of every layer pair with each
-metric of ``similarity.metrics``, against its seeded permutation null.
+metric of ``similarity.metrics``, against its seeded permutation null, raw and calibrated.
 
 Inputs: the layer pair's matched pairs (``stages.match``) and the two SAEs' decoder rows.
-Build (``scores`` store entry, ``scores.json``): per metric of the registry
-``saeuniv.core.metrics.METRICS``, the observed score, null mean and sd, z, p, and the
-metric's details (SVCCA: directions kept, the Lan-compatible score). Logged per layer pair
-(``aI-bJ``): ``n_pairs/aI-bJ``, ``<metric>/aI-bJ`` and ``<metric>_<field>/aI-bJ`` for
+Build (``scores`` store entry): ``scores.json`` holds, per metric of the registry
+``saeuniv.core.metrics.METRICS``, the observed score, null mean and sd, z, p, the
+calibration (``tau``, ``calibrated``), the interval of the score over random halves of the
+pairs (``interval``) and the metric's details (SVCCA: directions kept, the Lan-compatible
+score); ``nulls.npz`` holds each metric's null draws, in draw order, for the grid-wide
+tests of the ``convergence`` stage. Logged per layer pair (``aI-bJ``): ``n_pairs/aI-bJ``,
+``<metric>/aI-bJ`` and ``<metric>_<field>/aI-bJ`` for ``cal`` (the calibrated score),
 ``null_mean``, ``z``, ``p`` and the details (``k_a``, ``k_b``, ``lan_compatible``), e.g.
-``svcca/a1-b2``, ``svcca_z/a1-b2``, ``svcca_k_a/a1-b2`` (see ``log_scores``).
+``svcca/a1-b2``, ``svcca_cal/a1-b2``, ``svcca_z/a1-b2`` (see ``log_scores``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -27,12 +29,13 @@ from . import match
 
 # stored in scores.json with each score but not logged per layer pair: the score itself is
 # logged under the metric's own name, the null's spread and settings are in the config
-NOT_LOGGED = ("observed", "null_sd", "n_perm", "seed")
+NOT_LOGGED = ("observed", "null_sd", "n_perm", "seed", "tau", "interval")
+LOGGED_AS = {"calibrated": "cal"}  # short metric-key names of stored fields
 
 
 def spec(pipe, la: int, lb: int, matches: Entry) -> dict:
     return {"matches": matches.key, "sae_a": pipe.a.sae_keys[la], "sae_b": pipe.b.sae_keys[lb],
-            "similarity": asdict(pipe.cfg.similarity)}
+            "similarity": pipe.cfg.similarity.scoring()}
 
 
 def entry(pipe, la: int, lb: int) -> Entry:
@@ -42,34 +45,61 @@ def entry(pipe, la: int, lb: int) -> Entry:
                                     lambda out: build(pipe, la, lb, m, out))[0]
 
 
-def score(name: str, A: np.ndarray, B: np.ndarray, sim) -> dict:
-    """One metric against its permutation null, as stored in ``scores.json``."""
+def score(name: str, A: np.ndarray, B: np.ndarray, sim) -> tuple[dict, np.ndarray | None]:
+    """One metric against its permutation null, as stored in ``scores.json``, and its null
+    draws (None when the metric could not score these pairs)."""
     metric = metrics.METRICS[name]
     kwargs = metric.kwargs(variance=sim.variance)
     try:
-        null = metrics.permutation_null(name, A, B, n_perm=sim.n_perm, seed=sim.seed, **kwargs)
+        null = metrics.permutation_null(name, A, B, n_perm=sim.n_perm, seed=sim.seed,
+                                        alpha=sim.alpha, s_max=sim.s_max, **kwargs)
     except ValueError as err:  # e.g. fewer pairs than SVCCA directions
-        return {"error": str(err)}
+        return {"error": str(err)}, None
     if not np.isfinite(null.observed):
         return {"error": f"{name} came out {null.observed} on {len(A)} pairs (degenerate "
-                         "decoder rows)"}
+                         "decoder rows)"}, None
     out = {"observed": null.observed, "null_mean": null.null_mean, "null_sd": null.null_sd,
-           "z": null.z, "p": null.p, "n_perm": null.n_perm, "seed": null.seed}
+           "z": null.z, "p": null.p, "n_perm": null.n_perm, "seed": null.seed,
+           "tau": null.tau, "calibrated": null.calibrated,
+           "interval": interval(name, A, B, null.observed, sim, kwargs)}
     if metric.details is not None:
         out.update(metric.details(A, B, **kwargs))
-    return out
+    return out, null.null
+
+
+def interval(name: str, A: np.ndarray, B: np.ndarray, observed: float, sim,
+             kwargs: dict) -> list[float] | None:
+    """The 95% interval of a score over its pairs, from ``similarity.n_halves`` random
+    halves of them (None: no halves asked for, too few pairs, or a half the metric cannot
+    score)."""
+    half = len(A) // 2
+    if not sim.n_halves or half < sim.min_pairs:
+        return None
+    try:
+        halves = metrics.subset_null(name, A, B, half, sim.n_halves, sim.seed, observed,
+                                     **kwargs)
+    except ValueError:  # e.g. fewer pairs in a half than SVCCA directions
+        return None
+    if not np.all(np.isfinite(halves.null)):
+        return None
+    return list(metrics.half_sample_interval(observed, halves.null))
 
 
 def build(pipe, la: int, lb: int, matches: Entry, out: Path) -> dict:
     sim = pipe.cfg.similarity
     m = match.load(matches)
     result = {"layer_a": la, "layer_b": lb, "n_pairs": m.n, "metrics": {}, "status": "ok"}
+    nulls = {}
     if m.n < sim.min_pairs:
         result["status"] = (f"too few pairs ({m.n} < similarity.min_pairs={sim.min_pairs}); "
                             "lower match.threshold or similarity.min_pairs")
     else:
         A, B = pipe.a.decoder(la)[m.a], pipe.b.decoder(lb)[m.b]
-        result["metrics"] = {name: score(name, A, B, sim) for name in sim.metrics}
+        for name in sim.metrics:
+            result["metrics"][name], null = score(name, A, B, sim)
+            if null is not None:
+                nulls[name] = null
+    np.savez(out / "nulls.npz", **nulls)
     (out / "scores.json").write_text(json.dumps(result, indent=1, default=json_default))
     return {"status": result["status"], "n_pairs": m.n}
 
@@ -86,6 +116,12 @@ def load(e: Entry) -> dict:
     return json.loads(e.file("scores.json").read_text())
 
 
+def load_nulls(e: Entry) -> dict[str, np.ndarray]:
+    """The null draws of each metric that scored the layer pair, shape (n_perm,)."""
+    with np.load(e.file("nulls.npz")) as z:
+        return {name: z[name] for name in z.files}
+
+
 def log_scores(scores: dict, key: str) -> None:
     """Log a layer pair's stored scores under ``<metric>/<key>``, ``<metric>_<field>/<key>``
     and ``n_pairs/<key>``; a pair or metric without a score gets a warning or error tag."""
@@ -98,9 +134,9 @@ def log_scores(scores: dict, key: str) -> None:
             mlflow.set_tag(f"saeuniv.error.{name}.{key}", r["error"][:500])
             continue
         out[f"{name}/{key}"] = r["observed"]
-        for field, value in r.items():  # null_mean, z, p and the metric's details
+        for field, value in r.items():  # calibrated, null_mean, z, p and the details
             if field not in NOT_LOGGED and value is not None and np.isfinite(value):
-                out[f"{name}_{field}/{key}"] = value
+                out[f"{name}_{LOGGED_AS.get(field, field)}/{key}"] = value
     mlflow.log_metrics(out)
 
 

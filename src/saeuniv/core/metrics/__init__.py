@@ -35,6 +35,7 @@ from types import MappingProxyType
 import numpy as np
 
 from .calibration import (
+    KINDS,
     GridTest,
     check_alpha,
     contrast_cells,
@@ -69,6 +70,7 @@ from .nulls import (
 from .representational import INNER_SIMILARITIES, OUTER_CORRELATIONS, rsa, rsa_null, rsa_subsets
 
 __all__ = [
+    "KINDS",
     "GridTest",
     "INNER_SIMILARITIES",
     "METRICS",

@@ -120,14 +120,17 @@ def calibrate(observed, null, alpha=0.05, s_max=1.0):
 
 
 def calibrate_scores(scores, tau, s_max=1.0):
-    """``clamp((scores - tau) / (s_max - tau), 0, 1)`` elementwise (0 when
-    ``tau >= s_max``): scores on the calibrated scale of a cell whose chance threshold
-    is ``tau``, e.g. that cell's null draws, so that grid statistics of calibrated
-    scores have a null on the same scale. Keeps NaN."""
-    scores = np.asarray(scores, dtype=float)
-    if not s_max > tau:
-        return np.where(np.isnan(scores), np.nan, 0.0)
-    return np.clip((scores - tau) / (s_max - tau), 0.0, 1.0)
+    """``clamp((scores - tau) / (s_max - tau), 0, 1)`` elementwise (0 where
+    ``tau >= s_max``; NaN where a score or tau is NaN): scores on the calibrated scale of
+    a cell whose chance threshold is ``tau``, e.g. that cell's null draws, so that grid
+    statistics of calibrated scores have a null on the same scale. ``tau`` broadcasts
+    against ``scores``."""
+    scores, tau = np.asarray(scores, dtype=float), np.asarray(tau, dtype=float)
+    room = s_max - tau
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.clip((scores - tau) / np.where(room > 0, room, 1.0), 0.0, 1.0)
+    out = np.where(room > 0, out, 0.0)
+    return np.where(np.isnan(scores) | np.isnan(tau), np.nan, out)
 
 
 def summarise_null(observed, null, seed, alpha=0.05, s_max=1.0):
