@@ -128,7 +128,9 @@ def test_a_ladder_of_three_tiny_models(tmp_path, corpus_dir, tracking, monkeypat
     assert loads == {"xs": 1, "s": 1, "m": 1}
     store = Store(tmp_path / "store")
     codes = [p for p in (store.root / "codes").iterdir() if (p / "manifest.json").exists()]
-    assert len(codes) == 2 + 3 + 4  # one entry per (model, layer), shared by its pairs
+    # one entry per (model, layer), shared by its pairs, as are the ceiling's twin SAEs'
+    # codes and the floor's random-init s and m (the B sides)
+    assert len(codes) == 2 * (2 + 3 + 4) + (3 + 4)
 
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     [parent] = [r for r in runs if r.data.tags.get("saeuniv.stage") == "ladder"]
@@ -159,6 +161,11 @@ def test_a_ladder_of_three_tiny_models(tmp_path, corpus_dir, tracking, monkeypat
                == ("xs", "m", "svcca"))
     assert float(row["middle_score"]) == pytest.approx(want, abs=1e-12)
     assert parent.data.metrics["svcca_middle/xs-vs-m"] == pytest.approx(want, abs=1e-12)
+    calibrated = np.array(grids["metrics"]["svcca"]["calibrated"], dtype=float)
+    want_cal = band_mean(calibrated, [(la + 1) / 2 for la in grids["layers_a"]],
+                         [(lb + 1) / 4 for lb in grids["layers_b"]])
+    assert float(row["middle_calibrated"]) == pytest.approx(want_cal, abs=1e-12)
+    assert parent.data.metrics["svcca_middle_cal/xs-vs-m"] == pytest.approx(want_cal)
     params = {r["model_a"]: int(r["params_a"]) for r in rows}
     assert params["xs"] < params["s"]
     assert float(row["param_ratio"]) == pytest.approx(

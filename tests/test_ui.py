@@ -213,15 +213,15 @@ def test_run_page_shows_the_run_its_heatmap_and_report_in_chromium(tiny_run, tmp
     html = load_text(f"runs:/{run.run_id}/report.html")
     try:
         browser.find_element(By.XPATH, "//*[text()='report.html']").click()
-        report = _report_in_frame(browser, len(metrics) + 1)
+        report = _report_in_frame(browser, 3 * len(metrics) + 1)
         assert _errors_shown(browser) == [] and _console_errors(browser) == []
     finally:
         browser.save_screenshot(str(shots / "mlflow-run-report.png"))
     assert report["h1"] == [html.split("<h1>")[1].split("</h1>")[0]]
     assert report["h2"] == ["Summary", "Heatmaps", "Per-layer curves", "SAE quality per layer",
                             "Top matched feature pairs"]
-    assert [alt for alt, *_ in report["images"]] == [f"heatmap_{m}.png" for m in metrics] + [
-        "depth_curves.png"]
+    panels = [f"heatmap_{m}{kind}.png" for m in metrics for kind in ("", "_cal", "_index")]
+    assert [alt for alt, *_ in report["images"]] == [*panels, "depth_curves.png"]
     assert all(w > 0 and h > 0 for _, w, h in report["images"]), report["images"]
     assert report["tables"] == 2  # SAE quality, top pairs
     # the error checks bite: a run that does not exist shows an error

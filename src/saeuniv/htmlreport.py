@@ -46,7 +46,8 @@ def _table(columns: list[str], rows: list[dict]) -> str:
 
 def render(title: str, summary: str, heatmaps: dict[str, str], curves: str,
            quality: list[tuple[str, int, dict]], pairs: list[dict]) -> str:
-    """The page. ``heatmaps``: metric -> base64 PNG; ``curves``: base64 PNG; ``quality``:
+    """The page. ``heatmaps``: panel (``<metric>``, ``<metric>_cal``, ``<metric>_index``) ->
+    base64 PNG; ``curves``: base64 PNG; ``quality``:
     (side, layer, {l0, fvu, dead_fraction}); ``pairs``: rows of ``stages.match.top_pairs``."""
     def img(b64, alt):
         return f'<img alt="{escape(alt)}" src="data:image/png;base64,{b64}">'
@@ -55,7 +56,9 @@ def render(title: str, summary: str, heatmaps: dict[str, str], curves: str,
              '<h2 id="summary">Summary</h2>', f"<pre>{escape(summary)}</pre>",
              '<h2 id="heatmaps">Heatmaps</h2>',
              "<p>Score of every A layer (rows) against every B layer (columns); * marks "
-             "p &lt; 0.05 against the permutation null.</p>"]
+             "p &lt; 0.05 against the permutation null. Per metric: the raw score, the "
+             "calibrated score (0: not above the layer pair&#x27;s chance threshold) and, with "
+             "a ceiling, the convergence index (0: the floor, 1: the twin-SAE ceiling).</p>"]
     parts += [f"<h3>{escape(name)}</h3>" + img(b64, f"heatmap_{name}.png")
               for name, b64 in heatmaps.items()]
     parts += ['<h2 id="curves">Per-layer curves</h2>',

@@ -33,14 +33,15 @@ class Pipeline:
     """Lazily resolved artefacts of ``cfg`` in ``store`` (default: ``$SAEUNIV_HOME``).
 
     ``upstream`` shares the upstream artefacts of another pipeline whose config differs
-    only in the analysis sections (see :meth:`with_analysis`).
+    only in the analysis sections (see :meth:`with_analysis`); ``models`` shares another
+    pipeline's loaded models (``pipe.up.models``), so a model both use is loaded once.
     """
 
     def __init__(self, cfg: Config, store: Store | None = None,
-                 upstream: Upstream | None = None):
+                 upstream: Upstream | None = None, models: dict | None = None):
         self.cfg = cfg
         self.store = store or Store()
-        self.up = upstream or Upstream(cfg, self.store)
+        self.up = upstream or Upstream(cfg, self.store, models)
         self.a, self.b = self.up.a, self.up.b
         self.sides = self.up.sides
         self.row_spans = Memo(self._row_spans)  # side name -> (n_rows, 2) character spans

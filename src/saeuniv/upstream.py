@@ -22,9 +22,10 @@ from .tokens import analysis_windows, train_tokenizer
 class Upstream:
     """Corpus, tokenizers, windows and both sides of ``cfg``."""
 
-    def __init__(self, cfg: Config, store: Store):
+    def __init__(self, cfg: Config, store: Store, models: dict | None = None):
         self.cfg, self.store = cfg, store
-        self.models: dict[str, LoadedModel] = {}  # model key -> loaded, shared by the sides
+        # model key -> loaded, shared by the sides (and by another pipeline's, when given)
+        self.models: dict[str, LoadedModel] = {} if models is None else models
         self.a, self.b = Side(self, "a"), Side(self, "b")
         self.sides = (self.a, self.b)
 

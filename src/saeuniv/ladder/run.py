@@ -73,7 +73,8 @@ def log_trend(rows: list[dict], labels: list[str], ladder: Ladder) -> None:
 
     mlflow.log_metrics({
         metric_name(f"{r['metric']}_middle{suffix}/{r['model_a']}-vs-{r['model_b']}"): r[key]
-        for r in rows for suffix, key in (("", "middle_score"), ("_null_mean", "null_mean"))
+        for r in rows for suffix, key in (("", "middle_score"), ("_null_mean", "null_mean"),
+                                          ("_cal", "middle_calibrated"))
         if r[key] == r[key]})  # NaN: no scored cell in the middle band
     mlflow.log_text(csv_text(rows), "ladder_scores.csv")
     for x, name, xlabel in (("param_ratio", "trend_param_ratio.png",
@@ -101,13 +102,16 @@ def summary(rows: list[dict], ladder: Ladder) -> str:
              "Middle-band score: the mean raw score over the cells whose two layers both sit "
              "at relative depth 1/3 to 2/3; null: the same mean of the cells' permutation-null "
              "means (sd averaged likewise). Raw scores are not calibrated: their nulls differ "
-             "from cell to cell and pair to pair, so read each score against its own null.",
+             "from cell to cell and pair to pair, so read each score against its own null. "
+             "Calibrated: the band's mean calibrated score (0: not above each cell's chance "
+             "threshold), comparable across pairs; each pair's own run tests its contrasts.",
              *(["", f"**Caveats.** {' '.join(ladder.base.caveats)}"] if ladder.base.caveats
                else []),
-             "", "| A | B | params B/A | metric | middle-band score | null mean ± 2 sd | cells |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| A | B | params B/A | metric | middle-band score | null mean ± 2 sd | "
+             "calibrated | cells |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model_a']} | {r['model_b']} | {r['param_ratio']:.2f} | "
                      f"{r['metric']} | {r['middle_score']:.3f} | {r['null_mean']:.3f} ± "
-                     f"{2 * r['null_sd']:.3f} | {r['middle_cells']} |")
+                     f"{2 * r['null_sd']:.3f} | {r['middle_calibrated']:.3f} | "
+                     f"{r['middle_cells']} |")
     return "\n".join(lines) + "\n"

@@ -3,7 +3,10 @@ parameter ratio and the smaller model's size, and as a models x models matrix.
 
 The middle-band score of a pair is the mean raw score over its cells whose A and B layers
 both sit at relative depth 1/3 to 2/3 (``core.depth.band_mean``); its null is the same mean
-of the cells' null means, with the cells' null sd averaged the same way as the band.
+of the cells' null means, with the cells' null sd averaged the same way as the band. Raw
+scores of pairs of different widths sit at different chance levels, so each row also holds
+the band's mean calibrated score (``middle_calibrated``), which can be compared across
+pairs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ def pair_rows(pipe, labels: tuple[str, str], params: tuple[int, int]) -> list[di
             "model_a": labels[0], "model_b": labels[1], "params_a": params[0],
             "params_b": params[1], "param_ratio": params[1] / params[0], "metric": name,
             "middle_score": band_mean(fields["observed"], depth_a, depth_b),
+            "middle_calibrated": band_mean(fields["calibrated"], depth_a, depth_b),
             "null_mean": band_mean(fields["null_mean"], depth_a, depth_b),
             "null_sd": band_mean(fields["null_sd"], depth_a, depth_b),
             "middle_cells": n_cells})

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..controls import floor_config, twin_config
 from ..core import metrics
 from ..core.depth import band_mean
+from ..pipeline import Pipeline
 from ..tracking import pair_key, warn
 from . import similarity
 
@@ -105,7 +106,7 @@ def ceilings(pipe) -> dict[str, dict | str]:
                               f"sae_{side.name}.twin (another SAE id or folder of the same "
                               "layers) for a ceiling")
             continue
-        twin = pipe.__class__(cfg, pipe.store)
+        twin = Pipeline(cfg, pipe.store, models=pipe.up.models)  # the run's models, not reloaded
         twin.validate()
         out[side.name] = {name: {} for name in pipe.cfg.similarity.metrics}
         for layer in tqdm(side.used_layers, desc=f"ceiling {side.label}", unit="layer"):
@@ -117,8 +118,12 @@ def ceilings(pipe) -> dict[str, dict | str]:
 
 
 def floors(pipe) -> dict[str, dict[str, float]]:
-    """Metric -> ``aI-bJ`` -> calibrated score of A against a random-init B."""
-    control = pipe.__class__(floor_config(pipe.cfg), pipe.store)
+    """Metric -> ``aI-bJ`` -> calibrated score of A against a random-init B.
+
+    The run's own models are released first: the control reads A's codes from the store and
+    loads only the random-init B, so no more than the run's two models are held at once."""
+    pipe.up.release()
+    control = Pipeline(floor_config(pipe.cfg), pipe.store)
     control.validate()
     out = {name: {} for name in pipe.cfg.similarity.metrics}
     for la, lb in tqdm(control.pairs, desc="floor (random-init B)", unit="layer pair"):
@@ -126,6 +131,7 @@ def floors(pipe) -> dict[str, dict[str, float]]:
         for name in out:
             out[name][pair_key(la, lb)] = scores["metrics"].get(name, {}).get(
                 "calibrated", math.nan)
+    control.up.release()
     return out
 
 

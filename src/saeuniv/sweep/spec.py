@@ -37,7 +37,7 @@ from ..config import (
 SWEEP_SECTIONS = {name: type(getattr(Config(), name)) for name in stages.sweep_sections()}
 PARAM_TYPES = ("float", "int", "categorical", "bool")
 OBJECTIVE_METRICS = METRICS + ("n_pairs",)
-FIELDS = ("observed", "z")
+FIELDS = ("observed", "z", "calibrated")  # stored per metric by the similarity stage
 LAYER_SETS = ("all", "middle")
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "nsga2": "NSGAIISampler",
