@@ -213,10 +213,18 @@ class Side:
     @property
     def model_key(self) -> str:
         """Identity of the weights and dtype (the family entry key, or a content hash; for a
-        random init, a hash of the trained model's key)."""
+        random init, a hash of the trained model's key and of the init seed)."""
         entry = self.model_entry
         key = entry.key if entry is not None else digest(self.identity)
-        return digest({"init": "random", "of": key}) if self.random_init else key
+        if not self.random_init:
+            return key
+        return digest({"init": "random", "of": key, "seed": self.init_seed})
+
+    @property
+    def init_seed(self) -> int:
+        """Seed of a random init: a family member's own (the weights its training started
+        from), else ``similarity.seed``."""
+        return self.cfg.family.seed if self.family else self.cfg.similarity.seed
 
     def resolved_model_key(self) -> str | None:
         """``model_key`` when it is known without training or fetching anything."""
@@ -235,7 +243,7 @@ class Side:
         entry = self.model_entry
         if self.random_init:
             return (random_family_model(entry, key) if entry is not None
-                    else random_outside_model(self.ref, self.store, key))
+                    else random_outside_model(self.ref, self.store, key, self.init_seed))
         return (load_family_model(entry) if entry is not None
                 else load_outside_model(self.ref, self.store, key))
 

@@ -228,9 +228,10 @@ class ModelRef:
 
     ``dtype`` is the compute dtype (``float32``, ``bfloat16``, ``float16``);
     ``device`` is ``auto`` (the GPU when one is present), ``cpu`` or ``cuda``.
-    ``init``: ``trained`` (the model's weights) or ``random`` (its architecture with the
-    weights it is initialised with, seeded: the no-learning control of
-    ``similarity.control``).
+    ``init``: ``trained`` (the model's weights) or ``random`` (its architecture with fresh
+    weights: the no-learning control of ``similarity.control``; a family member gets the
+    weights its training started from, another model weights seeded by
+    ``similarity.seed``).
     """
 
     source: str = "family"
