@@ -75,7 +75,7 @@ class Side:
     @property
     def label(self) -> str:
         """``a:<model name>``: the side in progress bars and messages."""
-        return f"{self.name}:{self.model_name}"
+        return f"{self.name}:{self.model_name}" + (" (random init)" if self.random_init else "")
 
     # -- text -------------------------------------------------------------------------
     @cached_property
