@@ -50,28 +50,32 @@ HEADLINE = {
 }
 
 
-def grid(pipe, name: str) -> dict:
-    """Metric ``name`` over the grid of ``pipe.a.layers`` x ``pipe.b.layers``: raw, tau and
-    calibrated scores (La, Lb), the calibrated null grids (K, La, Lb) and the raw
-    intervals (La, Lb, 2); NaN where a layer pair is not compared or not scored."""
+def grids(pipe) -> dict[str, dict]:
+    """Per metric of ``similarity.metrics``, its grid over ``pipe.a.layers`` x
+    ``pipe.b.layers``: raw, tau and calibrated scores (La, Lb), the calibrated null grids
+    (K, La, Lb) and the raw intervals (La, Lb, 2); NaN where a layer pair is not compared or
+    not scored. Each layer pair's scores and null draws are read once."""
     sim = pipe.cfg.similarity
     la_list, lb_list = pipe.a.layers, pipe.b.layers
     shape = (len(la_list), len(lb_list))
-    out = {f: np.full(shape, np.nan) for f in ("observed", "tau", "calibrated")}
-    out["null"] = np.full((sim.n_perm, *shape), np.nan)
-    out["interval"] = np.full((*shape, 2), np.nan)
+    out = {}
+    for name in sim.metrics:
+        out[name] = {f: np.full(shape, np.nan) for f in ("observed", "tau", "calibrated")}
+        out[name]["null"] = np.full((sim.n_perm, *shape), np.nan)
+        out[name]["interval"] = np.full((*shape, 2), np.nan)
     for la, lb in pipe.pairs:
         i, j = la_list.index(la), lb_list.index(lb)
         e = similarity.entry(pipe, la, lb)
-        r = similarity.load(e)["metrics"].get(name, {})
-        if "observed" not in r:
-            continue
-        for f in ("observed", "tau", "calibrated"):
-            out[f][i, j] = r[f]
-        out["null"][:, i, j] = metrics.calibrate_scores(similarity.load_nulls(e)[name],
-                                                        r["tau"], sim.s_max)
-        if r.get("interval"):
-            out["interval"][i, j] = r["interval"]
+        scores, nulls = similarity.load(e)["metrics"], similarity.load_nulls(e)
+        for name, g in out.items():
+            r = scores.get(name, {})
+            if "observed" not in r:
+                continue
+            for f in ("observed", "tau", "calibrated"):
+                g[f][i, j] = r[f]
+            g["null"][:, i, j] = metrics.calibrate_scores(nulls[name], r["tau"], sim.s_max)
+            if r.get("interval"):
+                g["interval"][i, j] = r["interval"]
     return out
 
 
@@ -196,8 +200,7 @@ def results(pipe) -> dict:
         notes.append("floor: the calibrated null (0); no random-init control "
                      "(similarity.control: false)")
     out = {"notes": notes, "metrics": {}}
-    for name in sim.metrics:
-        g = grid(pipe, name)
+    for name, g in grids(pipe).items():
         t = tests(pipe, g)
         idx = index_grids(pipe, g, ceiling, floor, name)
         out["metrics"][name] = {"grid": g, "tests": t, "index": idx,
