@@ -307,7 +307,7 @@ def test_bad_inputs_raise(data):
         match(np.zeros((2, 2)), threshold=1.5)
     with pytest.raises(ValueError, match="2-D float"):
         match(np.zeros(3))
-    with pytest.raises(ValueError, match="only apply to policy 'hungarian'"):
+    with pytest.raises(ValueError, match="do not apply to policy 'max'"):
         match(np.zeros((2, 2)), "max", pool_size=1)
     with pytest.raises(ValueError, match="max_bytes"):
         topk_correlation(a, b, max_bytes=4)
@@ -439,7 +439,7 @@ def test_match_is_pair_without_filters_for_every_policy(data):
     corr = correlation(sp.csr_array(x), sp.csr_array(y))
     top = topk_correlation(sp.csr_array(x), sp.csr_array(y), k=2)
     for policy, threshold in itertools.product(POLICIES, (-1.0, 0.0, 0.05, 0.2)):
-        for c in ((corr,) if policy == "hungarian" else (corr, top)):
+        for c in ((corr,) if policy in ("hungarian", "sinkhorn") else (corr, top)):
             m = match(c, policy, threshold)
             p = pair(c, Rule(policy, threshold, junk_filter=False, shared_token=False))
             for name in ("a", "b", "corr"):
@@ -461,7 +461,7 @@ def test_pair_hungarian_options_pass_through():
     p = pair(corr, Rule("hungarian", 0.0, junk_filter=False), pool_a=[0, 1, 2],
              pool_b=[1, 3])
     assert set(p.matches.a) <= {0, 1, 2} and list(p.matches.b) == [1, 3]
-    with pytest.raises(ValueError, match="only apply to policy 'hungarian'"):
+    with pytest.raises(ValueError, match="do not apply to policy 'max'"):
         pair(corr, Rule("max", junk_filter=False), pool_size=2)
 
 

@@ -20,8 +20,12 @@ from scipy.optimize import linear_sum_assignment
 
 from .activations import TopTokens, shares_text
 from .correlation import TopK, dense_topk
+from .transport import sinkhorn_pairs
 
-POLICIES = ("max", "one_to_one", "mutual", "hungarian", "lan")
+POLICIES = ("max", "one_to_one", "mutual", "hungarian", "lan", "sinkhorn")
+# policies that need the dense matrix, with the options each one takes
+_DENSE_OPTIONS = {"hungarian": ("pool_a", "pool_b", "pool_size", "activity_a", "activity_b"),
+                  "sinkhorn": ("reg", "reg_m", "mass")}
 
 
 @dataclass(frozen=True, eq=False)
@@ -225,18 +229,21 @@ def _as_corr(corr):
 
 def _policy_pairs(corr, policy, opts) -> Matches:
     """Every pair the policy makes, sorted by b (stable), with no threshold."""
+    unknown = sorted(set(opts) - set(_DENSE_OPTIONS.get(policy, ())))
+    if unknown:
+        takers = [f"{p} ({', '.join(o)})" for p, o in _DENSE_OPTIONS.items()]
+        raise ValueError(f"options {unknown} do not apply to policy {policy!r}; options "
+                         f"are taken by {'; '.join(takers)}")
+    if policy in _DENSE_OPTIONS and isinstance(corr, TopK):
+        raise ValueError(f"policy {policy!r} needs the dense correlation matrix, not a TopK")
     if policy == "hungarian":
-        if isinstance(corr, TopK):
-            raise ValueError(
-                "policy 'hungarian' needs the dense correlation matrix, not a TopK")
         a, b, c = _hungarian(corr, **opts)
+    elif policy == "sinkhorn":
+        a, b, c = sinkhorn_pairs(corr, **opts)
     else:
-        if opts:
-            raise ValueError(f"options {sorted(opts)} only apply to policy "
-                             "'hungarian'")
         top = corr if isinstance(corr, TopK) else dense_topk(corr)
         a, b, c = _POLICY_FUNCS[policy](top)
-    order = np.argsort(b, kind="stable")
+    order = np.lexsort((a, b))  # by b, then a: a policy may pair one b with several a
     return Matches(a[order], b[order], c[order])
 
 
