@@ -13,7 +13,9 @@ from dataclasses import asdict, replace
 from functools import cached_property
 
 import numpy as np
+import torch
 
+from . import residuals
 from .config import ConfigError, MemberConfig, digest
 from .core import matching
 from .core.depth import relative_depth
@@ -62,6 +64,7 @@ class Side:
         self.random_init = self.ref.init == "random"
         self.trained_saes = self.sae_ref.source == "train"
         self.saes = Memo(self._load_sae)  # layer -> loaded SAE
+        self.residual_rows = Memo(self._residual_rows)  # n_rows -> {layer: entry}
         self.contexts = Memo(lambda key: self._context(*key))  # (row, before, after) -> text
 
     @property
@@ -314,6 +317,18 @@ class Side:
             lambda layer: self.saes[layer], self.windows, self.up.windows_entry,
             self.windows_side,
             self.store, e.batch_size, e.shard_windows, e.layers_per_pass, label=self.label)
+
+    def _residual_rows(self, n_rows: int) -> dict[int, Entry]:
+        return residuals.sample(lambda: self.model, self.model_key, self.used_layers,
+                                self.windows, self.up.windows_entry, self.windows_side,
+                                n_rows, self.store, self.cfg.extract.batch_size, self.label)
+
+    def reconstruct(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """The layer's SAE reconstruction of residual vectors ``x``, (n, d_model) float64."""
+        sae = self.saes[layer]
+        with torch.no_grad():
+            xt = torch.as_tensor(x, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+            return sae.decode(sae.encode(xt)).double().cpu().numpy()
 
     def depth(self, layer: int) -> float:
         """Relative depth of ``layer`` in the side's model."""

@@ -274,7 +274,8 @@ def test_jaccard_and_agreement_by_hand():
     assert jaccard(m1, m1) == 1.0
     assert np.isnan(jaccard(Matches([], [], []), Matches([], [], [])))
     got = agreement({"corr": m1, "cos": m2, "ot": m1})
-    assert got == {"corr~cos": pytest.approx(0.2), "corr~ot": 1.0, "cos~ot": pytest.approx(0.2)}
+    assert got == {"corr_vs_cos": pytest.approx(0.2), "corr_vs_ot": 1.0,
+                   "cos_vs_ot": pytest.approx(0.2)}
     with pytest.raises(ValueError, match=r"matches\['x'\] must be a Matches"):
         agreement({"x": [1]})
 

@@ -18,6 +18,7 @@ from .loading import (
 from .sections import (
     DEVICES,
     DTYPES,
+    MATCH_BASES,
     MATCH_POLICIES,
     METRICS,
     MODEL_SOURCES,
@@ -42,7 +43,8 @@ from .sections import (
 )
 
 __all__ = [
-    "CONFIG_DIR", "DEVICES", "DTYPES", "MATCH_POLICIES", "METRICS", "MODEL_SOURCES", "PAIRS",
+    "CONFIG_DIR", "DEVICES", "DTYPES", "MATCH_BASES", "MATCH_POLICIES", "METRICS",
+    "MODEL_SOURCES", "PAIRS",
     "SAE_ARCHITECTURES", "SAE_SOURCES", "Config", "ConfigError", "CorpusConfig",
     "ExtractConfig", "FamilyConfig", "MatchConfig", "MemberConfig", "ModelRef", "SAEConfig",
     "SAERef", "SimilarityConfig", "SubspacesConfig", "TokenizerConfig", "check", "digest",

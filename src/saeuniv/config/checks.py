@@ -11,12 +11,14 @@ from .sections import (
     DEVICES,
     DTYPES,
     INITS,
+    MATCH_BASES,
     MATCH_POLICIES,
     METRICS,
     MODEL_SOURCES,
     PAIRS,
     SAE_ARCHITECTURES,
     SAE_SOURCES,
+    STITCH_KINDS,
     Config,
     ConfigError,
 )
@@ -131,6 +133,21 @@ def _match(cfg: Config) -> None:
           f"match.n_tokens={m.n_tokens} exceeds extract.n_tokens={cfg.extract.n_tokens}; raise "
           "extract.n_tokens (one extraction at the largest budget serves every smaller "
           "match.n_tokens)")
+    check(m.basis in MATCH_BASES,
+          f"match.basis {m.basis!r} is unknown; choose one of {MATCH_BASES}")
+    check(m.stitch in STITCH_KINDS,
+          f"match.stitch {m.stitch!r} is unknown; choose one of {STITCH_KINDS}")
+    check(m.stitch_rows >= 10, f"match.stitch_rows must be >= 10 (residual rows the stitch "
+          f"is fitted and tested on), got {m.stitch_rows}")
+    check(m.basis == "correlation" and not m.compare
+          or m.stitch_rows <= cfg.extract.n_tokens,
+          f"match.stitch_rows={m.stitch_rows} exceeds extract.n_tokens="
+          f"{cfg.extract.n_tokens}; lower match.stitch_rows (the stitch of match.basis: "
+          "decoder and match.compare is fitted on that many residual rows)")
+    check(m.reg > 0, f"match.reg (the sinkhorn entropy weight) must be > 0, got {m.reg}")
+    check(m.reg_m >= 0, f"match.reg_m must be >= 0 (0: balanced transport), got {m.reg_m}")
+    check(0 <= m.mass < 1, f"match.mass (the transport share a kept pair exceeds) must be in "
+          f"[0, 1), got {m.mass}")
 
 
 def _metric_names(names, where: str) -> None:

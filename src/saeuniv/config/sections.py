@@ -112,6 +112,9 @@ class ExtractConfig:
 _RULE = matching.Rule()  # the analysis defaults of the matching rule
 
 
+MATCH_BASES = ("correlation", "decoder")  # what the matching policy reads: codes or weights
+
+
 @dataclass(frozen=True)
 class MatchConfig:
     """How SAE features of A and B are paired: the matching rule of
@@ -124,6 +127,15 @@ class MatchConfig:
     of those of a larger one, so this equals a smaller ``extract.n_tokens``
     without a new extraction: one extraction at the largest budget serves a
     whole corpus-size sweep.
+
+    ``basis``: what the policy pairs on, the correlation of the codes
+    (``correlation``) or the cosine of the decoder rows after a ``stitch``
+    (``orthogonal`` or ``affine``) fitted on the residual vectors of the first
+    ``stitch_rows`` compared positions (``decoder``). ``reg``, ``reg_m`` (0:
+    balanced) and ``mass`` are the options of the ``sinkhorn`` policy.
+    ``compare``: also pair each layer pair by correlation, by decoder cosine and
+    by transport, and report their agreement, their scores, the fan-out of
+    features and the statistics of the pairs.
     """
 
     policy: str = _RULE.policy
@@ -132,10 +144,36 @@ class MatchConfig:
     shared_token: bool = _RULE.shared_token
     top_k: int = 5
     n_tokens: int = 0
+    basis: str = "correlation"
+    stitch: str = "orthogonal"
+    stitch_rows: int = 4096
+    reg: float = 0.02
+    reg_m: float = 0.0
+    mass: float = 0.5
+    compare: bool = False
 
     def rule(self) -> matching.Rule:
         """The matching rule these settings make."""
         return matching.Rule(self.policy, self.threshold, self.junk_filter, self.shared_token)
+
+    def options(self, policy: str | None = None) -> dict:
+        """The options of ``policy`` (default: this config's) for ``matching.pair``."""
+        if (policy or self.policy) != "sinkhorn":
+            return {}
+        return {"reg": self.reg, "reg_m": self.reg_m or None, "mass": self.mass}
+
+    def keyed(self) -> dict:
+        """The settings that decide the pairs: those of the policy and basis in use
+        (so that adding an option leaves the keys of existing results unchanged)."""
+        out = dataclasses.asdict(self)
+        unused = ["compare"] + (["n_tokens"] if not self.n_tokens else [])
+        if self.basis == "correlation":
+            unused += ["basis", "stitch", "stitch_rows"]
+        if self.policy != "sinkhorn":
+            unused += ["reg", "reg_m", "mass"]
+        for name in unused:
+            del out[name]
+        return out
 
 
 @dataclass(frozen=True)
@@ -334,6 +372,7 @@ class Config:
 
 
 MATCH_POLICIES = matching.POLICIES
+STITCH_KINDS = matching.STITCH_KINDS
 METRICS = tuple(metrics.METRICS)
 SAE_ARCHITECTURES = ("standard", "topk", "jumprelu")
 MODEL_SOURCES = ("family", "transformer_lens", "hf", "gguf")

@@ -4,32 +4,36 @@ Inputs: the codes of A layer ``la`` and B layer ``lb`` (the first ``match.n_toke
 or all). Build (``matches`` store entry): the exact correlation of every A feature with
 every B feature, each feature's top activations, and the pairs of the matching rule
 (``saeuniv.core.matching.pair``: policy, threshold, junk and shared-token filters), with
-the pairs left after each step. Logged per layer pair (``aI-bJ``): ``n_tokens``,
+the pairs left after each step. With ``match.basis: decoder`` the policy reads the cosine
+of the decoder rows after a stitch fitted on residual vectors (``saeuniv.residuals``)
+instead of the correlation. Logged per layer pair (``aI-bJ``): ``n_tokens``,
 ``n_dead_a``, ``n_dead_b``, ``n_policy``, ``mean_corr_before``, ``n_threshold``, ``n_junk``,
-``n_shared_token``, ``n_pairs``, ``mean_corr_after``, ``unique_a_fraction``; the table
-``top_pairs.json`` (the ten best pairs of each layer pair with their top tokens and
-contexts).
+``n_shared_token``, ``n_pairs``, ``mean_corr_after``, ``unique_a_fraction`` (and
+``stitch_r2`` with the decoder basis); the table ``top_pairs.json`` (the ten best pairs of
+each layer pair with their top tokens and contexts).
+
+With ``match.compare`` on, each layer pair also gets a ``matchers`` entry (see
+``saeuniv.matchers``): the pairs of every matcher of ``MATCHERS``, their agreement,
+the fan-out of features, the statistics of the pairs and the cross-reconstruction.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import matchers
 from ..core import matching
 from ..store import Entry
 from ..tracking import pair_key, warn
 
 
 def spec(pipe, la: int, lb: int) -> dict:
-    match = asdict(pipe.cfg.match)
-    if not match["n_tokens"]:  # every row: the key of entries made before n_tokens existed
-        del match["n_tokens"]
-    return {"codes_a": pipe.a.codes[la].key, "codes_b": pipe.b.codes[lb].key, "match": match}
+    return {"codes_a": pipe.a.codes[la].key, "codes_b": pipe.b.codes[lb].key,
+            "match": pipe.cfg.match.keyed()}
 
 
 def entry(pipe, la: int, lb: int) -> Entry:
@@ -43,14 +47,20 @@ def build(pipe, la: int, lb: int, out: Path) -> dict:
     mc = pipe.cfg.match
     codes_a = pipe.analysis_codes(pipe.a.codes[la])
     codes_b = pipe.analysis_codes(pipe.b.codes[lb])
-    corr = matching.correlation(codes_a, codes_b)
+    extra, sim = {}, None
+    if mc.basis == "decoder":
+        sim, st = matchers.decoder_cosine(pipe, la, lb)
+        extra = {"stitch_r2": st.r2_heldout}
+    else:
+        sim = matching.correlation(codes_a, codes_b)
     top_a = matching.top_activations(codes_a, mc.top_k)
     top_b = matching.top_activations(codes_b, mc.top_k)
-    paired = matching.pair(corr, mc.rule(), pipe.a.top_tokens(top_a), pipe.b.top_tokens(top_b))
+    paired = matching.pair(sim, mc.rule(), pipe.a.top_tokens(top_a), pipe.b.top_tokens(top_b),
+                           **mc.options())
     m = paired.matches
     counts = {"n_tokens": int(codes_a.shape[0]),
               "n_dead_a": int(matching.dead_features(codes_a).sum()),
-              "n_dead_b": int(matching.dead_features(codes_b).sum()), **paired.counts}
+              "n_dead_b": int(matching.dead_features(codes_b).sum()), **paired.counts, **extra}
     np.savez(out / "pairs.npz", a=m.a, b=m.b, corr=m.corr)
     np.savez(out / "top.npz", rows_a=top_a.rows, values_a=top_a.values, rows_b=top_b.rows,
              values_b=top_b.values)
@@ -71,7 +81,7 @@ def load_top(entry: Entry) -> tuple[matching.TopActivations, matching.TopActivat
 
 
 def run(pipe) -> None:
-    rows = []
+    rows, compared = [], {}
     for la, lb in tqdm(pipe.pairs, desc="match", unit="layer pair"):
         e = entry(pipe, la, lb)
         key, meta = pair_key(la, lb), e.meta
@@ -79,8 +89,53 @@ def run(pipe) -> None:
         if meta["n_pairs"] == 0:
             warn(f"match.{key}", no_pairs_message(pipe, la, lb, meta))
         rows += top_pairs(pipe, la, lb, e, 10)
+        if pipe.cfg.match.compare:
+            compared[(la, lb)] = compare_entry(pipe, la, lb, e)
     if rows:
         mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "top_pairs.json")
+    if compared:
+        log_comparison(pipe, compared)
+
+
+def compare_entry(pipe, la: int, lb: int, e: Entry) -> Entry:
+    """The layer pair's ``matchers`` entry (``saeuniv.matchers``)."""
+    top_a, top_b = load_top(e)
+    tokens = (pipe.a.top_tokens(top_a), pipe.b.top_tokens(top_b))
+    return matchers.entry(pipe, la, lb, e, tokens)
+
+
+def log_comparison(pipe, compared: dict) -> None:
+    """Per layer pair, every number of the matchers entries (``<name>/aI-bJ``); run-wide,
+    their medians over layer pairs (``<name>_median``); the table ``top_splits.json``."""
+    values: dict[str, list[float]] = {}
+    rows = []
+    for (la, lb), e in compared.items():
+        key = pair_key(la, lb)
+        scalars = {k: v for k, v in e.meta.items() if isinstance(v, (int, float))
+                   and not isinstance(v, bool)}
+        mlflow.log_metrics({f"{k}/{key}": v for k, v in scalars.items()})
+        for k, v in scalars.items():
+            values.setdefault(k, []).append(v)
+        rows += split_rows(pipe, la, lb, e.meta["splits"])
+    mlflow.log_metrics({f"{k}_median": float(np.median(v)) for k, v in values.items()})
+    if rows:
+        mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "top_splits.json")
+
+
+def split_rows(pipe, la: int, lb: int, splits: list[dict]) -> list[dict]:
+    """One row per child of each top split, with both features' strongest contexts."""
+    if not splits:
+        return []
+    top_a, top_b = load_top(entry(pipe, la, lb))
+    out = []
+    for s in splits:
+        for child, corr in zip(s["children"], s["corr"]):
+            ra, rb = top_a.rows[s["a"], 0], top_b.rows[child, 0]
+            out.append({"layer_a": la, "layer_b": lb, "a": s["a"], "n_children":
+                        len(s["children"]), "b": child, "corr": round(corr, 4),
+                        "context_a": pipe.a.context(int(ra)) if ra >= 0 else "",
+                        "context_b": pipe.b.context(int(rb)) if rb >= 0 else ""})
+    return out
 
 
 def no_pairs_message(pipe, la: int, lb: int, meta: dict) -> str:

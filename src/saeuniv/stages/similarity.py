@@ -22,7 +22,9 @@ import mlflow
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..core import metrics
+from .. import matchers
+from ..core import matching, metrics
+from ..core.depth import band_mean
 from ..store import Entry
 from ..tracking import pair_key, warn
 from . import match
@@ -86,8 +88,13 @@ def interval(name: str, A: np.ndarray, B: np.ndarray, observed: float, sim,
 
 
 def build(pipe, la: int, lb: int, matches: Entry, out: Path) -> dict:
+    return build_pairs(pipe, la, lb, match.load(matches), out)
+
+
+def build_pairs(pipe, la: int, lb: int, m: matching.Matches, out: Path) -> dict:
+    """Score pairs ``m`` of A layer ``la`` and B layer ``lb``; write ``scores.json`` and
+    ``nulls.npz``."""
     sim = pipe.cfg.similarity
-    m = match.load(matches)
     result = {"layer_a": la, "layer_b": lb, "n_pairs": m.n, "metrics": {}, "status": "ok"}
     nulls = {}
     if m.n < sim.min_pairs:
@@ -143,3 +150,46 @@ def log_scores(scores: dict, key: str) -> None:
 def run(pipe) -> None:
     for la, lb in tqdm(pipe.pairs, desc="similarity", unit="layer pair"):
         log_scores(load(entry(pipe, la, lb)), pair_key(la, lb))
+    if pipe.cfg.match.compare:
+        log_by_matcher(pipe)
+
+
+def matcher_entry(pipe, la: int, lb: int, name: str) -> Entry:
+    """The ``scores`` entry of matcher ``name``'s pairs (``match.compare``; see
+    ``saeuniv.matchers``), built when missing."""
+    m = match.entry(pipe, la, lb)
+    cmp = match.compare_entry(pipe, la, lb, m)
+    pairs, main = matchers.load(cmp)[name], match.load(m)
+    if np.array_equal(pairs.a, main.a) and np.array_equal(pairs.b, main.b):
+        return entry(pipe, la, lb)  # the run's own pairs: scored already
+    spec_ = {"matchers": cmp.key, "matcher": name, "sae_a": pipe.a.sae_keys[la],
+             "sae_b": pipe.b.sae_keys[lb], "similarity": pipe.cfg.similarity.scoring()}
+    return pipe.store.get_or_create(
+        "scores", spec_,
+        lambda out: build_pairs(pipe, la, lb, pairs, out))[0]
+
+
+def log_by_matcher(pipe) -> None:
+    """Each metric's raw and calibrated score under every matcher, per layer pair
+    (``<metric>_by_<matcher>/aI-bJ``, ``<metric>_cal_by_<matcher>/aI-bJ``), and the mean
+    calibrated score of the middle-band cells (``<metric>_cal_middle_by_<matcher>``)."""
+    sim = pipe.cfg.similarity
+    la_list, lb_list = pipe.a.layers, pipe.b.layers
+    depth_a = [pipe.a.depth(la) for la in la_list]
+    depth_b = [pipe.b.depth(lb) for lb in lb_list]
+    pairs = [(la, lb, name) for la, lb in pipe.pairs for name in matchers.MATCHERS]
+    cal = {(m, n): np.full((len(la_list), len(lb_list)), np.nan)
+           for m in sim.metrics for n in matchers.MATCHERS}
+    for la, lb, name in tqdm(pairs, desc="similarity by matcher", unit="scoring"):
+        scores = load(matcher_entry(pipe, la, lb, name))["metrics"]
+        out = {}
+        for metric, r in scores.items():
+            if "observed" in r:
+                key = pair_key(la, lb)
+                out[f"{metric}_by_{name}/{key}"] = r["observed"]
+                out[f"{metric}_cal_by_{name}/{key}"] = r["calibrated"]
+                cal[metric, name][la_list.index(la), lb_list.index(lb)] = r["calibrated"]
+        mlflow.log_metrics(out)
+    middle = {f"{m}_cal_middle_by_{n}": band_mean(g, depth_a, depth_b, sim.band)
+              for (m, n), g in cal.items()}
+    mlflow.log_metrics({k: v for k, v in middle.items() if np.isfinite(v)})

@@ -53,6 +53,7 @@ from .correlation import (
 from .fanout import FanOut, fan_out, top_splits
 from .pairing import POLICIES, Matches, Pairing, Rule, match, pair
 from .pairstats import CrossReconstruction, cofiring, cross_reconstruction, latent_scaling
+from .stitch import KINDS as STITCH_KINDS
 from .stitch import Stitch, stitch
 from .transport import sinkhorn_pairs
 from .weights import decoder_cosine, vocab_cosine
@@ -67,6 +68,7 @@ __all__ = [
     "Matches",
     "Pairing",
     "Rule",
+    "STITCH_KINDS",
     "Stitch",
     "TopActivations",
     "TopK",

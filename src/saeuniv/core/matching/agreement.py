@@ -15,11 +15,11 @@ def jaccard(m1: Matches, m2: Matches) -> float:
 
 
 def agreement(matches: dict[str, Matches]) -> dict[str, float]:
-    """The Jaccard overlap of every two matchers' pairs, keyed ``"name1~name2"`` in the
-    order the names are given."""
+    """The Jaccard overlap of every two matchers' pairs, keyed ``"name1_vs_name2"`` in
+    the order the names are given."""
     for name, m in matches.items():
         if not isinstance(m, Matches):
             raise ValueError(f"matches[{name!r}] must be a Matches; got "
                              f"{type(m).__name__}")
-    return {f"{x}~{y}": jaccard(matches[x], matches[y])
+    return {f"{x}_vs_{y}": jaccard(matches[x], matches[y])
             for x, y in itertools.combinations(matches, 2)}

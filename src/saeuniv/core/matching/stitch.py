@@ -40,8 +40,10 @@ class Stitch:
         Explained variance of B's rows by the mapped A rows, on the fitted and on the
         held-out rows: ``1 - SS_res / SS_tot``, with ``SS_tot`` summed over every
         dimension around the rows' own mean (NaN when no rows were held out).
-    n_fit, n_heldout : int
-        Rows used to fit and to test.
+    n_fit : int
+        Rows used to fit.
+    heldout : ndarray of int64, shape (n_heldout,)
+        Indices of the held-out rows, ascending.
     """
 
     kind: str
@@ -51,7 +53,11 @@ class Stitch:
     r2_fit: float
     r2_heldout: float
     n_fit: int
-    n_heldout: int
+    heldout: np.ndarray
+
+    @property
+    def n_heldout(self) -> int:
+        return len(self.heldout)
 
     @property
     def d_a(self) -> int:
@@ -174,7 +180,6 @@ def stitch(x_a, x_b, kind: str = "orthogonal", ridge: float = 1e-3,
     mean_a, mean_b = x_a[fit].mean(0), x_b[fit].mean(0)
     xa, xb = x_a[fit] - mean_a, x_b[fit] - mean_b
     weight = _orthogonal(xa, xb) if kind == "orthogonal" else _affine(xa, xb, ridge)
-    s = Stitch(kind, weight, mean_a, mean_b, float("nan"), float("nan"), len(fit),
-               len(test))
+    s = Stitch(kind, weight, mean_a, mean_b, float("nan"), float("nan"), len(fit), test)
     r2_fit, r2_test = _r2(s(x_a[fit]), x_b[fit]), _r2(s(x_a[test]), x_b[test])
-    return Stitch(kind, weight, mean_a, mean_b, r2_fit, r2_test, len(fit), len(test))
+    return Stitch(kind, weight, mean_a, mean_b, r2_fit, r2_test, len(fit), test)
