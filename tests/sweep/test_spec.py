@@ -95,3 +95,9 @@ def test_shipped_specs_load_and_validate():
     assert p.sampler.name == "nsga2" and p.n_trials == 40
     assert [(o.metric, o.direction) for o in p.objectives] == [("rsa", "maximize"),
                                                                ("n_pairs", "maximize")]
+    m = specs["matchers"]
+    assert [(o.metric, o.field) for o in m.objectives] == [("rsa", "calibrated")]
+    for param in m.params:  # every choice makes a valid config
+        for value in param.choices:
+            assert getattr(m.config().replace(**{param.path: value}).match,
+                           param.path.split(".")[1]) == value
