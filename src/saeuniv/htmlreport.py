@@ -45,10 +45,12 @@ def _table(columns: list[str], rows: list[dict]) -> str:
 
 
 def render(title: str, summary: str, heatmaps: dict[str, str], curves: str,
-           quality: list[tuple[str, int, dict]], pairs: list[dict]) -> str:
+           quality: list[tuple[str, int, dict]], pairs: list[dict],
+           splits: list[dict] = ()) -> str:
     """The page. ``heatmaps``: panel (``<metric>``, ``<metric>_cal``, ``<metric>_index``) ->
     base64 PNG; ``curves``: base64 PNG; ``quality``:
-    (side, layer, {l0, fvu, dead_fraction}); ``pairs``: rows of ``stages.match.top_pairs``."""
+    (side, layer, {l0, fvu, dead_fraction}); ``pairs``: rows of ``stages.match.top_pairs``;
+    ``splits``: rows of ``stages.match.splits`` (none: no section)."""
     def img(b64, alt):
         return f'<img alt="{escape(alt)}" src="data:image/png;base64,{b64}">'
     parts = [f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{escape(title)}"
@@ -74,6 +76,13 @@ def render(title: str, summary: str, heatmaps: dict[str, str], curves: str,
               "context marks the token of the feature's strongest activation as "
               "[[token]].</p>",
               _table(["layer_a", "layer_b", "a", "b", "corr", "top_tokens_a", "top_tokens_b",
-                      "context_a", "context_b"], pairs),
-              "</body></html>"]
+                      "context_a", "context_b"], pairs)]
+    if splits:
+        parts += ['<h2 id="splits">Features split across the models</h2>',
+                  "<p>Per layer pair, the A features with the most B partners above the "
+                  "match threshold (fan-out), each B child with its correlation and both "
+                  "features&#x27; strongest contexts.</p>",
+                  _table(["layer_a", "layer_b", "a", "n_children", "b", "corr", "context_a",
+                          "context_b"], list(splits))]
+    parts.append("</body></html>")
     return "\n".join(parts)

@@ -133,11 +133,16 @@ def report(pipe) -> None:
               for la, lb in pipe.pairs]  # every pair of each layer pair, best first
     mlflow.log_text(csv_text([row for rows in ranked for row in rows]), "matched_pairs.csv")
     text = summary(pipe, g, conv)
+    split_rows = []
+    if pipe.cfg.match.compare:
+        text += "\n".join(match.compare_summary_lines(pipe, similarity.by_matcher(pipe)[1]))
+        text += "\n"
+        split_rows = match.splits(pipe)
     mlflow.log_text(text, "summary.md")
     mlflow.set_tag("mlflow.note.content", text)
     top = [row for rows in ranked for row in rows[:REPORT_PAIRS]]
     mlflow.log_text(render(f"saeuniv: {pipe.a.model_name} vs {pipe.b.model_name}", text,
-                           images, curves_png, quality, top), "report.html")
+                           images, curves_png, quality, top, split_rows), "report.html")
 
 
 # -- summary.md -------------------------------------------------------------------------

@@ -119,6 +119,12 @@ def test_a_run_with_compare_logs_agreement_fan_out_and_scores_by_matcher(tiny_ru
     key = f"a{la}-b{lb}"
     for name in matchers.MATCHERS:
         assert 0 <= s[f"metrics.rsa_cal_by_{name}/{key}"] <= 1
+    main = runs[runs["tags.saeuniv.stage"] == "main"].iloc[0]
+    text = mlflow.artifacts.load_text(f"runs:/{main.run_id}/summary.md")
+    assert "## Matchers compared" in text and f"| {key} |" in text
+    page = mlflow.artifacts.load_text(f"runs:/{main.run_id}/report.html")
+    splits = match.splits(pipe)
+    assert ('id="splits"' in page) == bool(splits)
     got = similarity.load(similarity.matcher_entry(pipe, la, lb, "transport"))
     assert s[f"metrics.cka_by_transport/{key}"] == pytest.approx(
         got["metrics"]["cka"]["observed"])

@@ -166,3 +166,38 @@ def top_pairs(pipe, la: int, lb: int, e: Entry, n: int | None) -> list[dict]:
              "top_tokens_b": words(b, rows_b[m.b[i]]),
              "context_a": context(a, rows_a[m.a[i], 0]),
              "context_b": context(b, rows_b[m.b[i], 0])} for i in order]
+
+
+def compare_summary_lines(pipe, middle: dict) -> list[str]:
+    """The matchers compared (``match.compare``), for the main run's summary; ``middle``:
+    the middle band's calibrated score per (metric, matcher) (``similarity.by_matcher``)."""
+    names = matchers.MATCHERS
+    lines = ["", "## Matchers compared", "",
+             "Pairs of each matcher (correlation, decoder cosine after the stitch, transport), "
+             "their Jaccard overlap, the stitch's held-out R², the share of matched features "
+             "with two or more partners above the threshold (split), and B's SAE on A's "
+             "activations as explained variance of B's: raw, through the stitch, and B's own.",
+             "", "| layer pair | pairs " + " / ".join(names) + " | J corr-dec | J corr-ot | "
+             "stitch R² | A split | B split | EV raw | EV aligned | EV own |",
+             "|---" * 11 + "|"]
+    for la, lb in pipe.pairs:
+        m = compare_entry(pipe, la, lb, entry(pipe, la, lb)).meta
+        cells = [" / ".join(str(m[f"n_pairs_{n}"]) for n in names),
+                 m.get("jaccard_correlation_vs_decoder"), m.get("jaccard_correlation_vs_transport"),
+                 m.get("stitch_r2"), m.get("split_share_a"), m.get("split_share_b"),
+                 m.get("xrecon_raw"), m.get("xrecon_aligned"), m.get("xrecon_own")]
+        lines.append(f"| {pair_key(la, lb)} | " + " | ".join(
+            c if isinstance(c, str) else ("–" if c is None else f"{c:.3f}") for c in cells) + " |")
+    lines += ["", "Middle band, mean calibrated score by matcher:", "",
+              "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for metric in pipe.cfg.similarity.metrics:
+        vals = [middle.get((metric, n), float("nan")) for n in names]
+        lines.append(f"| {metric} | " + " | ".join(
+            "–" if not np.isfinite(v) else f"{v:.3f}" for v in vals) + " |")
+    return lines
+
+
+def splits(pipe) -> list[dict]:
+    """Every layer pair's top splits with contexts (``match.compare``), for the report."""
+    return [row for la, lb in pipe.pairs for row in split_rows(
+        pipe, la, lb, compare_entry(pipe, la, lb, entry(pipe, la, lb)).meta["splits"])]

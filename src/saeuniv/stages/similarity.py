@@ -169,27 +169,35 @@ def matcher_entry(pipe, la: int, lb: int, name: str) -> Entry:
         lambda out: build_pairs(pipe, la, lb, pairs, out))[0]
 
 
+def by_matcher(pipe) -> tuple[dict, dict]:
+    """Each metric's scores under every matcher: per layer pair ``{(la, lb, matcher):
+    {metric: scores}}``, and the mean calibrated score of the middle-band cells ``{(metric,
+    matcher): float}`` (NaN: no scored cell in the band)."""
+    sim = pipe.cfg.similarity
+    la_list, lb_list = pipe.a.layers, pipe.b.layers
+    cal = {(m, n): np.full((len(la_list), len(lb_list)), np.nan)
+           for m in sim.metrics for n in matchers.MATCHERS}
+    cells = {}
+    todo = [(la, lb, name) for la, lb in pipe.pairs for name in matchers.MATCHERS]
+    for la, lb, name in tqdm(todo, desc="similarity by matcher", unit="scoring"):
+        cells[la, lb, name] = load(matcher_entry(pipe, la, lb, name))["metrics"]
+        for metric, r in cells[la, lb, name].items():
+            if "observed" in r:
+                cal[metric, name][la_list.index(la), lb_list.index(lb)] = r["calibrated"]
+    depth_a = [pipe.a.depth(la) for la in la_list]
+    depth_b = [pipe.b.depth(lb) for lb in lb_list]
+    return cells, {k: band_mean(g, depth_a, depth_b, sim.band) for k, g in cal.items()}
+
+
 def log_by_matcher(pipe) -> None:
     """Each metric's raw and calibrated score under every matcher, per layer pair
     (``<metric>_by_<matcher>/aI-bJ``, ``<metric>_cal_by_<matcher>/aI-bJ``), and the mean
     calibrated score of the middle-band cells (``<metric>_cal_middle_by_<matcher>``)."""
-    sim = pipe.cfg.similarity
-    la_list, lb_list = pipe.a.layers, pipe.b.layers
-    depth_a = [pipe.a.depth(la) for la in la_list]
-    depth_b = [pipe.b.depth(lb) for lb in lb_list]
-    pairs = [(la, lb, name) for la, lb in pipe.pairs for name in matchers.MATCHERS]
-    cal = {(m, n): np.full((len(la_list), len(lb_list)), np.nan)
-           for m in sim.metrics for n in matchers.MATCHERS}
-    for la, lb, name in tqdm(pairs, desc="similarity by matcher", unit="scoring"):
-        scores = load(matcher_entry(pipe, la, lb, name))["metrics"]
-        out = {}
-        for metric, r in scores.items():
-            if "observed" in r:
-                key = pair_key(la, lb)
-                out[f"{metric}_by_{name}/{key}"] = r["observed"]
-                out[f"{metric}_cal_by_{name}/{key}"] = r["calibrated"]
-                cal[metric, name][la_list.index(la), lb_list.index(lb)] = r["calibrated"]
-        mlflow.log_metrics(out)
-    middle = {f"{m}_cal_middle_by_{n}": band_mean(g, depth_a, depth_b, sim.band)
-              for (m, n), g in cal.items()}
-    mlflow.log_metrics({k: v for k, v in middle.items() if np.isfinite(v)})
+    cells, middle = by_matcher(pipe)
+    for (la, lb, name), scores in cells.items():
+        key = pair_key(la, lb)
+        mlflow.log_metrics({k: v for metric, r in scores.items() if "observed" in r
+                            for k, v in ((f"{metric}_by_{name}/{key}", r["observed"]),
+                                         (f"{metric}_cal_by_{name}/{key}", r["calibrated"]))})
+    mlflow.log_metrics({f"{m}_cal_middle_by_{n}": v for (m, n), v in middle.items()
+                        if np.isfinite(v)})
