@@ -11,11 +11,11 @@ The ``matchers`` store entry of a layer pair holds the pairs of each matcher of
 - ``transport``: the ``sinkhorn`` policy on the code correlations.
 
 and, in its meta: the stitch's R² (fitted and held out), the Jaccard overlap of every two
-matchers' pairs, the fan-out of A's and B's features at the threshold (histogram and the
-share of matched features with two or more partners), the five largest splits, the
-medians of co-firing, IoU and latent scaling over the correlation pairs, and the
-cross-reconstruction of B's activations by B's SAE on A's held-out residual vectors (raw
-and through the stitch).
+matchers' pairs, the fan-out of A's and B's features at ``match.split_threshold``
+(histogram and the share of features with a partner that have two or more), the five
+largest splits, the medians of co-firing, IoU and latent scaling over the correlation
+pairs, and the cross-reconstruction of B's activations by B's SAE on A's held-out
+residual vectors (raw and through the stitch).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def decoder_cosine(pipe, la: int, lb: int) -> tuple[np.ndarray, matching.Stitch]
 def spec(pipe, matches: Entry) -> dict:
     mc = pipe.cfg.match
     return {"matches": matches.key, "stitch": mc.stitch, "stitch_rows": mc.stitch_rows,
-            "transport": mc.options("sinkhorn"), "policy": policy(pipe)}
+            "transport": mc.options("sinkhorn"), "policy": policy(pipe),
+            "split_threshold": mc.split_threshold}
 
 
 def policy(pipe) -> str:
@@ -140,7 +141,7 @@ def build(pipe, la: int, lb: int, tokens: tuple, out: Path) -> dict:
     meta = {"stitch_r2_fit": st.r2_fit, "stitch_r2": st.r2_heldout,
             **{f"n_pairs_{k}": m.n for k, m in sets.items()},
             **{f"jaccard_{k}": v for k, v in matching.agreement(sets).items()},
-            **fan_out_stats(corr, mc.threshold),
+            **fan_out_stats(corr, mc.split_threshold),
             **pair_stats(codes_a, codes_b, sets["correlation"]),
             **cross_reconstruction(pipe, la, lb, st)}
     return plain(meta)

@@ -67,7 +67,7 @@ def test_compare_entry_holds_what_the_core_gives(tiny_run, own_store):
     assert meta["jaccard_correlation_vs_decoder"] == pytest.approx(
         matching.jaccard(want["correlation"], want["decoder"]), nan_ok=True)
     assert meta["stitch_r2"] == pytest.approx(st.r2_heldout)
-    fo = matching.fan_out(corr, rule.threshold)
+    fo = matching.fan_out(corr, pipe.cfg.match.split_threshold)
     assert meta["fan_out_a"] == fo.histogram("a")
     assert meta["split_share_a"] == pytest.approx(fo.split_share_a, nan_ok=True)
     stats = matching.cofiring(codes_a, codes_b, want["correlation"])

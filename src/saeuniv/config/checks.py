@@ -146,6 +146,8 @@ def _match(cfg: Config) -> None:
           "decoder and match.compare is fitted on that many residual rows)")
     check(m.reg > 0, f"match.reg (the sinkhorn entropy weight) must be > 0, got {m.reg}")
     check(m.reg_m >= 0, f"match.reg_m must be >= 0 (0: balanced transport), got {m.reg_m}")
+    check(0 <= m.split_threshold < 1, f"match.split_threshold must be in [0, 1), got "
+          f"{m.split_threshold}")
     check(0 <= m.mass < 1, f"match.mass (the transport share a kept pair exceeds) must be in "
           f"[0, 1), got {m.mass}")
 

@@ -135,7 +135,8 @@ class MatchConfig:
     balanced) and ``mass`` are the options of the ``sinkhorn`` policy.
     ``compare``: also pair each layer pair by correlation, by decoder cosine and
     by transport, and report their agreement, their scores, the fan-out of
-    features and the statistics of the pairs.
+    features (partners correlated above ``split_threshold``: a weak threshold
+    counts noise as splits) and the statistics of the pairs.
     """
 
     policy: str = _RULE.policy
@@ -151,6 +152,7 @@ class MatchConfig:
     reg_m: float = 0.0
     mass: float = 0.5
     compare: bool = False
+    split_threshold: float = 0.3
 
     def rule(self) -> matching.Rule:
         """The matching rule these settings make."""
@@ -166,7 +168,7 @@ class MatchConfig:
         """The settings that decide the pairs: those of the policy and basis in use
         (so that adding an option leaves the keys of existing results unchanged)."""
         out = dataclasses.asdict(self)
-        unused = ["compare"] + (["n_tokens"] if not self.n_tokens else [])
+        unused = ["compare", "split_threshold"] + (["n_tokens"] if not self.n_tokens else [])
         if self.basis == "correlation":
             unused += ["basis", "stitch", "stitch_rows"]
         if self.policy != "sinkhorn":

@@ -175,11 +175,12 @@ def compare_summary_lines(pipe, middle: dict) -> list[str]:
     lines = ["", "## Matchers compared", "",
              "Pairs of each matcher (correlation, decoder cosine after the stitch, transport), "
              "their Jaccard overlap, the stitch's held-out R², the share of matched features "
-             "with two or more partners above the threshold (split), and B's SAE on A's "
+             f"with two or more partners above match.split_threshold="
+             f"{pipe.cfg.match.split_threshold} (split), and B's SAE on A's "
              "activations as explained variance of B's: raw, through the stitch, and B's own.",
              "", "| layer pair | pairs " + " / ".join(names) + " | J corr-dec | J corr-ot | "
              "stitch R² | A split | B split | EV raw | EV aligned | EV own |",
-             "|---" * 11 + "|"]
+             "|---" * 10 + "|"]
     for la, lb in pipe.pairs:
         m = compare_entry(pipe, la, lb, entry(pipe, la, lb)).meta
         cells = [" / ".join(str(m[f"n_pairs_{n}"]) for n in names),
