@@ -190,6 +190,25 @@ def _partial(store: Store, spec: dict, layout: dict) -> Path:
 
 
 @torch.no_grad()
+def compared_activations(model: LoadedModel, windows: Windows, lo: int, hi: int,
+                         batch_size: int, layers: list[int], label: str):
+    """Yield ``(start, stop, {layer: activations})`` for windows ``lo:hi`` in batches: the
+    residual vectors of each batch's compared positions, float32, shape (rows, d_model),
+    checked finite."""
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
+        toks = torch.as_tensor(windows.tokens[start:stop], dtype=torch.long)
+        keep = torch.as_tensor(windows.mask[start:stop]).to(model.device)
+        res = model.residuals(toks, layers)
+        out = {}
+        for layer in layers:
+            out[layer] = res[layer][keep].float()
+            check_finite(out[layer], f"model {label} layer {layer}, windows {start}..{stop - 1}"
+                         ": activations", NONFINITE_FIX)
+        yield start, stop, out
+
+
+@torch.no_grad()
 def extract_shard(model: LoadedModel, saes: dict[int, object], windows: Windows, lo: int,
                   hi: int, batch_size: int, dest: dict[int, Path], label: str) -> None:
     """Encode windows ``lo:hi`` with the SAE of every layer of ``saes`` and write each
@@ -197,15 +216,11 @@ def extract_shard(model: LoadedModel, saes: dict[int, object], windows: Windows,
     parts: dict[int, list[sp.csr_matrix]] = {layer: [] for layer in saes}
     stats: dict[int, list[dict]] = {layer: [] for layer in saes}
     layers = sorted(saes)
-    for start in range(lo, hi, batch_size):
-        stop = min(start + batch_size, hi)
-        toks = torch.as_tensor(windows.tokens[start:stop], dtype=torch.long)
-        keep = torch.as_tensor(windows.mask[start:stop]).to(model.device)
-        res = model.residuals(toks, layers)
+    for start, stop, res in compared_activations(model, windows, lo, hi, batch_size, layers,
+                                                 label):
         for layer in layers:
-            acts = res[layer][keep].float()
+            acts = res[layer]
             where = f"model {label} layer {layer}, windows {start}..{stop - 1}"
-            check_finite(acts, f"{where}: activations", NONFINITE_FIX)
             sae = saes[layer]
             codes = sae.encode(acts)
             check_finite(codes, f"{where}: SAE codes", "the SAE's weights hold NaN/inf or "

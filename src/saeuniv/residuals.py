@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .models import NONFINITE_FIX, LoadedModel, check_finite
+from .extract import compared_activations
+from .models import LoadedModel
 from .store import Entry, Store
 from .tokens import Windows
 
@@ -48,16 +49,11 @@ def forward_rows(model: LoadedModel, windows: Windows, layers: list[int], n_rows
     float32, shape (n_rows, d_model)."""
     n = windows_needed(windows, n_rows)
     parts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
-    for start in tqdm(range(0, n, batch_size), desc=f"residuals {label}", unit="batch",
-                      mininterval=2):
-        stop = min(start + batch_size, n)
-        toks = torch.as_tensor(windows.tokens[start:stop], dtype=torch.long)
-        keep = torch.as_tensor(windows.mask[start:stop]).to(model.device)
-        res = model.residuals(toks, layers)
+    batches = compared_activations(model, windows, 0, n, batch_size, layers, label)
+    for _, _, acts in tqdm(batches, desc=f"residuals {label}", unit="batch", mininterval=2,
+                           total=-(-n // batch_size)):
         for layer in layers:
-            acts = res[layer][keep].float()
-            check_finite(acts, f"model {label} layer {layer}: activations", NONFINITE_FIX)
-            parts[layer].append(acts.cpu().numpy())
+            parts[layer].append(acts[layer].cpu().numpy())
     return {layer: np.concatenate(parts[layer])[:n_rows] for layer in layers}
 
 
