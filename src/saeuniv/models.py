@@ -312,13 +312,13 @@ def hf_text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _gguf_location(ref, store: Store) -> Path:
+def gguf_location(ref, store: Store) -> Path:
     from .registry import resolve_gguf
 
     return resolve_gguf(ref.path, store)
 
 
-def _hf_source(ref) -> tuple[str, bool]:
+def hf_source(ref) -> tuple[str, bool]:
     """(folder or repo id, is_local) of an ``hf`` model."""
     where = ref.path or ref.name
     local = Path(where).expanduser()
@@ -333,10 +333,10 @@ def _hf_source(ref) -> tuple[str, bool]:
 def model_identity(ref, store: Store) -> dict:
     """A spec that changes whenever the weights or the dtype do (weights are not loaded)."""
     if ref.source == "gguf":
-        path = _gguf_location(ref, store)
+        path = gguf_location(ref, store)
         return {"source": "gguf", "sha256": store.file_sha256(path), "dtype": ref.dtype}
     if ref.source == "hf":
-        where, local = _hf_source(ref)
+        where, local = hf_source(ref)
         if not local:
             return {"source": "hf", "repo": where, "dtype": ref.dtype}
         files = sorted(p for p in Path(where).iterdir()
@@ -357,10 +357,10 @@ def describe(ref, store: Store) -> ModelInfo:
         from transformers import AutoConfig
 
         if ref.source == "gguf":
-            path = _gguf_location(ref, store)
+            path = gguf_location(ref, store)
             config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         else:
-            config = AutoConfig.from_pretrained(_hf_source(ref)[0])
+            config = AutoConfig.from_pretrained(hf_source(ref)[0])
     except ModelError:
         raise
     except Exception as err:  # hub errors, unknown names, unreadable files
@@ -388,10 +388,10 @@ def load_outside_model(ref, store: Store, key: str) -> LoadedModel:
     from transformers import AutoModel
 
     if ref.source == "gguf":
-        path = _gguf_location(ref, store)
+        path = gguf_location(ref, store)
         model = AutoModel.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     else:
-        model = AutoModel.from_pretrained(_hf_source(ref)[0], dtype=dtype)
+        model = AutoModel.from_pretrained(hf_source(ref)[0], dtype=dtype)
     model.to(device).eval()
     text = hf_text_config(model.config)
     hf_blocks(model)  # fail now if the blocks cannot be found
@@ -418,10 +418,10 @@ def random_outside_model(ref, store: Store, key: str, seed: int = 0) -> LoadedMo
     from transformers import AutoConfig, AutoModel
 
     if ref.source == "gguf":
-        path = _gguf_location(ref, store)
+        path = gguf_location(ref, store)
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     else:
-        config = AutoConfig.from_pretrained(_hf_source(ref)[0])
+        config = AutoConfig.from_pretrained(hf_source(ref)[0])
     model = AutoModel.from_config(config, dtype=dtype).to(device).eval()
     text = hf_text_config(model.config)
     hf_blocks(model)
@@ -436,7 +436,7 @@ def outside_tokenizer(ref, store: Store, identity: dict) -> Entry:
         from transformers import AutoTokenizer
 
         if ref.source == "gguf":
-            path = _gguf_location(ref, store)
+            path = gguf_location(ref, store)
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         elif ref.source == "transformer_lens":
             from transformer_lens.loading_from_pretrained import (
@@ -446,7 +446,7 @@ def outside_tokenizer(ref, store: Store, identity: dict) -> Entry:
 
             tok = AutoTokenizer.from_pretrained(get_official_model_name(ref.name))
         else:
-            tok = AutoTokenizer.from_pretrained(_hf_source(ref)[0])
+            tok = AutoTokenizer.from_pretrained(hf_source(ref)[0])
         if not tok.is_fast:
             raise ModelError(f"the tokenizer of {ref.name or ref.path!r} is not a fast "
                              "tokenizer; character offsets need one (tokenizer.json)")
