@@ -56,7 +56,7 @@ from .pairstats import CrossReconstruction, cofiring, cross_reconstruction, late
 from .stitch import KINDS as STITCH_KINDS
 from .stitch import Stitch, stitch
 from .transport import sinkhorn_pairs
-from .weights import decoder_cosine, vocab_cosine
+from .weights import VocabGram, decoder_cosine, vocab_cosine, vocab_cosine_gram, vocab_gram
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -96,4 +96,7 @@ __all__ = [
     "top_tokens",
     "topk_correlation",
     "vocab_cosine",
+    "vocab_cosine_gram",
+    "vocab_gram",
+    "VocabGram",
 ]

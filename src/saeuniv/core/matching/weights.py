@@ -13,6 +13,8 @@ with no direction) has NaN similarities and is never matched.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .stitch import Stitch
@@ -79,12 +81,50 @@ def _centred(w_u, name) -> np.ndarray:
     return w_u - w_u.mean(1, keepdims=True)
 
 
+@dataclass(frozen=True)
+class VocabGram:
+    """Gram matrices of two unembeddings, each centred over one shared vocabulary.
+
+    Attributes
+    ----------
+    ab : ndarray of float64, shape (d_a, d_b)
+    aa : ndarray of float64, shape (d_a, d_a)
+    bb : ndarray of float64, shape (d_b, d_b)
+    """
+
+    ab: np.ndarray
+    aa: np.ndarray
+    bb: np.ndarray
+
+
+def vocab_gram(w_u_a, w_u_b) -> VocabGram:
+    """The Gram matrices :func:`vocab_cosine` reads, computed once per pair of models.
+
+    Parameters
+    ----------
+    w_u_a : array-like of float, shape (d_a, V)
+        A's unembedding (transformer-lens ``W_U``).
+    w_u_b : array-like of float, shape (d_b, V)
+        B's unembedding over the same V tokens in the same order: the models must
+        share a tokenizer.
+
+    Returns
+    -------
+    VocabGram
+    """
+    u_a, u_b = _centred(w_u_a, "w_u_a"), _centred(w_u_b, "w_u_b")
+    if u_a.shape[1] != u_b.shape[1]:
+        raise ValueError(f"the unembeddings cover {u_a.shape[1]} and {u_b.shape[1]} "
+                         "tokens; the vocabulary effect needs one shared tokenizer")
+    return VocabGram(u_a @ u_b.T, u_a @ u_a.T, u_b @ u_b.T)
+
+
 def vocab_cosine(w_dec_a, w_u_a, w_dec_b, w_u_b, dtype=np.float32) -> np.ndarray:
     """Cosine of the two features' centred logit effects, ``w_dec @ w_u``, per pair.
 
-    Computed through the (d_a, d_b) and (d, d) Gram matrices of the unembeddings,
-    never as (F, V) logit tables, so a 152k vocabulary costs one ``d_a x V x d_b``
-    product.
+    Computed through the (d_a, d_b) and (d, d) Gram matrices of the unembeddings
+    (:func:`vocab_gram`), never as (F, V) logit tables, so a 152k vocabulary costs one
+    ``d_a x V x d_b`` product.
 
     Parameters
     ----------
@@ -102,18 +142,32 @@ def vocab_cosine(w_dec_a, w_u_a, w_dec_b, w_u_b, dtype=np.float32) -> np.ndarray
     ndarray of dtype, shape (F_a, F_b)
         NaN for a feature whose logit effect is constant over the vocabulary.
     """
+    return vocab_cosine_gram(w_dec_a, w_dec_b, vocab_gram(w_u_a, w_u_b), dtype)
+
+
+def vocab_cosine_gram(w_dec_a, w_dec_b, gram: VocabGram, dtype=np.float32) -> np.ndarray:
+    """:func:`vocab_cosine` from the unembeddings' :class:`VocabGram`.
+
+    Parameters
+    ----------
+    w_dec_a : array-like of float, shape (F_a, d_a)
+    w_dec_b : array-like of float, shape (F_b, d_b)
+    gram : VocabGram
+        Of A's and B's unembeddings (:func:`vocab_gram`).
+    dtype : float dtype, default=np.float32
+
+    Returns
+    -------
+    ndarray of dtype, shape (F_a, F_b)
+    """
     a, b = _as_matrix(w_dec_a, "w_dec_a"), _as_matrix(w_dec_b, "w_dec_b")
-    u_a, u_b = _centred(w_u_a, "w_u_a"), _centred(w_u_b, "w_u_b")
-    if u_a.shape[1] != u_b.shape[1]:
-        raise ValueError(f"the unembeddings cover {u_a.shape[1]} and {u_b.shape[1]} "
-                         "tokens; the vocabulary effect needs one shared tokenizer")
-    for w, u, side in ((a, u_a, "a"), (b, u_b, "b")):
-        if w.shape[1] != u.shape[0]:
+    for w, d, side in ((a, gram.aa.shape[0], "a"), (b, gram.bb.shape[0], "b")):
+        if w.shape[1] != d:
             raise ValueError(f"w_dec_{side} has width {w.shape[1]} but w_u_{side} has "
-                             f"{u.shape[0]} rows")
-    cross = a @ (u_a @ u_b.T) @ b.T
-    norm_a = np.sqrt(np.einsum("fi,ij,fj->f", a, u_a @ u_a.T, a))
-    norm_b = np.sqrt(np.einsum("fi,ij,fj->f", b, u_b @ u_b.T, b))
+                             f"{d} rows")
+    cross = a @ gram.ab @ b.T
+    norm_a = np.sqrt(np.maximum(np.einsum("fi,ij,fj->f", a, gram.aa, a), 0))
+    norm_b = np.sqrt(np.maximum(np.einsum("fi,ij,fj->f", b, gram.bb, b), 0))
     with np.errstate(invalid="ignore", divide="ignore"):
         out = cross / np.outer(norm_a, norm_b)
     out[~(norm_a > 0)] = np.nan
