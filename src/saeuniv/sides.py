@@ -37,6 +37,7 @@ from .models import (
 from .saes import check_compatible, load_pretrained, load_sae, sae_key, train_saes
 from .store import Entry
 from .tokens import Windows, load_tokenizer, load_windows, make_windows, tokenizer_sha
+from .unembed import unembedding
 
 SAE_WINDOW_MARGIN = 64 * 128  # tokens beyond sae.train_tokens cut into SAE training windows
 
@@ -329,6 +330,20 @@ class Side:
         with torch.no_grad():
             xt = torch.as_tensor(x, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
             return sae.decode(sae.encode(xt)).double().cpu().numpy()
+
+    @cached_property
+    def unembedding(self) -> np.ndarray | None:
+        """The model's folded unembedding (``saeuniv.unembed``), float32, shape
+        (d_model, V); None when it cannot be read (an untied head of a random init)."""
+
+        def build(out) -> dict:
+            w_u = unembedding(self.model, self.ref, self.store, self.random_init)
+            if w_u is not None:
+                np.save(out / "w_u.npy", w_u)
+            return {"found": w_u is not None}
+
+        entry, _ = self.store.get_or_create("unembed", {"model": self.model_key}, build)
+        return np.load(entry.file("w_u.npy")) if entry.meta["found"] else None
 
     def depth(self, layer: int) -> float:
         """Relative depth of ``layer`` in the side's model."""
