@@ -8,7 +8,11 @@ The ``matchers`` store entry of a layer pair holds the pairs of each matcher of
   config's policy is ``sinkhorn``);
 - ``decoder``: the same policy on the cosine of A's decoder rows, stitched into B's
   residual space, with B's;
-- ``transport``: the ``sinkhorn`` policy on the code correlations.
+- ``transport``: the ``sinkhorn`` policy on the code correlations;
+- ``vocab`` (only when both models share a tokenizer): the same policy as ``correlation``
+  on the cosine of the two features' effects on the next-token logits, each decoder row
+  through its own model's unembedding (``saeuniv.unembed``): data-free. No pairs, and a
+  ``vocab_missing`` note in the meta, where a side's head cannot be read.
 
 and, in its meta: the stitch's R² (fitted and held out), the Jaccard overlap of every two
 matchers' pairs, the fan-out of A's and B's features at ``match.split_threshold``
@@ -28,7 +32,7 @@ from . import residuals
 from .core import matching
 from .store import Entry
 
-MATCHERS = ("correlation", "decoder", "transport")
+MATCHERS = ("correlation", "decoder", "transport", "vocab")
 KIND = "matchers"
 N_SPLITS = 5
 
@@ -49,11 +53,38 @@ def decoder_cosine(pipe, la: int, lb: int) -> tuple[np.ndarray, matching.Stitch]
     return matching.decoder_cosine(pipe.a.decoder(la), pipe.b.decoder(lb), st), st
 
 
+def names(pipe) -> tuple[str, ...]:
+    """The matchers of ``MATCHERS`` that apply to the pipeline's two models: ``vocab``
+    needs one shared tokenizer."""
+    return tuple(n for n in MATCHERS if n != "vocab" or pipe.up.shared_tokenizer)
+
+
+def vocab_gram(pipe) -> matching.VocabGram | None:
+    """The Gram matrices of the two models' unembeddings (a ``vocab_gram`` store entry,
+    one per pair of models); None when a side's head cannot be read."""
+    u_a, u_b = pipe.a.unembedding, pipe.b.unembedding
+    if u_a is None or u_b is None:
+        return None
+
+    def build(out: Path) -> dict:
+        g = matching.vocab_gram(u_a, u_b)
+        np.savez(out / "gram.npz", ab=g.ab, aa=g.aa, bb=g.bb)
+        return {"d_a": g.ab.shape[0], "d_b": g.ab.shape[1], "vocab": u_a.shape[1]}
+
+    e = pipe.store.get_or_create("vocab_gram", {"a": pipe.a.model_key,
+                                                "b": pipe.b.model_key}, build)[0]
+    with np.load(e.file("gram.npz")) as z:
+        return matching.VocabGram(z["ab"], z["aa"], z["bb"])
+
+
 def spec(pipe, matches: Entry) -> dict:
     mc = pipe.cfg.match
-    return {"matches": matches.key, "stitch": mc.stitch, "stitch_rows": mc.stitch_rows,
-            "transport": mc.options("sinkhorn"), "policy": policy(pipe),
-            "split_threshold": mc.split_threshold}
+    out = {"matches": matches.key, "stitch": mc.stitch, "stitch_rows": mc.stitch_rows,
+           "transport": mc.options("sinkhorn"), "policy": policy(pipe),
+           "split_threshold": mc.split_threshold}
+    if "vocab" in names(pipe):
+        out["vocab"] = True
+    return out
 
 
 def policy(pipe) -> str:
@@ -73,20 +104,38 @@ def load(e: Entry) -> dict[str, matching.Matches]:
     """The pairs of every matcher stored in a ``matchers`` entry."""
     out = {}
     for name in MATCHERS:
+        if not e.file(f"pairs_{name}.npz").exists():
+            continue
         with np.load(e.file(f"pairs_{name}.npz")) as z:
             out[name] = matching.Matches(z["a"], z["b"], z["corr"])
     return out
 
 
-def pair_sets(pipe, corr, cos, tokens) -> dict[str, matching.Matches]:
-    """The pairs of each matcher, under the config's threshold and token filters."""
+def pair_sets(pipe, corr, cos, tokens, vocab=None) -> dict[str, matching.Matches]:
+    """The pairs of each matcher, under the config's threshold and token filters;
+    ``vocab``: the vocabulary-effect cosine (None: no ``vocab`` matcher)."""
     mc = pipe.cfg.match
     rule = mc.rule()
     same = matching.Rule(policy(pipe), rule.threshold, rule.junk_filter, rule.shared_token)
     ot = matching.Rule("sinkhorn", rule.threshold, rule.junk_filter, rule.shared_token)
-    return {"correlation": matching.pair(corr, same, *tokens).matches,
-            "decoder": matching.pair(cos, same, *tokens).matches,
-            "transport": matching.pair(corr, ot, *tokens, **mc.options("sinkhorn")).matches}
+    out = {"correlation": matching.pair(corr, same, *tokens).matches,
+           "decoder": matching.pair(cos, same, *tokens).matches,
+           "transport": matching.pair(corr, ot, *tokens, **mc.options("sinkhorn")).matches}
+    if vocab is not None:
+        out["vocab"] = matching.pair(vocab, same, *tokens).matches
+    return out
+
+
+def vocab_cosine(pipe, la: int, lb: int) -> tuple[np.ndarray | None, dict]:
+    """The (F_a, F_b) vocabulary-effect cosine of the two layers' features (None when it
+    does not apply), and what the meta says of it."""
+    if "vocab" not in names(pipe):
+        return None, {}
+    gram = vocab_gram(pipe)
+    if gram is None:
+        return None, {"vocab_missing": "a side's output head cannot be read (an untied "
+                                       "head of a randomly initialised model)"}
+    return matching.vocab_cosine_gram(pipe.a.decoder(la), pipe.b.decoder(lb), gram), {}
 
 
 def fan_out_stats(corr, threshold: float) -> dict:
@@ -135,10 +184,11 @@ def build(pipe, la: int, lb: int, tokens: tuple, out: Path) -> dict:
     codes_b = pipe.analysis_codes(pipe.b.codes[lb])
     corr = matching.correlation(codes_a, codes_b)
     cos, st = decoder_cosine(pipe, la, lb)
-    sets = pair_sets(pipe, corr, cos, tokens)
+    vocab, note = vocab_cosine(pipe, la, lb)
+    sets = pair_sets(pipe, corr, cos, tokens, vocab)
     for name, m in sets.items():
         np.savez(out / f"pairs_{name}.npz", a=m.a, b=m.b, corr=m.corr)
-    meta = {"stitch_r2_fit": st.r2_fit, "stitch_r2": st.r2_heldout,
+    meta = {**note, "stitch_r2_fit": st.r2_fit, "stitch_r2": st.r2_heldout,
             **{f"n_pairs_{k}": m.n for k, m in sets.items()},
             **{f"jaccard_{k}": v for k, v in matching.agreement(sets).items()},
             **fan_out_stats(corr, mc.split_threshold),

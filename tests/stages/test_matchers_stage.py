@@ -56,9 +56,16 @@ def test_compare_entry_holds_what_the_core_gives(tiny_run, own_store):
                          residuals.load(pipe.b.residual_rows[ROWS][lb]))
     cos = matching.decoder_cosine(pipe.a.decoder(la), pipe.b.decoder(lb), st)
     ot_rule = matching.Rule("sinkhorn", rule.threshold, rule.junk_filter, rule.shared_token)
+    assert pipe.up.shared_tokenizer and matchers.names(pipe) == matchers.MATCHERS
+    tl_a = pipe.a.model.model
+    assert tl_a.cfg.normalization_type == "LN"
+    w_u_a = tl_a.W_U.detach().numpy() * tl_a.ln_final.w.detach().numpy()[:, None]
+    vocab = matching.vocab_cosine(pipe.a.decoder(la), w_u_a - w_u_a.mean(0),
+                                  pipe.b.decoder(lb), pipe.b.unembedding)
     want = {"correlation": matching.pair(corr, rule, *tokens).matches,
             "decoder": matching.pair(cos, rule, *tokens).matches,
-            "transport": matching.pair(corr, ot_rule, *tokens).matches}
+            "transport": matching.pair(corr, ot_rule, *tokens).matches,
+            "vocab": matching.pair(vocab, rule, *tokens).matches}
     for name, m in want.items():
         np.testing.assert_array_equal(sets[name].a, m.a, err_msg=name)
         np.testing.assert_array_equal(sets[name].b, m.b, err_msg=name)
@@ -67,6 +74,8 @@ def test_compare_entry_holds_what_the_core_gives(tiny_run, own_store):
     assert meta["jaccard_correlation_vs_decoder"] == pytest.approx(
         matching.jaccard(want["correlation"], want["decoder"]), nan_ok=True)
     assert meta["stitch_r2"] == pytest.approx(st.r2_heldout)
+    assert meta["jaccard_correlation_vs_vocab"] == pytest.approx(
+        matching.jaccard(want["correlation"], want["vocab"]), nan_ok=True)
     fo = matching.fan_out(corr, pipe.cfg.match.split_threshold)
     assert meta["fan_out_a"] == fo.histogram("a")
     assert meta["split_share_a"] == pytest.approx(fo.split_share_a, nan_ok=True)

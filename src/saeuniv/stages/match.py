@@ -171,20 +171,23 @@ def top_pairs(pipe, la: int, lb: int, e: Entry, n: int | None) -> list[dict]:
 def compare_summary_lines(pipe, middle: dict) -> list[str]:
     """The matchers compared (``match.compare``), for the main run's summary; ``middle``:
     the middle band's calibrated score per (metric, matcher) (``similarity.by_matcher``)."""
-    names = matchers.MATCHERS
+    names = matchers.names(pipe)
+    short = {"decoder": "dec", "transport": "ot", "vocab": "vocab"}
+    others = [n for n in names if n != "correlation"]
     lines = ["", "## Matchers compared", "",
-             "Pairs of each matcher (correlation, decoder cosine after the stitch, transport), "
-             "their Jaccard overlap, the stitch's held-out R², the share of matched features "
-             f"with two or more partners above match.split_threshold="
+             "Pairs of each matcher (" + ", ".join(names) + "), "
+             "their Jaccard overlap with correlation's, the stitch's held-out R², the share "
+             "of matched features with two or more partners above match.split_threshold="
              f"{pipe.cfg.match.split_threshold} (split), and B's SAE on A's "
              "activations as explained variance of B's: raw, through the stitch, and B's own.",
-             "", "| layer pair | pairs " + " / ".join(names) + " | J corr-dec | J corr-ot | "
-             "stitch R² | A split | B split | EV raw | EV aligned | EV own |",
-             "|---" * 10 + "|"]
+             "", "| layer pair | pairs " + " / ".join(names) + " | "
+             + " | ".join(f"J corr-{short[n]}" for n in others)
+             + " | stitch R² | A split | B split | EV raw | EV aligned | EV own |",
+             "|---" * (8 + len(others)) + "|"]
     for la, lb in pipe.pairs:
         m = compare_entry(pipe, la, lb, entry(pipe, la, lb)).meta
-        cells = [" / ".join(str(m[f"n_pairs_{n}"]) for n in names),
-                 m.get("jaccard_correlation_vs_decoder"), m.get("jaccard_correlation_vs_transport"),
+        cells = [" / ".join(str(m.get(f"n_pairs_{n}", "–")) for n in names),
+                 *(m.get(f"jaccard_correlation_vs_{n}") for n in others),
                  m.get("stitch_r2"), m.get("split_share_a"), m.get("split_share_b"),
                  m.get("xrecon_raw"), m.get("xrecon_aligned"), m.get("xrecon_own")]
         lines.append(f"| {pair_key(la, lb)} | " + " | ".join(

@@ -154,12 +154,15 @@ def run(pipe) -> None:
         log_by_matcher(pipe)
 
 
-def matcher_entry(pipe, la: int, lb: int, name: str) -> Entry:
+def matcher_entry(pipe, la: int, lb: int, name: str) -> Entry | None:
     """The ``scores`` entry of matcher ``name``'s pairs (``match.compare``; see
-    ``saeuniv.matchers``), built when missing."""
+    ``saeuniv.matchers``), built when missing; None when the matcher has no pairs stored
+    (``vocab`` without a readable output head)."""
     m = match.entry(pipe, la, lb)
     cmp = match.compare_entry(pipe, la, lb, m)
-    pairs, main = matchers.load(cmp)[name], match.load(m)
+    pairs, main = matchers.load(cmp).get(name), match.load(m)
+    if pairs is None:
+        return None
     if np.array_equal(pairs.a, main.a) and np.array_equal(pairs.b, main.b):
         return entry(pipe, la, lb)  # the run's own pairs: scored already
     spec_ = {"matchers": cmp.key, "matcher": name, "sae_a": pipe.a.sae_keys[la],
@@ -175,12 +178,16 @@ def by_matcher(pipe) -> tuple[dict, dict]:
     matcher): float}`` (NaN: no scored cell in the band)."""
     sim = pipe.cfg.similarity
     la_list, lb_list = pipe.a.layers, pipe.b.layers
+    names = matchers.names(pipe)
     cal = {(m, n): np.full((len(la_list), len(lb_list)), np.nan)
-           for m in sim.metrics for n in matchers.MATCHERS}
+           for m in sim.metrics for n in names}
     cells = {}
-    todo = [(la, lb, name) for la, lb in pipe.pairs for name in matchers.MATCHERS]
+    todo = [(la, lb, name) for la, lb in pipe.pairs for name in names]
     for la, lb, name in tqdm(todo, desc="similarity by matcher", unit="scoring"):
-        cells[la, lb, name] = load(matcher_entry(pipe, la, lb, name))["metrics"]
+        e = matcher_entry(pipe, la, lb, name)
+        if e is None:
+            continue
+        cells[la, lb, name] = load(e)["metrics"]
         for metric, r in cells[la, lb, name].items():
             if "observed" in r:
                 cal[metric, name][la_list.index(la), lb_list.index(lb)] = r["calibrated"]
