@@ -136,7 +136,7 @@ def test_a_ladder_of_three_tiny_models(tmp_path, corpus_dir, tracking, monkeypat
     [parent] = [r for r in runs if r.data.tags.get("saeuniv.stage") == "ladder"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["mlflow.runName"] for r in children) == [
-        "main:tiny-ladder:s-vs-m", "main:tiny-ladder:xs-vs-m", "main:tiny-ladder:xs-vs-s"]
+        "s vs m · one_to_one @ 0.05", "xs vs m · one_to_one @ 0.05", "xs vs s · one_to_one @ 0.05"]
     assert {r.info.status for r in children + [parent]} == {"FINISHED"}
 
     client = mlflow.MlflowClient()
@@ -149,7 +149,7 @@ def test_a_ladder_of_three_tiny_models(tmp_path, corpus_dir, tracking, monkeypat
     assert len(rows) == 3 * len(metrics)
 
     # the parent's middle-band score of a pair is the band mean of its child's grid
-    child = next(r for r in children if r.data.tags["mlflow.runName"].endswith("xs-vs-m"))
+    child = next(r for r in children if r.data.tags["mlflow.runName"].startswith("xs vs m"))
     grids = mlflow.artifacts.load_dict(f"runs:/{child.info.run_id}/grids.json")
     for run in (parent, child):  # the caveats travel with the results
         summary = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/summary.md")

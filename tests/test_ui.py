@@ -184,7 +184,7 @@ def test_run_page_shows_the_run_its_heatmap_and_report_in_chromium(tiny_run, tmp
         _wait_for(browser, [run.run_id, "rsa_z", "rsa_null_mean", "sae_fvu_a"])
         # this run, in its experiment: the header, the breadcrumb, the id in the overview
         header = browser.find_element(By.CSS_SELECTOR, '[data-testid="runs-header"]')
-        assert header.text == run["tags.mlflow.runName"] == "main:tiny"
+        assert header.text == run["tags.mlflow.runName"] == "xs vs s · one_to_one @ 0.05"
         crumb = browser.find_element(By.CSS_SELECTOR, 'a[data-testid="experiment-runs-link"]')
         assert crumb.text == experiment
         assert f"#/experiments/{run.experiment_id}/" in crumb.get_attribute("href")

@@ -190,6 +190,7 @@ def project_launcher(project_dir: Path, tmp: Path):
     import mlflow
 
     from .files import atomic_write_text
+    from .stages.runner import stage_run_name
 
     def launch(stage, pipe):
         run = mlflow.active_run()
@@ -207,7 +208,7 @@ def project_launcher(project_dir: Path, tmp: Path):
             os.environ["SAEUNIV_HOME"] = str(pipe.store.root)
         submitted = mlflow.run(str(project_dir), entry_point=stage, parameters=params,
                                env_manager=env_manager, experiment_id=run.info.experiment_id,
-                               run_name=stage, synchronous=False)
+                               run_name=stage_run_name(stage, pipe.cfg), synchronous=False)
         try:
             submitted.wait()
         except BaseException:  # SIGTERM or Ctrl-C while the stage runs: stop the stage too
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         from .pipeline import Pipeline
         from .stages.runner import run_stage
         from .store import Store
-        from .tracking import install_signal_handlers, setup_tracking
+        from .tracking import experiment_name, install_signal_handlers, setup_tracking
 
         store = Store(args.store)
     except (ConfigError, OSError, RuntimeError) as err:
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         return 2
     install_signal_handlers()
     launched_by_project = "MLFLOW_RUN_ID" in os.environ and project_dir is not None
-    uri = setup_tracking(args.experiment)
+    uri = setup_tracking(args.experiment, experiment_name(cfg.name))
     try:
         if args.command == "run":
             with tempfile.TemporaryDirectory() as tmp:
@@ -270,6 +271,21 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         print(f"saeuniv: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _experiment_of(run_id: str) -> str:
+    """The experiment of a run (a comparison is logged beside the first run it compares);
+    ``saeuniv/compare`` when the run is not found (``compare`` then says why)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from .tracking import experiment_name
+
+    client = mlflow.MlflowClient(_tracking_uri())
+    try:
+        return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+    except MlflowException:
+        return experiment_name("compare")
 
 
 def _tracking_uri() -> str:
@@ -333,7 +349,7 @@ def compare_main(args) -> int:
         print(f"saeuniv: error: {err}", file=sys.stderr)
         return 2
     install_signal_handlers()
-    uri = setup_tracking(args.experiment)
+    uri = setup_tracking(args.experiment, _experiment_of(ids[0]))
     try:
         run_id, text = compare(ids)
     except CompareError as err:
@@ -350,7 +366,7 @@ def ladder_main(args) -> int:
     try:
         from .ladder import load_ladder, run_ladder
         from .store import Store
-        from .tracking import install_signal_handlers, setup_tracking
+        from .tracking import experiment_name, install_signal_handlers, setup_tracking
 
         ladder = load_ladder(args.config, _parse_set(args.set))
         store = Store(args.store)
@@ -358,7 +374,7 @@ def ladder_main(args) -> int:
         print(f"saeuniv: error: {err}", file=sys.stderr)
         return 2
     install_signal_handlers()
-    uri = setup_tracking(args.experiment)
+    uri = setup_tracking(args.experiment, experiment_name(ladder.name))
     try:
         run_id = run_ladder(ladder, store, force=args.force)
     except ValueError as err:  # bad input found before or during the pairs: one clear line
@@ -375,7 +391,7 @@ def sweep_main(args) -> int:
     try:
         from .store import Store
         from .sweep import check_n_trials, load_spec, open_storage, run_sweep
-        from .tracking import DEFAULT_URI, install_signal_handlers, setup_tracking
+        from .tracking import DEFAULT_URI, experiment_name, install_signal_handlers, setup_tracking
 
         spec = load_spec(args.spec)
         check_n_trials(spec, args.n_trials)
@@ -387,7 +403,7 @@ def sweep_main(args) -> int:
         print(f"saeuniv: error: {err}", file=sys.stderr)
         return 2
     install_signal_handlers()
-    uri = setup_tracking(args.experiment)
+    uri = setup_tracking(args.experiment, experiment_name(args.study or spec.study))
     try:
         result = run_sweep(spec, cfg, store, storage=storage, study_name=args.study,
                            n_trials=args.n_trials)

@@ -47,7 +47,7 @@ def run_main(cfg: Config, store: Store | None = None, launcher: Callable | None 
     if force:  # every entry recomputed once, from the corpus on
         pipe.store.force |= {kind for stage in stages.STAGES for kind in stage.kinds}
     launch = launcher or (lambda stage, p: run_stage(stage, p, force=force))
-    with stage_run("main", run_name=f"main:{cfg.name}", tags=pipeline_lineage(pipe)) as run:
+    with stage_run("main", run_name=cfg.label(), tags=pipeline_lineage(pipe)) as run:
         mlflow.log_params(flat_params(cfg))
         mlflow.log_dict(cfg.to_dict(), "config.yaml")
         pipe.validate()

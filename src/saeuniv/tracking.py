@@ -33,20 +33,42 @@ from .files import sha256_file
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "saeuniv"
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, an assistant);
+# with it, on the runs table
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
-def setup_tracking(experiment: str | None = None) -> str:
-    """Point MLflow at ``$MLFLOW_TRACKING_URI`` or the local SQLite store; pick the experiment."""
+def experiment_name(name: str) -> str:
+    """The default experiment of a config, sweep study or ladder named ``name``."""
+    return f"saeuniv/{name}"
+
+
+def setup_tracking(experiment: str | None = None, default: str = experiment_name("runs")) -> str:
+    """Point MLflow at ``$MLFLOW_TRACKING_URI`` or the local SQLite store; pick the experiment:
+    ``experiment``, else ``$MLFLOW_EXPERIMENT_NAME``, else ``default``. The experiment is
+    tagged as a model-development one (``EXPERIMENT_KIND``) unless it has a kind."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     mlflow.set_tracking_uri(uri)
     # Inside `mlflow run` the experiment is fixed by the launcher (MLFLOW_EXPERIMENT_ID);
     # switching it would make the project run unreachable.
-    if "MLFLOW_RUN_ID" not in os.environ and mlflow.active_run() is None:
-        mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-                              or DEFAULT_EXPERIMENT)
+    if "MLFLOW_RUN_ID" in os.environ or mlflow.active_run() is not None:
+        exp_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or (
+            mlflow.active_run().info.experiment_id if mlflow.active_run() else None)
+    else:
+        exp_id = mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+                                       or default).experiment_id
+    if exp_id is not None:
+        mark_experiment(exp_id)
     return uri
+
+
+def mark_experiment(experiment_id: str) -> None:
+    """Tag an experiment as model development (``EXPERIMENT_KIND``) unless it has a kind."""
+    client = mlflow.MlflowClient()
+    key, value = EXPERIMENT_KIND
+    if key not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, key, value)
 
 
 class Terminated(SystemExit):

@@ -25,6 +25,47 @@ def test_main_run_has_nested_stage_runs(tiny_run):
     assert set(frame["status"]) == {"FINISHED"}
 
 
+def test_runs_go_to_the_config_experiment_named_by_what_differs(tiny_run):
+    frame = runs(tiny_run["uri"])
+    client = mlflow.MlflowClient(tiny_run["uri"])
+    [exp_id] = set(frame.experiment_id)
+    exp = client.get_experiment(exp_id)
+    # the config's name; opened by the UI on its runs table, not the GenAI overview
+    assert exp.name == "saeuniv/tiny"
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    label = "xs vs s · one_to_one @ 0.05"
+    for _, run in frame[frame["tags.saeuniv.stage"].isin(stages.NAMES)].iterrows():
+        assert run["tags.mlflow.runName"] == f"{run['tags.saeuniv.stage']} · {label}"
+    assert set(frame[frame["tags.saeuniv.stage"] == "main"]["tags.mlflow.runName"]) == {label}
+
+
+def test_run_names_tell_settings_apart():
+    from saeuniv.config import load_config
+
+    cfg = load_config("default")
+    names = {cfg.label(), cfg.replace(**{"match.threshold": 0.2}).label(),
+             cfg.replace(**{"match.policy": "hungarian"}).label(),
+             cfg.replace(**{"match.basis": "decoder"}).label(),
+             cfg.replace(**{"model_b.init": "random"}).label()}
+    assert len(names) == 5
+    assert cfg.label() == "tiny-s vs tiny-l · one_to_one @ 0.1"
+
+
+def test_an_experiment_keeps_a_kind_it_already_has(tracking, monkeypatch):
+    from saeuniv.tracking import setup_tracking
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    client = mlflow.MlflowClient(tracking)
+    own = client.create_experiment("mine", tags={"mlflow.experimentKind": "genai_development"})
+    setup_tracking("mine")
+    assert client.get_experiment(own).tags["mlflow.experimentKind"] == "genai_development"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    setup_tracking(None, "unused")
+    exp = client.get_experiment_by_name("from-env")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment_by_name("unused") is None
+
+
 def test_main_run_metrics_and_artifacts(tiny_run, tiny_pipe):
     frame = runs(tiny_run["uri"])
     main = frame[frame["tags.saeuniv.stage"] == "main"].iloc[0]

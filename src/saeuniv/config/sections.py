@@ -363,6 +363,15 @@ class Config:
     def hash(self) -> str:
         return digest(self.to_dict())
 
+    def label(self) -> str:
+        """What tells this run from another in a list of runs: the two models and the
+        matching settings, e.g. ``tiny-s vs tiny-l · one_to_one @ 0.1``."""
+        models = " vs ".join(m.name + (" (random init)" if m.init == "random" else "")
+                             for m in (self.model_a, self.model_b))
+        m = self.match
+        basis = "" if m.basis == "correlation" else f" on {m.basis}"
+        return f"{models} · {m.policy}{basis} @ {m.threshold:g}"
+
     def replace(self, **overrides) -> Config:
         """A copy with ``"section.key": value`` overrides applied and validated."""
         from .loading import from_dict, set_path  # loading builds on these sections

@@ -82,6 +82,11 @@ def reuse_run(source) -> None:
     mlflow.set_tag("saeuniv.reused_from", source.info.run_id)
 
 
+def stage_run_name(stage: str, cfg: Config) -> str:
+    """The run name of a stage: the stage, then what tells the pipeline from another."""
+    return f"{stage} · {cfg.label()}"
+
+
 def run_stage(stage: str, pipe, force: bool = False) -> None:
     """Run one stage inside its own MLflow run (nested when a parent is active).
 
@@ -92,7 +97,8 @@ def run_stage(stage: str, pipe, force: bool = False) -> None:
     the stage's store entries are rebuilt and overwritten.
     """
     inputs = inputs_hash(pipe.cfg, stage)
-    with stage_run(stage, tags={**pipeline_lineage(pipe), "saeuniv.inputs_hash": inputs}):
+    with stage_run(stage, run_name=stage_run_name(stage, pipe.cfg),
+                   tags={**pipeline_lineage(pipe), "saeuniv.inputs_hash": inputs}):
         mlflow.log_params({"config_name": pipe.cfg.name, "config_hash": pipe.cfg.hash()})
         pipe.validate(stage)
         source = None if force else reusable_run(stage, inputs)
