@@ -179,6 +179,18 @@ def _hf_documents(source: str) -> tuple[list[str], str]:
     return docs, digest([name, split, ds._fingerprint])
 
 
+def describe_source(source: str) -> dict[str, str]:
+    """Where the text of ``source`` (``corpus.source``) comes from, in words a dataset
+    record keeps: ``origin`` (``npm``, ``huggingface`` or ``file``) and ``location`` (the
+    pinned package, the dataset and split, or the absolute path)."""
+    if source.startswith("stdlib-"):
+        return {"origin": "npm", "location": STDLIB_PACKAGE}
+    if source.startswith("hf:"):
+        name, _, split = source[3:].partition(":")
+        return {"origin": "huggingface", "location": f"{name}:{split or 'train'}"}
+    return {"origin": "file", "location": str(Path(source).expanduser().resolve())}
+
+
 def chunk_document(text: str, max_chars: int) -> list[str]:
     """Cut ``text`` at paragraph (then sentence, then hard) boundaries into <= max_chars pieces."""
     pieces, current = [], ""

@@ -7,10 +7,16 @@ inputs: the corpus hash (``saeuniv.corpus_hash``), the analysis token count
 (``saeuniv.sae.a0``: side and layer). Nothing is computed to tag it: a key that is not
 resolved yet is left out, and the stages set these tags again when they end, so every key
 a stage resolved is on its run, with the same value on every run of the pipeline.
+
+The corpus is also an MLflow dataset input of each run that resolved it (``log_corpus``):
+the runs table's Dataset column, filter and compare view say which runs read the same text.
 """
 
 from __future__ import annotations
 
+import mlflow
+
+from .plugin.corpus_source import SPLIT, corpus_dataset
 from .tracking import lineage_tags
 
 SEEDS = ("corpus", "family", "sae", "similarity", "subspaces")  # config sections with a seed
@@ -34,3 +40,15 @@ def pipeline_lineage(pipe) -> dict[str, str]:
         for layer, sae in sorted(side.resolved_sae_keys().items()):
             tags[f"saeuniv.sae.{side.name}{layer}"] = sae
     return tags
+
+
+def log_corpus(pipe, resolve: bool = False) -> None:
+    """Log the corpus's analysis split as the active run's dataset input, with the
+    compared token count once the windows are cut. Unless ``resolve``, nothing when the
+    corpus is not resolved in this process (a reused stage run)."""
+    resolved = vars(pipe.up)
+    if "corpus" not in resolved and not resolve:
+        return
+    n_tokens = (pipe.up.windows_entry.meta["n_valid_tokens"]
+                if "windows_entry" in resolved else None)
+    mlflow.log_input(corpus_dataset(pipe.cfg.corpus, pipe.up.corpus, n_tokens), context=SPLIT)

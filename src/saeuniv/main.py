@@ -11,7 +11,7 @@ import mlflow
 
 from . import stages
 from .config import Config
-from .lineage import pipeline_lineage
+from .lineage import log_corpus, pipeline_lineage
 from .pipeline import Pipeline
 from .report import report
 from .stages.runner import run_stage
@@ -56,4 +56,5 @@ def run_main(cfg: Config, store: Store | None = None, launcher: Callable | None 
             launch(stage, pipe)
         report(pipe)
         mlflow.set_tags(pipeline_lineage(pipe))
+        log_corpus(pipe, resolve=True)  # even when every stage run was reused
         return run.info.run_id

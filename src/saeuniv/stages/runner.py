@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 
 from ..config import Config, digest
-from ..lineage import pipeline_lineage
+from ..lineage import log_corpus, pipeline_lineage
 from ..tracking import CHECKSUMS, code_version, stage_run
 from . import get, sections
 
@@ -106,8 +106,10 @@ def run_stage(stage: str, pipe, force: bool = False) -> None:
             log.info("stage %s: reusing run %s (same inputs and code)", stage,
                      source.info.run_id)
             reuse_run(source)
+            log_corpus(pipe)
             return
         if force:
             pipe.store.force |= set(get(stage).kinds)
         get(stage).run(pipe)
         mlflow.set_tags(pipeline_lineage(pipe))  # the keys this stage resolved
+        log_corpus(pipe)
