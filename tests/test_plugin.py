@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -89,7 +90,7 @@ def test_every_main_run_reads_its_corpus_as_a_dataset(tiny_run, tiny_pipe):
         source = mlflow.data.get_source(inp)
         assert isinstance(source, CorpusSource) and source.origin == "file"
         folder = source.load(str(tiny_run["store"]))  # resolves back to the same split
-        assert open(os.path.join(folder, "analysis.jsonl")).read() == \
+        assert (Path(folder) / "analysis.jsonl").read_text() == \
             corpus.file("analysis.jsonl").read_text()
     # every stage run that read the corpus names the same dataset
     cold = mains.sort_values("start_time").run_id.iloc[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 
+from . import saes
 from .core.significance import ALPHA
 from .stages import convergence, extract, match, similarity
 from .stages.subspaces import main_summary_lines
@@ -23,7 +24,9 @@ from .tracking import csv_text, pair_key
 
 GRID_FIELDS = ("observed", "null_mean", "null_sd", "z", "p", "calibrated")
 CURVE_FIELDS = ("null_mean", "z", "p")  # logged beside each curve point
-REPORT_PAIRS = 5  # top matched pairs per layer pair in report.html
+# matched pairs per layer pair in report.html's browser: at least 5, at most 50, about
+# 5,000 in all (a large grid's page stays light; every pair is in matched_pairs.csv)
+REPORT_PAIRS = (5, 50, 5000)
 
 
 def grids(pipe) -> dict:
@@ -140,9 +143,19 @@ def report(pipe) -> None:
         split_rows = match.splits(pipe)
     mlflow.log_text(text, "summary.md")
     mlflow.set_tag("mlflow.note.content", text)
-    top = [row for rows in ranked for row in rows[:REPORT_PAIRS]]
+    low, high, total = REPORT_PAIRS
+    per_cell = max(low, min(high, total // max(1, len(ranked))))
+    top = with_dashboards(pipe, [row for rows in ranked for row in rows[:per_cell]])
     mlflow.log_text(render(f"saeuniv: {pipe.a.model_name} vs {pipe.b.model_name}", text,
                            images, curves_png, quality, top, split_rows), "report.html")
+
+
+def with_dashboards(pipe, rows: list[dict]) -> list[dict]:
+    """Pair rows with each side's SAE Neuronpedia id (``neuronpedia_a``/``_b``, or None)."""
+    ids = {side.name: {layer: saes.neuronpedia_id(side.sae_ref, layer) for layer in side.layers}
+           for side in pipe.sides}
+    return [{**r, "neuronpedia_a": ids["a"][r["layer_a"]],
+             "neuronpedia_b": ids["b"][r["layer_b"]]} for r in rows]
 
 
 # -- summary.md -------------------------------------------------------------------------

@@ -267,6 +267,23 @@ def check_ref(ref, info: ModelInfo, layers: list[int], side: str) -> None:
                        f"sae_{side} ({folder})")
 
 
+def neuronpedia_id(ref, layer: int) -> str | None:
+    """The Neuronpedia id of a pretrained SAE (its public feature dashboards): from
+    sae-lens's directory of releases, or a folder's ``cfg.json`` metadata; None for an SAE
+    trained here or one without an id."""
+    if ref.source == "release":
+        ids = release_lookup(ref.release).neuronpedia_id or {}
+        return ids.get(ref.sae_id(layer))
+    if ref.source == "folder":
+        try:
+            cfg = json.loads((Path(ref.folder(layer)).expanduser() / "cfg.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(cfg, dict):
+            return (cfg.get("metadata") or {}).get("neuronpedia_id") or cfg.get("neuronpedia_id")
+    return None
+
+
 def sae_key(ref, layer: int, store: Store) -> str:
     """Identity of a pretrained SAE: its release and id, or its folder's file hashes."""
     import sae_lens
