@@ -14,16 +14,17 @@ def test_html_report_escapes_text_from_the_data():
     assert "<script>alert" not in html
     assert "x &lt;script&gt;alert(1)&lt;/script&gt; <mark>y</mark>" in html
     assert "&#x27;&lt;b&gt;&#x27;" in html and "&#x27;&amp;&#x27;" in html
-    assert "A &lt;i&gt; vs B" in html and "<h1>s &amp; t</h1>" in html
+    assert "A &lt;i&gt; vs B" in html and "s &amp; t" not in html  # the page has its title
     assert 'src="data:image/png;base64,AAAA"' in html and "&quot;q&quot;" in html
     assert '<td class="num">0.25</td>' in html
 
 
 def test_summary_markdown_renders_as_html_with_no_markup_from_the_data():
-    text = ("# Title\n\n- caveat <img src=x onerror=alert(1)>\n\n| metric | p |\n|---|---|\n"
-            "| rsa | 0.01 |\n")
+    text = ("## Part\n\n- caveat <img src=x onerror=alert(1)>\n  - nested\n\n"
+            "| metric | p |\n|---|---|\n| rsa | 0.01 |\n")
     html = summary_html(text)
-    assert "<h1>Title</h1>" in html and "<li>caveat &lt;img" in html and "<img" not in html
+    assert "<h4>Part</h4>" in html and "<li>caveat &lt;img" in html and "<img" not in html
+    assert "<ul>\n<li>nested</li>\n</ul>" in html
     assert "<table>" in html and "<td>rsa</td>" in html and "<td>0.01</td>" in html
 
 

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         from .pipeline import Pipeline
         from .stages.runner import run_stage
         from .store import Store
-        from .tracking import experiment_name, install_signal_handlers, setup_tracking
+        from .tracking import browse_hint, experiment_name, install_signal_handlers, setup_tracking
 
         store = Store(args.store)
     except (ConfigError, OSError, RuntimeError) as err:
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
                 launcher = project_launcher(project_dir, Path(tmp)) if launched_by_project else None
                 run_id = run_main(cfg, store, launcher, force=args.force)
             print(f"saeuniv: main run {run_id} finished; browse it with\n"
-                  f"  mlflow ui --backend-store-uri {uri}")
+                  + browse_hint(uri, run_id))
         else:
             run_stage(args.command, Pipeline(cfg, store), force=args.force)
     except ValueError as err:  # bad input found by a stage: one clear line
@@ -341,7 +341,7 @@ def doctor_main(args) -> int:
 def compare_main(args) -> int:
     """``saeuniv compare``: 0 when the comparison run is logged, 2 on bad input."""
     from .compare import CompareError, compare, parse_run_ids
-    from .tracking import install_signal_handlers, setup_tracking
+    from .tracking import browse_hint, install_signal_handlers, setup_tracking
 
     try:
         ids = parse_run_ids(args.runs)
@@ -356,8 +356,7 @@ def compare_main(args) -> int:
         print(f"saeuniv: error: {err}", file=sys.stderr)
         return 2
     print(text)
-    print(f"saeuniv: compare run {run_id} logged; browse it with\n"
-          f"  mlflow ui --backend-store-uri {uri}")
+    print(f"saeuniv: compare run {run_id} logged; browse it with\n" + browse_hint(uri, run_id))
     return 0
 
 
@@ -366,7 +365,7 @@ def ladder_main(args) -> int:
     try:
         from .ladder import load_ladder, run_ladder
         from .store import Store
-        from .tracking import experiment_name, install_signal_handlers, setup_tracking
+        from .tracking import browse_hint, experiment_name, install_signal_handlers, setup_tracking
 
         ladder = load_ladder(args.config, _parse_set(args.set))
         store = Store(args.store)
@@ -381,7 +380,7 @@ def ladder_main(args) -> int:
         print(f"saeuniv: error: {err}", file=sys.stderr)
         return 2
     print(f"saeuniv: ladder run {run_id} finished ({len(ladder.pairs())} pairs); browse it "
-          f"with\n  mlflow ui --backend-store-uri {uri}")
+          "with\n" + browse_hint(uri, run_id))
     return 0
 
 
@@ -391,7 +390,13 @@ def sweep_main(args) -> int:
     try:
         from .store import Store
         from .sweep import check_n_trials, load_spec, open_storage, run_sweep
-        from .tracking import DEFAULT_URI, experiment_name, install_signal_handlers, setup_tracking
+        from .tracking import (
+            DEFAULT_URI,
+            browse_hint,
+            experiment_name,
+            install_signal_handlers,
+            setup_tracking,
+        )
 
         spec = load_spec(args.spec)
         check_n_trials(spec, args.n_trials)
@@ -415,7 +420,7 @@ def sweep_main(args) -> int:
           + ("" if result.finished or not result.handed_off else
              ", the rest running on other workers")
           + f"; parent run {result.parent_run_id}; browse with\n"
-          f"  mlflow ui --backend-store-uri {uri}")
+          + browse_hint(uri, result.parent_run_id))
     if not (result.finished or result.handed_off):
         print(f"saeuniv: this worker stopped short: {result.stop_reason or 'see the log'}",
               file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from html import escape
 
 import markdown
@@ -93,8 +94,19 @@ def _table(columns: list[str], rows: list[dict]) -> str:
 
 def summary_html(text: str) -> str:
     """``summary.md`` as HTML: the Markdown (headings, lists, tables) rendered after every
-    character of it is escaped, so no text from the data becomes markup."""
-    return markdown.markdown(escape(text, quote=False), extensions=["tables"])
+    character of it is escaped, so no text from the data becomes markup; its headings start
+    at ``<h3>``."""
+    # summary.md nests lists by two spaces (as GitHub reads it); Python-Markdown wants four
+    text = re.sub(r"(?m)^((?:  )+)(?=[-*] )", lambda m: m[1] * 2, text)
+    html = markdown.markdown(escape(text, quote=False), extensions=["tables"])
+    # under the page's own title and "Summary" heading: its headings two levels down
+    return re.sub(r"<(/?)h([1-4])>", lambda m: f"<{m[1]}h{int(m[2]) + 2}>", html)
+
+
+def _untitled(summary: str) -> str:
+    """The summary without its own title line (the page has one)."""
+    first, _, rest = summary.partition("\n")
+    return rest if first.startswith("# ") else summary
 
 
 def marked(context: str) -> str:
@@ -148,7 +160,7 @@ def render(title: str, summary: str, heatmaps: dict[str, str], curves: str,
         return f'<img alt="{escape(alt)}" src="data:image/png;base64,{b64}">'
     parts = [f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{escape(title)}"
              f"</title><style>{STYLE}</style></head><body>", f"<h1>{escape(title)}</h1>",
-             '<h2 id="summary">Summary</h2>', summary_html(summary),
+             '<h2 id="summary">Summary</h2>', summary_html(_untitled(summary)),
              '<h2 id="heatmaps">Heatmaps</h2>',
              "<p>Score of every A layer (rows) against every B layer (columns); * marks "
              "p &lt; 0.05 against the permutation null. Per metric: the raw score, the "

@@ -63,6 +63,15 @@ def setup_tracking(experiment: str | None = None, default: str = experiment_name
     return uri
 
 
+def browse_hint(uri: str, run_id: str) -> str:
+    """How to look at a run: the ``mlflow ui`` command and the page of the run. The page
+    asks for the UI's model-training view (``workflowType``): MLflow 3's UI opens every
+    experiment in its GenAI view otherwise, whatever the experiment's kind."""
+    exp = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    return (f"  mlflow ui --backend-store-uri {uri}\nthen open\n  http://127.0.0.1:5000/#/"
+            f"experiments/{exp}/runs/{run_id}?workflowType=machine_learning")
+
+
 def mark_experiment(experiment_id: str) -> None:
     """Tag an experiment as model development (``EXPERIMENT_KIND``) unless it has a kind."""
     client = mlflow.MlflowClient()
