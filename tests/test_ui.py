@@ -132,14 +132,17 @@ def _errors_shown(driver) -> list[str]:
     return found + [t for t in ERROR_TEXTS if t.lower() in text.lower()]
 
 
-# The UI asks for the signed-in user; a server without authentication answers 404.
-NO_AUTH = "/ajax-api/2.0/mlflow/users/current - Failed to load resource"
+# Console messages that are not errors of the page: the UI asks for the signed-in user (a
+# server without authentication answers 404), and the runs table's resize observer reports
+# a layout pass it deferred (the browser's notice, logged at error level).
+NOT_ERRORS = ("/ajax-api/2.0/mlflow/users/current - Failed to load resource",
+              "ResizeObserver loop completed with undelivered notifications")
 
 
 def _console_errors(driver) -> list[str]:
     """Console errors (level SEVERE) since the last call (the log is drained)."""
     return [e["message"] for e in driver.get_log("browser")
-            if e["level"] == "SEVERE" and NO_AUTH not in e["message"]]
+            if e["level"] == "SEVERE" and not any(t in e["message"] for t in NOT_ERRORS)]
 
 
 def _report_in_frame(browser, n_images: int) -> dict:
@@ -156,16 +159,43 @@ def _report_in_frame(browser, n_images: int) -> dict:
         WebDriverWait(browser, 60, poll_frequency=0.5).until(lambda d: len([
             i for i in d.find_elements(By.TAG_NAME, "img")
             if d.execute_script("return arguments[0].complete", i)]) >= n_images)
-        return {
+        out = {
             "h1": [h.text for h in browser.find_elements(By.TAG_NAME, "h1")],
             "h2": [h.text for h in browser.find_elements(By.TAG_NAME, "h2")],
             "images": [(i.get_attribute("alt"), *browser.execute_script(
                 "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", i))
                 for i in browser.find_elements(By.TAG_NAME, "img")],
-            "tables": len(browser.find_elements(By.TAG_NAME, "table")),
+            "summary_tables": browser.execute_script(
+                "var h = document.getElementById('summary'), n = 0;"
+                "for (var e = h.nextElementSibling; e && e.tagName !== 'H2';"
+                " e = e.nextElementSibling) { if (e.tagName === 'TABLE') n++; } return n;"),
         }
+        return {**out, **_use_pair_browser(browser)}
     finally:
         browser.switch_to.default_content()
+
+
+def _use_pair_browser(browser) -> dict:
+    """Sort the pair browser by correlation (one click: descending) and filter it to its
+    last layer pair; what each showed."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    table = browser.find_element(By.ID, "pair-browser")
+    rows = table.find_elements(By.CSS_SELECTOR, "tbody tr")
+    headers = [th.text for th in table.find_elements(By.CSS_SELECTOR, "thead th")]
+    column = headers.index("corr")
+    table.find_elements(By.CSS_SELECTOR, "thead th")[column].click()
+    corr = [float(r.find_elements(By.TAG_NAME, "td")[column].text)
+            for r in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
+    menu = Select(browser.find_element(By.ID, "pair-cell"))
+    picked = menu.options[-1].get_attribute("value")
+    menu.select_by_value(picked)
+    shown = [r for r in table.find_elements(By.CSS_SELECTOR, "tbody tr") if r.is_displayed()]
+    return {"browser_rows": len(rows), "sorted_corr": corr, "picked": picked,
+            "filtered_rows": len(shown),
+            "filtered_cells": {r.get_attribute("data-cell") for r in shown}}
+
 
 
 def test_run_page_shows_the_run_its_heatmap_and_report_in_chromium(tiny_run, tmp_path,
@@ -219,11 +249,40 @@ def test_run_page_shows_the_run_its_heatmap_and_report_in_chromium(tiny_run, tmp
         browser.save_screenshot(str(shots / "mlflow-run-report.png"))
     assert report["h1"] == [html.split("<h1>")[1].split("</h1>")[0]]
     assert report["h2"] == ["Summary", "Heatmaps", "Per-layer curves", "SAE quality per layer",
-                            "Top matched feature pairs"]
+                            "Matched feature pairs"]
     panels = [f"heatmap_{m}{kind}.png" for m in metrics for kind in ("", "_cal", "_index")]
     assert [alt for alt, *_ in report["images"]] == [*panels, "depth_curves.png"]
     assert all(w > 0 and h > 0 for _, w, h in report["images"]), report["images"]
-    assert report["tables"] == 2  # SAE quality, top pairs
+    assert report["summary_tables"] >= 1  # summary.md's Markdown tables, rendered
+    # the pair browser, in the artefact view: sorted by a click, filtered by layer pair
+    assert report["browser_rows"] > 0
+    assert report["sorted_corr"] == sorted(report["sorted_corr"], reverse=True)
+    assert report["sorted_corr"] and report["filtered_cells"] == {report["picked"]}
+    assert 0 < report["filtered_rows"] < report["browser_rows"]
     # the error checks bite: a run that does not exist shows an error
     browser.get(f"{server}/#/experiments/{run.experiment_id}/runs/{'0' * 32}")
     WebDriverWait(browser, 60, poll_frequency=0.5).until(_errors_shown)
+
+
+def test_the_experiment_opens_on_its_runs_with_names_and_datasets(tiny_run, tmp_path, browser,
+                                                                 server):
+    from selenium.webdriver.common.by import By
+
+    mains = finished(runs(tiny_run["uri"]), "main")
+    exp_id = mains.experiment_id.iloc[0]
+    dataset = MlflowClient(tiny_run["uri"]).get_run(mains.run_id.iloc[0]).inputs
+    name = dataset.dataset_inputs[0].dataset.name
+    shots = Path(os.environ.get("SAEUNIV_TEST_ARTIFACTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    # the link `saeuniv run` prints: the model-training view of the experiment
+    browser.get(f"{server}/#/experiments/{exp_id}?workflowType=machine_learning")
+    try:
+        _wait_for(browser, ["xs vs s · one_to_one @ 0.05", name])
+        header = browser.find_element(By.CSS_SELECTOR, "h2, [data-testid='runs-header']")
+        text = _visible_text(browser)
+        # the runs table (run names, their dataset), not the GenAI overview of traces
+        assert "Run Name" in text and "Dataset" in text and "Token Usage" not in text, header
+        assert text.count(name) >= 2  # the dataset of both main runs
+        assert _errors_shown(browser) == [] and _console_errors(browser) == []
+    finally:
+        browser.save_screenshot(str(shots / "mlflow-runs-table.png"))
