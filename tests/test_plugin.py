@@ -29,9 +29,12 @@ print(json.dumps(mlflow.get_run(run.info.run_id).data.tags))
 def _tags_of_a_plain_run(tmp_path, imports: str, **env) -> dict:
     """The tags of a run started with ``mlflow.start_run()`` in a fresh process."""
     uri = f"sqlite:///{tmp_path / 'probe.db'}"
+    # a fresh process: none of this one's MLflow settings (a run or experiment id left by
+    # another test would point it elsewhere)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     out = subprocess.run([sys.executable, "-c", PROBE.format(imports=imports), uri],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **env})
+                         env={**clean, "MLFLOW_DISABLE_TELEMETRY": "true", **env})
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -151,7 +151,7 @@ def test_main_run_logs_a_self_contained_html_report(tiny_run, tiny_pipe):
     # per metric: raw, calibrated and convergence-index heatmaps; then the curves
     assert html.count("data:image/png;base64,") == 3 * len(tiny_run["cfg"].similarity.metrics) + 1
     assert "src=\"http" not in html and "<script src" not in html  # nothing fetched
-    assert 'id="pair-browser"' in html and "<mark>" in html and "<h3>Calibrated: " in html
+    assert 'id="pair-browser"' in html and "<mark>" in html and "<h4>Calibrated: " in html
     q = tiny_pipe.b.codes[tiny_pipe.b.layers[-1]].meta["quality"]
     assert f'<td class="num">{float(q["fvu"]):.4g}</td>' in html
     assert "[[" in html and "sae_dead" in html and "top_tokens_a" in html
