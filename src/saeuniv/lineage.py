@@ -15,6 +15,7 @@ the runs table's Dataset column, filter and compare view say which runs read the
 from __future__ import annotations
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from .plugin.corpus_source import SPLIT, corpus_dataset
 from .tracking import lineage_tags
@@ -51,4 +52,10 @@ def log_corpus(pipe, resolve: bool = False) -> None:
         return
     n_tokens = (pipe.up.windows_entry.meta["n_valid_tokens"]
                 if "windows_entry" in resolved else None)
-    mlflow.log_input(corpus_dataset(pipe.cfg.corpus, pipe.up.corpus, n_tokens), context=SPLIT)
+    dataset = corpus_dataset(pipe.cfg.corpus, pipe.up.corpus, n_tokens)
+    try:
+        mlflow.log_input(dataset, context=SPLIT)
+    except MlflowException:
+        # two runs logging one new dataset at once: MLflow's check-then-insert lets both
+        # insert it, and the second fails on the unique key; its retry finds the first's row
+        mlflow.log_input(dataset, context=SPLIT)
