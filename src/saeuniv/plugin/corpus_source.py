@@ -44,21 +44,22 @@ class CorpusSource(DatasetSource):
         """Prepare the corpus in the saeuniv store (``store_root``, default
         ``$SAEUNIV_HOME``) and return the folder of its splits; raises when the text
         found now is not the text the run read."""
-        from ..config import CorpusConfig
         from ..corpus import prepare_corpus
         from ..store import Store
 
-        entry = prepare_corpus(self.config(CorpusConfig), Store(store_root))
+        entry = prepare_corpus(self.config(), Store(store_root))
         if entry.meta["source_hash"] != self.source_hash:
             raise ValueError(f"corpus {self.source!r} now hashes to "
                              f"{entry.meta['source_hash'][:12]}, not {self.source_hash[:12]} "
                              "as when it was logged: the text changed")
         return str(entry.path)
 
-    def config(self, corpus_config_cls):
+    def config(self):
         """The ``CorpusConfig`` that makes this corpus."""
-        return corpus_config_cls(source=self.source, analysis_fraction=self.analysis_fraction,
-                                 max_doc_chars=self.max_doc_chars, seed=self.seed)
+        from ..config import CorpusConfig
+
+        return CorpusConfig(source=self.source, analysis_fraction=self.analysis_fraction,
+                            max_doc_chars=self.max_doc_chars, seed=self.seed)
 
     @staticmethod
     def _can_resolve(raw_source: Any) -> bool:
