@@ -102,6 +102,13 @@ def runs(uri: str):
     return mlflow.search_runs(search_all_experiments=True)
 
 
+def all_metrics(run) -> dict[str, float]:
+    """A run's metrics with its per-layer-pair tables as keys (``saeuniv.cells``)."""
+    from saeuniv.cells import cell_metrics
+
+    return {**run.data.metrics, **cell_metrics(run.info.run_id)}
+
+
 def finished(frame, stage: str):
     """The FINISHED runs of ``stage`` in a frame of runs."""
     return frame[(frame["tags.saeuniv.stage"] == stage) & (frame.status == "FINISHED")]

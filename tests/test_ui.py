@@ -10,7 +10,9 @@ keeps them) or the test's temporary folder. Skipped when Chromium is absent, exc
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +25,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from mlflow.artifacts import load_text
+
+from saeuniv.stages.convergence import HEADLINE
 
 from helpers import finished, runs
 
@@ -286,3 +290,49 @@ def test_the_experiment_opens_on_its_runs_with_names_and_datasets(tiny_run, tmp_
         assert _errors_shown(browser) == [] and _console_errors(browser) == []
     finally:
         browser.save_screenshot(str(shots / "mlflow-runs-table.png"))
+
+
+def test_the_main_runs_metrics_and_the_compare_view_show_the_headline(tiny_run, tmp_path,
+                                                                     browser, server):
+    """The headline numbers, not a wall of per-layer-pair keys: on a main run's Model
+    metrics page and in the compare view of two main runs."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    mains = finished(runs(tiny_run["uri"]), "main").sort_values("start_time")
+    exp_id, ids = mains.experiment_id.iloc[0], list(mains.run_id.iloc[:2])
+    keys = MlflowClient(tiny_run["uri"]).get_run(ids[0]).data.metrics
+    headline = [f"{m}_cal_middle" for m in tiny_run["cfg"].similarity.metrics]
+    shots = Path(os.environ.get("SAEUNIV_TEST_ARTIFACTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    view = "workflowType=machine_learning"
+    # the run's charts: one per key (a few per metric), found by the chart search
+    browser.get(f"{server}/#/experiments/{exp_id}/runs/{ids[0]}/model-metrics?{view}")
+    try:
+        WebDriverWait(browser, 90, poll_frequency=0.5).until(
+            lambda d: f"Model metrics ({len(keys)})" in " ".join(_visible_text(d).split()))
+        assert len(keys) < 120 and not [k for k in keys if re.search(r"/a\d+-b\d+$", k)]
+        search = browser.find_element(By.CSS_SELECTOR, 'input[placeholder*="Search metric"]')
+        search.send_keys("cal_middle")
+        _wait_for(browser, headline)
+        WebDriverWait(browser, 60, poll_frequency=0.5).until(  # each chart drawn
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) == len(headline))
+        assert _errors_shown(browser) == [] and _console_errors(browser) == []
+    finally:
+        browser.save_screenshot(str(shots / "mlflow-run-metrics.png"))
+    # the compare view of the two main runs: its plots open on a headline number, and its
+    # metrics table (virtualised: only the rows in view are in the page) holds no cell keys
+    names = [f"{m}_{k}" for m in tiny_run["cfg"].similarity.metrics for k in HEADLINE]
+    page = (f"#/compare-runs?runs={json.dumps(ids)}&experiments={json.dumps([exp_id])}"
+            f"&{view}")
+    browser.get(f"{server}/{page}")
+    try:
+        WebDriverWait(browser, 90, poll_frequency=0.5).until(
+            lambda d: all(t in _visible_text(d) for t in ("Comparing 2 Runs", *ids, "Tags")))
+        text = _visible_text(browser)
+        plotted = text.split("Metrics:")[1].split()[0]
+        assert plotted in names, plotted
+        assert not re.search(r"/a\d+-b\d+", browser.page_source)
+        assert _errors_shown(browser) == [] and _console_errors(browser) == []
+    finally:
+        browser.save_screenshot(str(shots / "mlflow-compare-runs.png"))

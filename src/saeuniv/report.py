@@ -1,11 +1,14 @@
 """The ``main`` run's report: every layer pair's scores, the layer-by-layer grids, the
 per-layer curves, the matched pairs, the summary and one self-contained ``report.html``.
 
-Logged on the active (``main``) run: each layer pair's scores and SAE quality (as the
-``similarity`` and ``extract`` stages log them); per metric the curve ``<metric>``,
-``<metric>_null_mean``, ``<metric>_z`` and ``<metric>_p`` with step = A layer, each A layer
-scored against the B layer at the nearest relative depth; the ``convergence`` stage's
-headline numbers and per-layer-pair index (``stages.convergence``); ``grids.json``,
+Logged on the active (``main``) run: the ``convergence`` stage's headline numbers (per
+metric, e.g. ``svcca_cal_middle``, ``svcca_middle_p``; ``stages.convergence.HEADLINE``);
+per metric the curve ``<metric>``, ``<metric>_null_mean``, ``<metric>_z`` and ``<metric>_p``
+with step = A layer, each A layer scored against the B layer at the nearest relative depth,
+and each side's ceiling curve; SAE quality per layer (as the ``extract`` stage logs it);
+each layer pair's scores and convergence index as the tables ``scores_cells.json`` and
+``convergence_cells.json`` (``saeuniv.cells``; also as metric keys with
+``tracking.per_cell_metrics``); ``grids.json``,
 ``convergence.json``, ``heatmap_<metric>.png`` (raw), ``heatmap_<metric>_cal.png``
 (calibrated), ``heatmap_<metric>_index.png`` (convergence index), ``depth_curves.png``,
 ``matched_pairs.csv``, ``summary.md`` (also the run's description) and ``report.html``.
@@ -125,8 +128,8 @@ def report(pipe) -> None:
     from .htmlreport import render
 
     g = grids(pipe)
-    for la, lb in pipe.pairs:
-        similarity.log_scores(similarity.load(similarity.entry(pipe, la, lb)), pair_key(la, lb))
+    similarity.log_scores({(la, lb): similarity.load(similarity.entry(pipe, la, lb))
+                           for la, lb in pipe.pairs}, pipe.cfg.tracking.per_cell_metrics)
     conv = convergence.results(pipe)
     convergence.log(pipe, conv)
     quality = extract.log_quality(pipe)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from saeuniv.cells import cell_metrics
 from saeuniv.config import SAERef
 from saeuniv.controls import floor_config, twin_config
 from saeuniv.core.depth import in_band
@@ -58,7 +59,10 @@ def main_run(tiny_run):
 
 
 def test_main_run_logs_calibrated_scores_index_and_headline(tiny_run, tiny_pipe, main_run):
-    m = main_run.data.metrics
+    m = {**main_run.data.metrics, **cell_metrics(main_run.info.run_id)}
+    ceilings = {(name, side, x.step): x.value for name in tiny_pipe.cfg.similarity.metrics
+                for side in "ab" for x in mlflow.MlflowClient().get_metric_history(
+                    main_run.info.run_id, f"{name}_ceiling_{side}")}
     sim = tiny_pipe.cfg.similarity
     assert len(finished(runs(tiny_run["uri"]), "convergence")) >= 1
     depth_a = np.array([tiny_pipe.a.depth(la) for la in tiny_pipe.a.layers])
@@ -81,7 +85,7 @@ def test_main_run_logs_calibrated_scores_index_and_headline(tiny_run, tiny_pipe,
             key = pair_key(la, lb)
             if f"{name}_index/{key}" not in m:
                 continue
-            ceiling = np.sqrt(m[f"{name}_ceiling/a{la}"] * m[f"{name}_ceiling/b{lb}"])
+            ceiling = np.sqrt(ceilings[name, "a", la] * ceilings[name, "b", lb])
             floor = m[f"{name}_floor/{key}"]
             assert m[f"{name}_index/{key}"] == pytest.approx(
                 (m[f"{name}_cal/{key}"] - floor) / (ceiling - floor))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from saeuniv import matchers, residuals
+from saeuniv.cells import cell_metrics
 from saeuniv.config import ConfigError
 from saeuniv.core import matching
 from saeuniv.extract import load_codes
@@ -126,8 +127,9 @@ def test_a_run_with_compare_logs_agreement_fan_out_and_scores_by_matcher(tiny_ru
     pipe = compare_pipe(tiny_run, own_store)
     la, lb = pipe.pairs[0]
     key = f"a{la}-b{lb}"
+    by_cell = cell_metrics(s.run_id)
     for name in matchers.MATCHERS:
-        assert 0 <= s[f"metrics.rsa_cal_by_{name}/{key}"] <= 1
+        assert 0 <= by_cell[f"rsa_cal_by_{name}/{key}"] <= 1
     main = runs[runs["tags.saeuniv.stage"] == "main"].iloc[0]
     text = mlflow.artifacts.load_text(f"runs:/{main.run_id}/summary.md")
     assert "## Matchers compared" in text and f"| {key} |" in text
@@ -135,7 +137,7 @@ def test_a_run_with_compare_logs_agreement_fan_out_and_scores_by_matcher(tiny_ru
     splits = match.splits(pipe)
     assert ('id="splits"' in page) == bool(splits)
     got = similarity.load(similarity.matcher_entry(pipe, la, lb, "transport"))
-    assert s[f"metrics.cka_by_transport/{key}"] == pytest.approx(
+    assert by_cell[f"cka_by_transport/{key}"] == pytest.approx(
         got["metrics"]["cka"]["observed"])
 
 

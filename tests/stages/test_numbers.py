@@ -24,6 +24,8 @@ import yaml
 from safetensors.numpy import load_file
 from scipy import stats
 
+from saeuniv.cells import cell_metrics
+
 from helpers import runs
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "tiny.json"
@@ -100,7 +102,10 @@ def finished_main(tiny_run):
         key = (int(row["layer_a"]), int(row["layer_b"]))
         pairs.setdefault(key, []).append((int(row["a"]), int(row["b"])))
     cfg = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
-    return {"run": run, "pairs": pairs, "cfg": cfg, "store": Path(tiny_run["store"])}
+    # every number as a metric key: the run's own keys and its per-layer-pair tables
+    metrics = {**run.data.metrics, **cell_metrics(run_id)}
+    return {"run": run, "pairs": pairs, "cfg": cfg, "store": Path(tiny_run["store"]),
+            "metrics": metrics}
 
 
 def sae_folder(store: Path, key: str) -> Path:
@@ -127,7 +132,7 @@ INDEPENDENT = {"svcca": lambda A, B, cfg: svcca(A, B, cfg["similarity"]["varianc
 
 def test_logged_scores_are_recomputed_from_the_runs_artefacts(finished_main):
     run, cfg = finished_main["run"], finished_main["cfg"]
-    metrics = run.data.metrics
+    metrics = finished_main["metrics"]
     assert set(cfg["similarity"]["metrics"]) == set(INDEPENDENT)
     checked = 0
     for (la, lb), pairs in sorted(finished_main["pairs"].items()):
@@ -148,7 +153,7 @@ def test_logged_scores_are_recomputed_from_the_runs_artefacts(finished_main):
 
 def test_logged_p_values_count_null_draws(finished_main):
     """p = (1 + #null >= observed) / (1 + n_perm): a whole number of draws, never 0."""
-    metrics = finished_main["run"].data.metrics
+    metrics = finished_main["metrics"]
     n_perm = finished_main["cfg"]["similarity"]["n_perm"]
     ps = {k: v for k, v in metrics.items() if k.split("/")[0].endswith("_p") and "/" in k}
     assert ps
@@ -164,11 +169,11 @@ def test_logged_p_values_count_null_draws(finished_main):
 UPDATE_ENV = "SAEUNIV_UPDATE_GOLDEN"
 
 
-def headline(run) -> dict[str, float]:
+def headline(run, metrics: dict[str, float]) -> dict[str, float]:
     """The numbers the golden file pins: every layer pair's scores and pairs kept, SAE
     quality per layer (``<name>@<layer>``), each model's final validation loss."""
     client = mlflow.MlflowClient()
-    out = {k: v for k, v in run.data.metrics.items()
+    out = {k: v for k, v in metrics.items()
            if k.split("/")[0] in (*INDEPENDENT, "n_pairs") and "/" in k}
     for name in ("sae_fvu", "sae_l0", "sae_dead"):
         for side in "ab":
@@ -184,7 +189,7 @@ def tolerance(name: str, tolerances: dict) -> float:
 
 
 def test_headline_numbers_match_the_golden_file(finished_main, tiny_run):
-    got = headline(finished_main["run"])
+    got = headline(finished_main["run"], finished_main["metrics"])
     models = [r for _, r in runs(tiny_run["uri"]).iterrows()
               if r["tags.saeuniv.stage"] == "models" and r.status == "FINISHED"][0]
     for name in ("val_loss_xs", "val_loss_s", "param_ratio"):

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from saeuniv import cli
+from saeuniv.cells import cell_metrics
 from saeuniv.config import load_config
 from saeuniv.models import load_outside_model
 from saeuniv.pipeline import Pipeline
@@ -103,8 +104,7 @@ def results(pair, corpus_dir, tmp_path_factory):
         row = frame[(frame.experiment_id == exp) & (frame.status == "FINISHED")
                     & (frame["tags.saeuniv.stage"] == "similarity")]
         assert len(row) == 1, f"{case}: expected one finished similarity run"
-        out[case]["metrics"] = {c.removeprefix("metrics."): row[c].iloc[0]
-                                for c in row.columns if c.startswith("metrics.")}
+        out[case]["metrics"] = cell_metrics(row.run_id.iloc[0])
     return out
 
 

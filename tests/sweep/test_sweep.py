@@ -23,6 +23,7 @@ import pytest
 from optuna.trial import TrialState
 
 from saeuniv import cli
+from saeuniv.cells import cell_metrics
 from saeuniv.config import load_config
 from saeuniv.pipeline import Pipeline
 from saeuniv.store import Store
@@ -143,9 +144,11 @@ def test_small_sweep_end_to_end(warm, env, capsys):
     assert set(r["status"]) == {"FINISHED"}
     for _, t in trial_runs.iterrows():
         assert np.isfinite(t["metrics.rsa_z_middle"])
+        by_cell = cell_metrics(t.run_id)
         for m in ("svcca/a0-b0", "svcca_z/a0-b0", "rsa_z/a0-b1", "n_pairs/a1-b2",
                   "n_threshold/a0-b0"):
-            assert np.isfinite(t[f"metrics.{m}"]), m
+            assert np.isfinite(by_cell[m]), m
+            assert f"metrics.{m}" not in t.index  # tables, not keys, by default
         assert t["params.trial_number"] == t["tags.saeuniv.trial_number"]
         assert t["tags.saeuniv.study"] == "tiny-thresholds"
         assert {"params.match.threshold", "params.match.policy"} <= \
@@ -219,7 +222,8 @@ def test_pareto_sweep_on_a_journal_file(warm, env):
     trial_runs = r[r["tags.saeuniv.stage"] == "trial"]
     assert len(trial_runs) == 2
     for _, t in trial_runs.iterrows():
-        counts = [t[f"metrics.n_pairs/a{la}-b{lb}"] for la in middle for lb in pipe.b.layers]
+        by_cell = cell_metrics(t.run_id)
+        counts = [by_cell[f"n_pairs/a{la}-b{lb}"] for la in middle for lb in pipe.b.layers]
         assert min(counts) > 0
         assert t["metrics.n_pairs_middle"] == pytest.approx(np.mean(counts))
     logged = {tuple(t[f"metrics.{k}"] for k in ("svcca_observed_all", "n_pairs_middle"))

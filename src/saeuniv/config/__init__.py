@@ -38,6 +38,7 @@ from .sections import (
     SimilarityConfig,
     SubspacesConfig,
     TokenizerConfig,
+    TrackingConfig,
     digest,
     plain,
 )
@@ -47,7 +48,7 @@ __all__ = [
     "MODEL_SOURCES", "PAIRS",
     "SAE_ARCHITECTURES", "SAE_SOURCES", "Config", "ConfigError", "CorpusConfig",
     "ExtractConfig", "FamilyConfig", "MatchConfig", "MemberConfig", "ModelRef", "SAEConfig",
-    "SAERef", "SimilarityConfig", "SubspacesConfig", "TokenizerConfig", "check", "digest",
-    "from_dict", "load_config", "merge_config", "plain", "read_config", "safe_yaml",
-    "set_path", "validate",
+    "SAERef", "SimilarityConfig", "SubspacesConfig", "TokenizerConfig", "TrackingConfig",
+    "check", "digest", "from_dict", "load_config", "merge_config", "plain", "read_config",
+    "safe_yaml", "set_path", "validate",
 ]

@@ -27,6 +27,7 @@ from .sections import (
     SimilarityConfig,
     SubspacesConfig,
     TokenizerConfig,
+    TrackingConfig,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "builtin_configs"
@@ -93,7 +94,7 @@ _SECTIONS = {
     "corpus": CorpusConfig,
     "tokenizer": TokenizerConfig, "family": FamilyConfig, "sae": SAEConfig,
     "extract": ExtractConfig, "match": MatchConfig, "similarity": SimilarityConfig,
-    "subspaces": SubspacesConfig,
+    "subspaces": SubspacesConfig, "tracking": TrackingConfig,
 }
 
 

@@ -250,6 +250,21 @@ class SubspacesConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """What goes into MLflow besides the artefacts.
+
+    Every number of every layer pair (``aI-bJ``) is logged as one row of a table per stage
+    (``<stage>_cells.json``: a column per number), read back with
+    ``saeuniv.tracking.cell_metrics``. ``per_cell_metrics``: also log each of them as its
+    own metric key, ``<name>/aI-bJ`` (e.g. ``svcca_cal/a3-b8``), so the runs table can sort
+    and filter by one cell; off by default, since a layer grid of the paper's size would
+    give a run tens of thousands of keys.
+    """
+
+    per_cell_metrics: bool = False
+
+
+@dataclass(frozen=True)
 class ModelRef:
     """A model in the comparison.
 
@@ -356,6 +371,7 @@ class Config:
     match: MatchConfig = field(default_factory=MatchConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     subspaces: SubspacesConfig = field(default_factory=SubspacesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
         return plain(dataclasses.asdict(self))

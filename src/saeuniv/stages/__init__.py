@@ -58,7 +58,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("extract", "residual stream -> SAE codes, stored sparse per (model, layer)",
           "saes", (), ("windows", "codes")),
     Stage("match", "correlate features of A and B and pair them (policy, threshold, filters)",
-          "extract", ("match",), ("matches", "residuals", "matchers", "unembed", "vocab_gram")),
+          "extract", ("match", "tracking"),
+          ("matches", "residuals", "matchers", "unembed", "vocab_gram")),
     Stage("similarity", "SVCCA, RSA, CKA, mutual-kNN on paired decoder rows, with "
           "permutation nulls, raw and calibrated", "match", ("similarity",), ("scores",)),
     Stage("convergence", "grid tests of the calibrated scores (best cell, middle band, "

@@ -14,19 +14,22 @@ Per metric it computes
   each layer pair (A against a random-init B, calibrated; 0, the calibrated null, without
   the control) and the convergence index of each layer pair with its interval.
 
-Logged: per layer pair ``<metric>_index/aI-bJ`` (with ``_lo``/``_hi``) and
-``<metric>_floor/aI-bJ``; per layer ``<metric>_ceiling/aI`` and ``<metric>_ceiling/bJ``;
-the headline (``HEADLINE``) and ``convergence.json``.
+Logged: the headline (``HEADLINE``, e.g. ``svcca_cal_middle``); per layer pair
+``<metric>_index`` (with ``_index_lo``/``_index_hi``) and ``<metric>_floor``, as rows of the
+table ``convergence_cells.json`` (``saeuniv.cells``); each side's ceiling as the curves
+``<metric>_ceiling_a`` and ``<metric>_ceiling_b`` with step = layer; ``convergence.json``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import mlflow
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..cells import log_cells
 from ..controls import floor_config, twin_config
 from ..core import metrics
 from ..core.depth import band_mean
@@ -48,6 +51,7 @@ HEADLINE = {
     "index_median": "median convergence index over the scored layer pairs",
     "ceiling_fraction": "middle-band calibrated score over the middle-band ceiling",
 }
+CELL_FIELDS = ("index", "index_lo", "index_hi", "floor")  # logged per layer pair
 
 
 def grids(pipe) -> dict[str, dict]:
@@ -215,27 +219,27 @@ def headline_metrics(res: dict) -> dict[str, float]:
 
 
 def log(pipe, res: dict) -> None:
-    """Log the per-layer-pair index, floors, ceilings and the headline on the active run."""
-    out = headline_metrics(res)
+    """Log the headline, the per-layer-pair index and floors (the table
+    ``convergence_cells.json``) and each side's ceilings (curves with step = layer)."""
+    mlflow.log_metrics(headline_metrics(res))
+    cells: dict[tuple[int, int], dict[str, float]] = {}
     for name, r in res["metrics"].items():
         idx = r["index"]
-        for i, la in enumerate(pipe.a.layers):
-            for j, lb in enumerate(pipe.b.layers):
-                key = pair_key(la, lb)
-                for field, label in (("index", "index"), ("index_lo", "index_lo"),
-                                     ("index_hi", "index_hi"), ("floor", "floor")):
-                    if np.isfinite(idx[field][i, j]):
-                        out[f"{name}_{label}/{key}"] = idx[field][i, j]
+        for (i, la), (j, lb) in itertools.product(enumerate(pipe.a.layers),
+                                                  enumerate(pipe.b.layers)):
+            for field in CELL_FIELDS:
+                if np.isfinite(idx[field][i, j]):
+                    cells.setdefault((la, lb), {})[f"{name}_{field}"] = idx[field][i, j]
         for side, layers in (("a", pipe.a.layers), ("b", pipe.b.layers)):
             for layer, value in zip(layers, idx[f"ceiling_{side}"]):
                 if np.isfinite(value):
-                    out[f"{name}_ceiling/{side}{layer}"] = value
+                    mlflow.log_metric(f"{name}_ceiling_{side}", value, step=layer)
         for kind, t in r["tests"].items():
             if "error" in t:
                 warn(f"convergence.{name}.{kind}", t["error"])
     for i, note in enumerate(res["notes"]):
         warn(f"convergence.note{i}", note)
-    mlflow.log_metrics(out)
+    log_cells(cells, "convergence", pipe.cfg.tracking.per_cell_metrics)
     mlflow.log_dict(as_json(res), "convergence.json")
 
 

@@ -6,11 +6,13 @@ every B feature, each feature's top activations, and the pairs of the matching r
 (``saeuniv.core.matching.pair``: policy, threshold, junk and shared-token filters), with
 the pairs left after each step. With ``match.basis: decoder`` the policy reads the cosine
 of the decoder rows after a stitch fitted on residual vectors (``saeuniv.residuals``)
-instead of the correlation. Logged per layer pair (``aI-bJ``): ``n_tokens``,
-``n_dead_a``, ``n_dead_b``, ``n_policy``, ``mean_corr_before``, ``n_threshold``, ``n_junk``,
-``n_shared_token``, ``n_pairs``, ``mean_corr_after``, ``unique_a_fraction`` (and
-``stitch_r2`` with the decoder basis); the table ``top_pairs.json`` (the ten best pairs of
-each layer pair with their top tokens and contexts).
+instead of the correlation. Logged per layer pair, as a row of the table
+``match_cells.json`` (and as keys ``<name>/aI-bJ`` with ``tracking.per_cell_metrics``, see
+``saeuniv.cells``): ``n_tokens``, ``n_dead_a``, ``n_dead_b``, ``n_policy``,
+``mean_corr_before``, ``n_threshold``, ``n_junk``, ``n_shared_token``, ``n_pairs``,
+``mean_corr_after``, ``unique_a_fraction`` (and ``stitch_r2`` with the decoder basis); the
+table ``top_pairs.json`` (the ten best pairs of each layer pair with their top tokens and
+contexts).
 
 With ``match.compare`` on, each layer pair also gets a ``matchers`` entry (see
 ``saeuniv.matchers``): the pairs of every matcher of ``MATCHERS``, their agreement,
@@ -26,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import matchers
+from ..cells import log_cells
 from ..core import matching
 from ..store import Entry
 from ..tracking import pair_key, warn
@@ -81,20 +84,26 @@ def load_top(entry: Entry) -> tuple[matching.TopActivations, matching.TopActivat
 
 
 def run(pipe) -> None:
-    rows, compared = [], {}
+    rows, compared, counts = [], {}, {}
     for la, lb in tqdm(pipe.pairs, desc="match", unit="layer pair"):
         e = entry(pipe, la, lb)
-        key, meta = pair_key(la, lb), e.meta
-        mlflow.log_metrics({f"{k}/{key}": v for k, v in meta.items() if v is not None})
-        if meta["n_pairs"] == 0:
-            warn(f"match.{key}", no_pairs_message(pipe, la, lb, meta))
+        counts[la, lb] = numbers(e.meta)
+        if e.meta["n_pairs"] == 0:
+            warn(f"match.{pair_key(la, lb)}", no_pairs_message(pipe, la, lb, e.meta))
         rows += top_pairs(pipe, la, lb, e, 10)
         if pipe.cfg.match.compare:
             compared[(la, lb)] = compare_entry(pipe, la, lb, e)
+    log_cells(counts, "match", pipe.cfg.tracking.per_cell_metrics)
     if rows:
         mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "top_pairs.json")
     if compared:
         log_comparison(pipe, compared)
+
+
+def numbers(meta: dict) -> dict[str, float]:
+    """The numbers of a store entry's metadata (not its flags, lists or missing values)."""
+    return {k: v for k, v in meta.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def compare_entry(pipe, la: int, lb: int, e: Entry) -> Entry:
@@ -105,18 +114,17 @@ def compare_entry(pipe, la: int, lb: int, e: Entry) -> Entry:
 
 
 def log_comparison(pipe, compared: dict) -> None:
-    """Per layer pair, every number of the matchers entries (``<name>/aI-bJ``); run-wide,
-    their medians over layer pairs (``<name>_median``); the table ``top_splits.json``."""
+    """Per layer pair, every number of the matchers entries (the table
+    ``matchers_cells.json``, see ``saeuniv.cells``); run-wide, their medians over layer
+    pairs (``<name>_median``); the table ``top_splits.json``."""
     values: dict[str, list[float]] = {}
-    rows = []
+    rows, cells = [], {}
     for (la, lb), e in compared.items():
-        key = pair_key(la, lb)
-        scalars = {k: v for k, v in e.meta.items() if isinstance(v, (int, float))
-                   and not isinstance(v, bool)}
-        mlflow.log_metrics({f"{k}/{key}": v for k, v in scalars.items()})
-        for k, v in scalars.items():
+        cells[la, lb] = numbers(e.meta)
+        for k, v in cells[la, lb].items():
             values.setdefault(k, []).append(v)
         rows += split_rows(pipe, la, lb, e.meta["splits"])
+    log_cells(cells, "matchers", pipe.cfg.tracking.per_cell_metrics)
     mlflow.log_metrics({f"{k}_median": float(np.median(v)) for k, v in values.items()})
     if rows:
         mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "top_splits.json")

@@ -7,10 +7,11 @@ Build (``scores`` store entry): ``scores.json`` holds, per metric of the registr
 calibration (``tau``, ``calibrated``), the interval of the score over random halves of the
 pairs (``interval``) and the metric's details (SVCCA: directions kept, the Lan-compatible
 score); ``nulls.npz`` holds each metric's null draws, in draw order, for the grid-wide
-tests of the ``convergence`` stage. Logged per layer pair (``aI-bJ``): ``n_pairs/aI-bJ``,
-``<metric>/aI-bJ`` and ``<metric>_<field>/aI-bJ`` for ``cal`` (the calibrated score),
-``null_mean``, ``z``, ``p`` and the details (``k_a``, ``k_b``, ``lan_compatible``), e.g.
-``svcca/a1-b2``, ``svcca_cal/a1-b2``, ``svcca_z/a1-b2`` (see ``log_scores``).
+tests of the ``convergence`` stage. Logged per layer pair, as a row of the table
+``scores_cells.json`` (and as keys ``<name>/aI-bJ`` with ``tracking.per_cell_metrics``, see
+``saeuniv.cells``): ``n_pairs``, ``<metric>`` and ``<metric>_<field>`` for ``cal`` (the
+calibrated score), ``null_mean``, ``z``, ``p`` and the details (``k_a``, ``k_b``,
+``lan_compatible``), e.g. ``svcca``, ``svcca_cal``, ``svcca_z`` (see ``numbers``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import matchers
+from ..cells import log_cells
 from ..core import matching, metrics
 from ..core.depth import band_mean
 from ..store import Entry
@@ -129,10 +131,10 @@ def load_nulls(e: Entry) -> dict[str, np.ndarray]:
         return {name: z[name] for name in z.files}
 
 
-def log_scores(scores: dict, key: str) -> None:
-    """Log a layer pair's stored scores under ``<metric>/<key>``, ``<metric>_<field>/<key>``
-    and ``n_pairs/<key>``; a pair or metric without a score gets a warning or error tag."""
-    out = {f"n_pairs/{key}": scores["n_pairs"]}
+def numbers(scores: dict, key: str) -> dict[str, float]:
+    """A layer pair's stored scores as ``n_pairs``, ``<metric>`` and ``<metric>_<field>``
+    numbers; a pair or metric without a score gets a warning or error tag instead."""
+    out = {"n_pairs": scores["n_pairs"]}
     if scores.get("status", "ok") != "ok":
         warn(f"scores.{key}", f"A layer {scores['layer_a']} / B layer {scores['layer_b']} not "
              f"scored: {scores['status']}")
@@ -140,16 +142,24 @@ def log_scores(scores: dict, key: str) -> None:
         if "error" in r:
             mlflow.set_tag(f"saeuniv.error.{name}.{key}", r["error"][:500])
             continue
-        out[f"{name}/{key}"] = r["observed"]
+        out[name] = r["observed"]
         for field, value in r.items():  # calibrated, null_mean, z, p and the details
             if field not in NOT_LOGGED and value is not None and np.isfinite(value):
-                out[f"{name}_{LOGGED_AS.get(field, field)}/{key}"] = value
-    mlflow.log_metrics(out)
+                out[f"{name}_{LOGGED_AS.get(field, field)}"] = value
+    return out
+
+
+def log_scores(scored: dict[tuple[int, int], dict], per_cell_metrics: bool) -> None:
+    """Log the stored scores of each layer pair (``(la, lb)`` -> ``scores.json``) as the
+    table ``scores_cells.json`` (``saeuniv.cells``)."""
+    log_cells({(la, lb): numbers(s, pair_key(la, lb)) for (la, lb), s in scored.items()},
+              "scores", per_cell_metrics)
 
 
 def run(pipe) -> None:
-    for la, lb in tqdm(pipe.pairs, desc="similarity", unit="layer pair"):
-        log_scores(load(entry(pipe, la, lb)), pair_key(la, lb))
+    scored = {(la, lb): load(entry(pipe, la, lb))
+              for la, lb in tqdm(pipe.pairs, desc="similarity", unit="layer pair")}
+    log_scores(scored, pipe.cfg.tracking.per_cell_metrics)
     if pipe.cfg.match.compare:
         log_by_matcher(pipe)
 
@@ -197,14 +207,18 @@ def by_matcher(pipe) -> tuple[dict, dict]:
 
 
 def log_by_matcher(pipe) -> None:
-    """Each metric's raw and calibrated score under every matcher, per layer pair
-    (``<metric>_by_<matcher>/aI-bJ``, ``<metric>_cal_by_<matcher>/aI-bJ``), and the mean
-    calibrated score of the middle-band cells (``<metric>_cal_middle_by_<matcher>``)."""
-    cells, middle = by_matcher(pipe)
-    for (la, lb, name), scores in cells.items():
-        key = pair_key(la, lb)
-        mlflow.log_metrics({k: v for metric, r in scores.items() if "observed" in r
-                            for k, v in ((f"{metric}_by_{name}/{key}", r["observed"]),
-                                         (f"{metric}_cal_by_{name}/{key}", r["calibrated"]))})
+    """Each metric's raw and calibrated score under every matcher, per layer pair (the table
+    ``by_matcher_cells.json``: ``<metric>_by_<matcher>``, ``<metric>_cal_by_<matcher>``),
+    and the mean calibrated score of the middle-band cells
+    (``<metric>_cal_middle_by_<matcher>``)."""
+    found, middle = by_matcher(pipe)
+    table: dict[tuple[int, int], dict[str, float]] = {}
+    for (la, lb, name), scores in found.items():
+        row = table.setdefault((la, lb), {})
+        for metric, r in scores.items():
+            if "observed" in r:
+                row[f"{metric}_by_{name}"] = r["observed"]
+                row[f"{metric}_cal_by_{name}"] = r["calibrated"]
+    log_cells(table, "by_matcher", pipe.cfg.tracking.per_cell_metrics)
     mlflow.log_metrics({f"{m}_cal_middle_by_{n}": v for (m, n), v in middle.items()
                         if np.isfinite(v)})

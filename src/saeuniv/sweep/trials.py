@@ -20,8 +20,9 @@ import optuna
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
+from ..cells import log_cells
 from ..config import Config
-from ..tracking import pair_key, stage_run
+from ..tracking import stage_run
 from . import objectives
 from .attrs import RETRY_ATTR, RUN_ATTR, SKIPPED_ATTR, WORKER_ATTR
 from .spec import SweepSpec
@@ -100,8 +101,9 @@ class TrialRunner:
         return values if len(values) > 1 else values[0]
 
     def run_trial(self, trial) -> list[float]:
-        """The trial's nested MLflow run: its parameters, per-layer-pair metrics and
-        values."""
+        """The trial's nested MLflow run: its parameters, values and per-layer-pair tables
+        (``saeuniv.cells``)."""
+        from ..stages.match import numbers
         from ..stages.similarity import log_scores
 
         params = {p.path: p.suggest(trial) for p in self.spec.params}
@@ -114,11 +116,10 @@ class TrialRunner:
             mlflow.set_tag("saeuniv.config_hash", pipe.cfg.hash())
             # looked up on the module at each trial, so a test can wrap it
             scored = objectives.score_trial(pipe)
-            for (la, lb), r in scored.items():
-                key = pair_key(la, lb)
-                log_scores(r["scores"], key)
-                mlflow.log_metrics({f"{k}/{key}": v for k, v in r["match"].items()
-                                    if isinstance(v, (int, float)) and k != "n_pairs"})
+            per_cell = pipe.cfg.tracking.per_cell_metrics
+            log_scores({pair: r["scores"] for pair, r in scored.items()}, per_cell)
+            log_cells({pair: numbers(r["match"]) for pair, r in scored.items()}, "match",
+                      per_cell)
             values = [objectives.objective_value(o, pipe, scored)
                       for o in self.spec.objectives]
             named = {o.name: v for o, v in zip(self.spec.objectives, values)}
