@@ -13,7 +13,8 @@ result is compared:
 - MLflow runs, matched by their place in the run tree (parent, stage, name): status,
   params, the whole history (step, value) of every metric, the ``saeuniv.*`` tags that
   describe inputs (code identity and process tags left out), the run description, and the
-  bytes of every artefact.
+  bytes of every artefact; the numbers of a per-layer-pair table (``<stage>_cells.json``)
+  are compared as the metrics ``<name>/aI-bJ`` they stand for.
 
 Each side runs on one CPU of its own (the two sides at once when there are two), so every
 torch operation runs on one thread: with two threads, training the built-in family is not
@@ -48,6 +49,7 @@ import numpy as np
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 REPO = Path(__file__).resolve().parents[1]
 RUN = "import sys; from saeuniv.cli import main; sys.exit(main(sys.argv[1:]))"
+CELLS = "_cells.json"  # the suffix of a per-layer-pair table artefact
 VOLATILE_META = ("train_seconds",)  # wall-clock times recorded in an entry's meta
 # tags that name the code or the process, not the inputs: they differ by design
 VOLATILE_TAGS = ("saeuniv.code_version", "saeuniv.git_commit", "saeuniv.git_dirty",
@@ -142,10 +144,27 @@ def runs_fingerprint(work: Path) -> dict:
                     or k == "mlflow.note.content"}
             local = Path(client.download_artifacts(rid, "", tmp + "/" + rid))
             arts = {str(p.relative_to(local)): file_value(p) for p in sorted(local.rglob("*"))
-                    if p.is_file()}
+                    if p.is_file() and not p.name.endswith(CELLS)}
+            metrics.update(cell_values(local))
+            metrics = dict(sorted(metrics.items()))
             out[path(run)] = {"status": run.info.status, "params": dict(sorted(
                 run.data.params.items())), "metrics": metrics, "tags": tags,
                 "artifacts": arts}
+    return out
+
+
+def cell_values(local: Path) -> dict:
+    """A run's per-layer-pair tables (``*_cells.json``, ``saeuniv.cells``) as the metric
+    histories ``<name>/aI-bJ`` -> [[0, value]] that ``tracking.per_cell_metrics`` logs: the
+    same numbers compare equal whichever way a version of the code logged them."""
+    out = {}
+    for path in sorted(local.glob(f"*{CELLS}")):
+        table = json.loads(path.read_text())
+        for row in table["data"]:
+            row = dict(zip(table["columns"], row))
+            for name, value in row.items():
+                if name not in ("cell", "layer_a", "layer_b") and value is not None:  # text
+                    out[f"{name}/{row['cell']}"] = [[0, _number(float(value))]]
     return out
 
 

@@ -37,6 +37,14 @@ def number(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def text(v) -> str | None:
+    """A table value: the shortest text that reads back as the same float (``repr``), or
+    None. MLflow writes a table's float columns with ten decimals, which would lose the
+    digits of small p-values and break comparisons of results bit for bit."""
+    v = number(v)
+    return None if v is None else repr(v)
+
+
 def log_cells(cells: dict[tuple[int, int], dict[str, float]], stage: str,
               per_cell_metrics: bool) -> None:
     """Log the numbers of each layer pair on the active run.
@@ -47,8 +55,9 @@ def log_cells(cells: dict[tuple[int, int], dict[str, float]], stage: str,
         ``(layer_a, layer_b)`` -> name -> number, e.g. ``{(1, 2): {"svcca": 0.41}}``.
     stage : str
         Names the table, ``<stage>_cells.json``: columns ``cell`` (``aI-bJ``), ``layer_a``,
-        ``layer_b`` and one per name, in order of first appearance; None where a layer pair
-        has no such number or it is not finite.
+        ``layer_b`` and one per name, in order of first appearance, each number written as
+        its exact text (``text``); None where a layer pair has no such number or it is not
+        finite.
     per_cell_metrics : bool
         Also log each finite number as the metric ``<name>/aI-bJ``.
     """
@@ -58,7 +67,7 @@ def log_cells(cells: dict[tuple[int, int], dict[str, float]], stage: str,
     pairs = list(cells)
     table = {"cell": [pair_key(la, lb) for la, lb in pairs],
              "layer_a": [la for la, _ in pairs], "layer_b": [lb for _, lb in pairs],
-             **{n: [number(cells[p].get(n)) for p in pairs] for n in names}}
+             **{n: [text(cells[p].get(n)) for p in pairs] for n in names}}
     mlflow.log_table(table, table_name(stage))
     if per_cell_metrics:
         mlflow.log_metrics({f"{n}/{pair_key(la, lb)}": v for (la, lb), row in cells.items()
@@ -78,7 +87,7 @@ def read_table(run_id: str, stage: str) -> dict[tuple[int, int], dict[str, float
     out = {}
     for values in data["data"]:
         row = dict(zip(cols, values))
-        out[row["layer_a"], row["layer_b"]] = {k: v for k, v in row.items()
+        out[row["layer_a"], row["layer_b"]] = {k: float(v) for k, v in row.items()
                                                 if k not in KEYS and v is not None}
     return out
 
