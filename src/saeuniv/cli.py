@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from . import stages
-from .config import MATCH_POLICIES, ConfigError, load_config, safe_yaml
+from .config import EXECUTORS, MATCH_POLICIES, ConfigError, load_config, safe_yaml
 
 SHORTCUTS = {
     # option: (config paths, type, help)
@@ -29,6 +29,9 @@ SHORTCUTS = {
     "seed": (("similarity.seed", "subspaces.seed"), int,
              "seed of the permutation nulls (similarity and subspaces)"),
     "n_tokens": (("extract.n_tokens",), int, "analysis tokens (pad/BOS excluded)"),
+    "executor": (("execution.executor",), str,
+                 f"where each layer pair's work runs: {', '.join(EXECUTORS)}"),
+    "workers": (("execution.workers",), int, "processes of the pool executor (0: one per CPU)"),
 }
 
 

@@ -18,6 +18,7 @@ from .loading import (
 from .sections import (
     DEVICES,
     DTYPES,
+    EXECUTORS,
     MATCH_BASES,
     MATCH_POLICIES,
     METRICS,
@@ -28,6 +29,7 @@ from .sections import (
     Config,
     ConfigError,
     CorpusConfig,
+    ExecutionConfig,
     ExtractConfig,
     FamilyConfig,
     MatchConfig,
@@ -44,11 +46,12 @@ from .sections import (
 )
 
 __all__ = [
-    "CONFIG_DIR", "DEVICES", "DTYPES", "MATCH_BASES", "MATCH_POLICIES", "METRICS",
+    "CONFIG_DIR", "DEVICES", "DTYPES", "EXECUTORS", "MATCH_BASES", "MATCH_POLICIES", "METRICS",
     "MODEL_SOURCES", "PAIRS",
     "SAE_ARCHITECTURES", "SAE_SOURCES", "Config", "ConfigError", "CorpusConfig",
-    "ExtractConfig", "FamilyConfig", "MatchConfig", "MemberConfig", "ModelRef", "SAEConfig",
-    "SAERef", "SimilarityConfig", "SubspacesConfig", "TokenizerConfig", "TrackingConfig",
+    "ExecutionConfig", "ExtractConfig", "FamilyConfig", "MatchConfig", "MemberConfig",
+    "ModelRef", "SAEConfig", "SAERef", "SimilarityConfig", "SubspacesConfig", "TokenizerConfig",
+    "TrackingConfig",
     "check", "digest", "from_dict", "load_config", "merge_config", "plain", "read_config",
     "safe_yaml", "set_path", "validate",
 ]

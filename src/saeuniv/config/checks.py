@@ -10,6 +10,7 @@ from typing import Any
 from .sections import (
     DEVICES,
     DTYPES,
+    EXECUTORS,
     INITS,
     MATCH_BASES,
     MATCH_POLICIES,
@@ -57,6 +58,7 @@ def validate(cfg: Config) -> None:
     _match(cfg)
     _similarity(cfg)
     _subspaces(cfg)
+    _execution(cfg)
     for side in ("model_a", "model_b"):
         _model(side, getattr(cfg, side), [m.name for m in cfg.family.members])
     for side in ("sae_a", "sae_b"):
@@ -174,6 +176,13 @@ def _similarity(cfg: Config) -> None:
           f"similarity.band must be [lo, hi] with 0 <= lo < hi <= 1, got {list(sim.band)}")
     check(sim.n_halves == 0 or sim.n_halves >= 10,
           f"similarity.n_halves must be 0 (no interval) or >= 10, got {sim.n_halves}")
+
+
+def _execution(cfg: Config) -> None:
+    ex = cfg.execution
+    check(ex.executor in EXECUTORS,
+          f"execution.executor {ex.executor!r} is unknown; choose one of {EXECUTORS}")
+    check(ex.workers >= 0, f"execution.workers must be >= 0 (0: one per CPU), got {ex.workers}")
 
 
 def _subspaces(cfg: Config) -> None:

@@ -17,6 +17,7 @@ from .sections import (
     Config,
     ConfigError,
     CorpusConfig,
+    ExecutionConfig,
     ExtractConfig,
     FamilyConfig,
     MatchConfig,
@@ -94,7 +95,7 @@ _SECTIONS = {
     "corpus": CorpusConfig,
     "tokenizer": TokenizerConfig, "family": FamilyConfig, "sae": SAEConfig,
     "extract": ExtractConfig, "match": MatchConfig, "similarity": SimilarityConfig,
-    "subspaces": SubspacesConfig, "tracking": TrackingConfig,
+    "subspaces": SubspacesConfig, "tracking": TrackingConfig, "execution": ExecutionConfig,
 }
 
 

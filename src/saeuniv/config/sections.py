@@ -265,6 +265,20 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class ExecutionConfig:
+    """Where the work of each layer pair runs; the results do not depend on it.
+
+    ``executor``: ``local`` (in this process, one layer pair after another) or ``pool``
+    (``workers`` processes on this machine; 0: one per CPU). A worker reads and writes only
+    through the store (``saeuniv.tasks``); this process keeps the MLflow runs and logs what
+    the workers built.
+    """
+
+    executor: str = "local"
+    workers: int = 0
+
+
+@dataclass(frozen=True)
 class ModelRef:
     """A model in the comparison.
 
@@ -372,6 +386,7 @@ class Config:
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     subspaces: SubspacesConfig = field(default_factory=SubspacesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
     def to_dict(self) -> dict:
         return plain(dataclasses.asdict(self))
@@ -408,6 +423,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 INITS = ("trained", "random")
 PAIRS = ("all", "depth")
+EXECUTORS = ("local", "pool")
 
 
 def digest(obj: Any) -> str:

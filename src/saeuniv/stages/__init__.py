@@ -30,6 +30,10 @@ class Stage:
         The config sections this stage adds to those inputs.
     kinds : tuple of str
         The store kinds it builds (recomputed under ``--force``).
+    pairs : str
+        For a stage whose work splits by layer pair: the pipeline attribute that lists its
+        layer pairs (``pairs``, ``subspace_pairs``); its module's ``cell(pipe, la, lb)``
+        builds one (``saeuniv.tasks``). Empty for a stage that works as a whole.
     """
 
     name: str
@@ -37,6 +41,7 @@ class Stage:
     after: str | None
     sections: tuple[str, ...]
     kinds: tuple[str, ...]
+    pairs: str = ""
 
     @property
     def module(self):
@@ -59,15 +64,16 @@ STAGES: tuple[Stage, ...] = (
           "saes", (), ("windows", "codes")),
     Stage("match", "correlate features of A and B and pair them (policy, threshold, filters)",
           "extract", ("match", "tracking"),
-          ("matches", "residuals", "matchers", "unembed", "vocab_gram")),
+          ("matches", "residuals", "matchers", "unembed", "vocab_gram"), "pairs"),
     Stage("similarity", "SVCCA, RSA, CKA, mutual-kNN on paired decoder rows, with "
-          "permutation nulls, raw and calibrated", "match", ("similarity",), ("scores",)),
+          "permutation nulls, raw and calibrated", "match", ("similarity",), ("scores",),
+          "pairs"),
     Stage("convergence", "grid tests of the calibrated scores (best cell, middle band, "
           "depth diagonal), twin-SAE ceilings, a random-init floor, the convergence index",
           "similarity", (), ()),
     Stage("subspaces", "label features by concept (configs/concepts/), score each category "
           "per layer pair against shuffled-pairing and random-subspace nulls", "match",
-          ("subspaces",), ("labels", "subspaces")),
+          ("subspaces",), ("labels", "subspaces"), "subspace_pairs"),
 )
 NAMES = tuple(s.name for s in STAGES)
 BY_NAME = {s.name: s for s in STAGES}

@@ -83,6 +83,14 @@ def load_top(entry: Entry) -> tuple[matching.TopActivations, matching.TopActivat
                 matching.TopActivations(npz["rows_b"], npz["values_b"]))
 
 
+def cell(pipe, la: int, lb: int) -> None:
+    """Build the layer pair's entries: its pairs and, with ``match.compare``, the
+    matchers entry (``saeuniv.tasks``)."""
+    e = entry(pipe, la, lb)
+    if pipe.cfg.match.compare:
+        compare_entry(pipe, la, lb, e)
+
+
 def run(pipe) -> None:
     rows, compared, counts = [], {}, {}
     for la, lb in tqdm(pipe.pairs, desc="match", unit="layer pair"):

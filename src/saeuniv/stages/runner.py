@@ -18,6 +18,7 @@ from pathlib import Path
 import mlflow
 
 from ..config import Config, digest
+from ..executors import prebuild
 from ..lineage import log_corpus, pipeline_lineage
 from ..tracking import CHECKSUMS, code_version, stage_run
 from . import get, sections
@@ -110,6 +111,7 @@ def run_stage(stage: str, pipe, force: bool = False) -> None:
             return
         if force:
             pipe.store.force |= set(get(stage).kinds)
+        prebuild(stage, pipe)
         get(stage).run(pipe)
         mlflow.set_tags(pipeline_lineage(pipe))  # the keys this stage resolved
         log_corpus(pipe)

@@ -156,6 +156,15 @@ def log_scores(scored: dict[tuple[int, int], dict], per_cell_metrics: bool) -> N
               "scores", per_cell_metrics)
 
 
+def cell(pipe, la: int, lb: int) -> None:
+    """Build the layer pair's scores and, with ``match.compare``, those of every matcher's
+    pairs (``saeuniv.tasks``)."""
+    entry(pipe, la, lb)
+    if pipe.cfg.match.compare:
+        for name in matchers.names(pipe):
+            matcher_entry(pipe, la, lb, name)
+
+
 def run(pipe) -> None:
     scored = {(la, lb): load(entry(pipe, la, lb))
               for la, lb in tqdm(pipe.pairs, desc="similarity", unit="layer pair")}

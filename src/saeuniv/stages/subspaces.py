@@ -95,6 +95,12 @@ def entry(pipe, la: int, lb: int) -> Entry:
         "subspaces", spec, lambda out: build(pipe, la, lb, lab_a, lab_b, m, out))[0]
 
 
+def cell(pipe, la: int, lb: int) -> None:
+    """Build the layer pair's concept subspaces and the labels they read
+    (``saeuniv.tasks``)."""
+    entry(pipe, la, lb)
+
+
 def build(pipe, la: int, lb: int, lab_a: Entry, lab_b: Entry, m_entry: Entry,
           out: Path) -> dict:
     sub = pipe.cfg.subspaces

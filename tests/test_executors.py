@@ -1,0 +1,70 @@
+"""The pool executor: layer pairs built in worker processes, the same bytes as in one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from saeuniv import cli
+from saeuniv.cells import cell_metrics
+from saeuniv.config import ConfigError
+from saeuniv.executors import run_pool
+from saeuniv.tasks import CellTask
+
+from helpers import finished, runs
+
+CELL_KINDS = ("matches", "scores", "labels", "subspaces")  # built by per-layer-pair tasks
+
+
+def files(root: Path, kind: str) -> dict[str, object]:
+    """Every file of a store kind: its bytes, or for .npz each array (the zip wrapper holds a
+    timestamp)."""
+    out = {}
+    for path in sorted((root / kind).glob("*/*")):
+        if path.name == "manifest.json" or not path.is_file():
+            continue
+        name = str(path.relative_to(root))
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                out[name] = {k: (z[k].dtype.str, z[k].shape, z[k].tobytes()) for k in z.files}
+        else:
+            out[name] = path.read_bytes()
+    return out
+
+
+def test_a_pool_of_workers_writes_the_entries_a_single_process_writes(tiny_run, own_store,
+                                                                      own_tracking):
+    for kind in CELL_KINDS:  # left to the workers to rebuild
+        shutil.rmtree(own_store / kind)
+    assert cli.main(tiny_run["args"] + ["--executor", "pool", "--workers", "2"]) == 0
+    for kind in CELL_KINDS:
+        want, got = files(tiny_run["store"], kind), files(own_store, kind)
+        assert want and got.keys() == want.keys(), kind
+        for name in want:
+            assert got[name] == want[name], name
+    frame = runs(own_tracking)
+    for stage in ("match", "similarity", "subspaces"):
+        run = finished(frame, stage).iloc[0]
+        assert run["tags.saeuniv.executor"] == "pool" and run["tags.saeuniv.workers"] == "2"
+    main = finished(frame, "main").iloc[0].run_id
+    got = cell_metrics(main)
+    reference = finished(runs(tiny_run["uri"]), "main").iloc[0].run_id
+    assert got and got == cell_metrics(reference)
+
+
+def test_a_failing_task_stops_the_pool_and_names_its_layer_pair(tiny_run):
+    config = tiny_run["cfg"].to_dict()
+    tasks = [CellTask("match", 9, 0, config, str(tiny_run["store"]))]
+    with pytest.raises(RuntimeError, match="match a9-b0 failed in a worker"):
+        run_pool(tasks, 1, "match")
+
+
+def test_an_unknown_executor_is_refused_before_work(tiny_run, capsys):
+    assert cli.main(tiny_run["args"] + ["--executor", "cluster"]) != 0
+    err = capsys.readouterr().err
+    assert "execution.executor 'cluster' is unknown; choose one of ('local', 'pool')" in err
+    with pytest.raises(ConfigError, match="execution.workers must be >= 0"):
+        tiny_run["cfg"].replace(**{"execution.workers": -1})
