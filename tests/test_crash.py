@@ -29,6 +29,7 @@ from filelock import FileLock
 
 import saeuniv
 from saeuniv import cli, stages
+from saeuniv.cells import cell_metrics
 from saeuniv.config import load_config
 from saeuniv.doctor import check_store, orphan_reason, verify_entry
 from saeuniv.pipeline import Pipeline
@@ -161,7 +162,9 @@ def test_same_config_and_seed_give_identical_results(ref):
     for stage, run in one.items():
         other = two[stage]
         assert run.info.status == other.info.status == "FINISHED"
-        assert run.data.metrics and _finite_equal(run.data.metrics, other.data.metrics), stage
+        numbers = {**run.data.metrics, **cell_metrics(run.info.run_id)}
+        others = {**other.data.metrics, **cell_metrics(other.info.run_id)}
+        assert numbers and _finite_equal(numbers, others), stage
         for key in (k for k in run.data.metrics if "/" not in k):  # per-layer and curves
             def hist(r, key=key):
                 return [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, key)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,8 @@ import pytest
 from saeuniv import cli
 from saeuniv.cells import cell_metrics
 from saeuniv.config import ConfigError
-from saeuniv.executors import run_pool
-from saeuniv.tasks import CellTask
+from saeuniv.executors import ExecutorError, run_array, run_pool
+from saeuniv.tasks import CellTask, run_task
 
 from helpers import finished, runs
 
@@ -58,13 +60,57 @@ def test_a_pool_of_workers_writes_the_entries_a_single_process_writes(tiny_run, 
 def test_a_failing_task_stops_the_pool_and_names_its_layer_pair(tiny_run):
     config = tiny_run["cfg"].to_dict()
     tasks = [CellTask("match", 9, 0, config, str(tiny_run["store"]))]
-    with pytest.raises(RuntimeError, match="match a9-b0 failed in a worker"):
+    with pytest.raises(ExecutorError, match="match a9-b0 failed in a worker"):
         run_pool(tasks, 1, "match")
 
 
 def test_an_unknown_executor_is_refused_before_work(tiny_run, capsys):
     assert cli.main(tiny_run["args"] + ["--executor", "cluster"]) != 0
     err = capsys.readouterr().err
-    assert "execution.executor 'cluster' is unknown; choose one of ('local', 'pool')" in err
+    assert ("execution.executor 'cluster' is unknown; choose one of ('local', 'pool', "
+            "'slurm')") in err
     with pytest.raises(ConfigError, match="execution.workers must be >= 0"):
         tiny_run["cfg"].replace(**{"execution.workers": -1})
+
+
+class FailFirst:
+    """A job that fails on its first try for each task, then builds the task."""
+
+    def __init__(self, marks: Path):
+        self.marks = marks
+
+    def __call__(self, task):
+        mark = self.marks / task.label().replace(" ", "-")
+        if not mark.exists():
+            mark.touch()
+            raise MemoryError("simulated: out of memory on the first try")
+        return run_task(task)
+
+
+def test_job_arrays_resubmit_a_failed_task_and_give_up_after_max_retries(tiny_run, own_store,
+                                                                         tmp_path):
+    """submitit's local cluster (subprocesses, no Slurm): the retry and resume logic."""
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # jobs unpickle this class
+    shutil.rmtree(own_store / "matches")
+    cfg = tiny_run["cfg"]
+    tasks = [CellTask("match", la, 0, cfg.to_dict(), str(own_store)) for la in (0, 1)]
+    ex = cfg.execution
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    ids = run_array(tasks, ex, tmp_path / "jobs", "match", cluster="local",
+                    fn=FailFirst(marks))
+    assert len(ids) == 2  # the first array, then the resubmission of both failed tasks
+    assert sorted(p.name for p in marks.iterdir()) == ["match-a0-b0", "match-a1-b0"]
+    built = files(own_store, "matches")
+    assert len([n for n in built if n.endswith("pairs.npz")]) == 2
+    want = files(tiny_run["store"], "matches")
+    assert all(built[n] == want[n] for n in built)
+    # no retry left: the error names the task and why
+    shutil.rmtree(marks)
+    marks.mkdir()
+    with pytest.raises(ExecutorError, match=r"1 task\(s\) failed 1 times .*match a0-b0: "
+                       "MemoryError: simulated: out of memory on the first try"):
+        run_array(tasks[:1], dataclasses.replace(ex, max_retries=0), tmp_path / "jobs2",
+                  "match", cluster="local", fn=FailFirst(marks))

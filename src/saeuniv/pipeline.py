@@ -19,6 +19,7 @@ from .concepts import load_concepts
 from .config import Config, ConfigError
 from .core import subspaces
 from .corpus import read_split
+from .executors import check_slurm
 from .extract import load_codes
 from .plan import planned_bytes
 from .saes import check_ref
@@ -110,12 +111,14 @@ class Pipeline:
 
     # -- before any work ------------------------------------------------------------------
     def validate(self, stage: str = "run") -> None:
-        """Cheap checks that fail before any model is trained or run: layers in range,
-        SAE sources that exist and fit each model, the token budget, the concept set, and
-        free disk space for what ``stage`` and the stages before it will write (``run``:
-        every stage)."""
+        """Cheap checks that fail before any model is trained or run: Slurm reachable for
+        the ``slurm`` executor, layers in range, SAE sources that exist and fit each model,
+        the token budget, the concept set, and free disk space for what ``stage`` and the
+        stages before it will write (``run``: every stage)."""
         if "run" in self.validated or stage in self.validated:
             return
+        if self.cfg.execution.executor == "slurm":
+            check_slurm()
         for side in self.sides:
             check_ref(side.sae_ref, side.info, side.used_layers, side.name)
             s = self.cfg.sae

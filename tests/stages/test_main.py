@@ -9,6 +9,7 @@ import mlflow
 import numpy as np
 
 from saeuniv import cli, stages
+from saeuniv.cells import cell_metrics
 from saeuniv.tracking import git_info
 
 from helpers import artifact_dir, finished, runs
@@ -71,16 +72,15 @@ def test_main_run_metrics_and_artifacts(tiny_run, tiny_pipe):
     main = frame[frame["tags.saeuniv.stage"] == "main"].iloc[0]
     cfg = tiny_run["cfg"]
     la, lb = len(tiny_pipe.a.layers), len(tiny_pipe.b.layers)
+    cells = cell_metrics(main.run_id)  # each layer pair's numbers, from the run's tables
     for metric in ("svcca", "rsa"):
         for field in ("", "_null_mean", "_z", "_p"):
-            cols = [c for c in frame.columns if c.startswith(f"metrics.{metric}{field}/a")]
-            assert len(cols) >= 1, (metric, field)
-        p_cols = [c for c in frame.columns if c.startswith(f"metrics.{metric}_p/")]
-        for c in p_cols:
-            p = main[c]
-            if p == p:  # scored pairs: p is a valid permutation p-value, never 0
-                assert 1 / (cfg.similarity.n_perm + 1) - 1e-12 <= p <= 1
-    assert len([c for c in frame.columns if c.startswith("metrics.n_pairs/")]) == la * lb
+            keys = [k for k in cells if k.startswith(f"{metric}{field}/a")]
+            assert len(keys) >= 1, (metric, field)
+        for key in (k for k in cells if k.startswith(f"{metric}_p/")):
+            # scored pairs: p is a valid permutation p-value, never 0
+            assert 1 / (cfg.similarity.n_perm + 1) - 1e-12 <= cells[key] <= 1
+    assert len([k for k in cells if k.startswith("n_pairs/")]) == la * lb
     for q in ("sae_l0_a", "sae_fvu_b", "sae_dead_a"):
         assert np.isfinite(main[f"metrics.{q}"])
     history = mlflow.MlflowClient().get_metric_history(main.run_id, "sae_fvu_b")
@@ -174,7 +174,10 @@ def test_warm_run_reuses_the_finished_stage_runs(tiny_run, capsys, monkeypatch):
                                                                        "tags.saeuniv.inputs_hash"]
         metrics = [c for c in frame.columns if c.startswith("metrics.")
                    and cold.loc[stage, c] == cold.loc[stage, c]]
-        assert metrics and all(warm.loc[stage, c] == cold.loc[stage, c] for c in metrics)
+        assert all(warm.loc[stage, c] == cold.loc[stage, c] for c in metrics)
+        tables = cell_metrics(cold.loc[stage, "run_id"])  # copied with the artefacts
+        assert tables == cell_metrics(warm.loc[stage, "run_id"])
+        assert metrics or tables, stage
         assert cli.main(["audit", warm.loc[stage, "run_id"]]) == 0
     client = mlflow.MlflowClient()
 

@@ -183,6 +183,11 @@ def _execution(cfg: Config) -> None:
     check(ex.executor in EXECUTORS,
           f"execution.executor {ex.executor!r} is unknown; choose one of {EXECUTORS}")
     check(ex.workers >= 0, f"execution.workers must be >= 0 (0: one per CPU), got {ex.workers}")
+    for name in ("time_min", "cpus_per_task"):
+        check(getattr(ex, name) >= 1, f"execution.{name} must be >= 1, got {getattr(ex, name)}")
+    check(ex.mem_gb > 0, f"execution.mem_gb must be > 0, got {ex.mem_gb}")
+    for name in ("gpus_per_task", "max_retries"):
+        check(getattr(ex, name) >= 0, f"execution.{name} must be >= 0, got {getattr(ex, name)}")
 
 
 def _subspaces(cfg: Config) -> None:

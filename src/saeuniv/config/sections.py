@@ -268,14 +268,27 @@ class TrackingConfig:
 class ExecutionConfig:
     """Where the work of each layer pair runs; the results do not depend on it.
 
-    ``executor``: ``local`` (in this process, one layer pair after another) or ``pool``
-    (``workers`` processes on this machine; 0: one per CPU). A worker reads and writes only
-    through the store (``saeuniv.tasks``); this process keeps the MLflow runs and logs what
-    the workers built.
+    ``executor``: ``local`` (in this process, one layer pair after another), ``pool``
+    (``workers`` processes on this machine; 0: one per CPU) or ``slurm`` (one Slurm job array
+    per stage, at most ``workers`` tasks at once, 0: no limit; the store must be on a
+    filesystem the nodes share). A worker reads and writes only through the store
+    (``saeuniv.tasks``); this process keeps the MLflow runs and logs what the workers built.
+
+    Slurm resources of each task: ``partition`` and ``account`` (empty: the cluster's
+    default), ``time_min`` minutes, ``mem_gb``, ``cpus_per_task``, ``gpus_per_task``. A task
+    that times out or is preempted is requeued, and one that fails (e.g. out of memory) is
+    resubmitted, up to ``max_retries`` times; it resumes from what the store already holds.
     """
 
     executor: str = "local"
     workers: int = 0
+    partition: str = ""
+    account: str = ""
+    time_min: int = 60
+    mem_gb: float = 8.0
+    cpus_per_task: int = 1
+    gpus_per_task: int = 0
+    max_retries: int = 2
 
 
 @dataclass(frozen=True)
@@ -423,7 +436,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 INITS = ("trained", "random")
 PAIRS = ("all", "depth")
-EXECUTORS = ("local", "pool")
+EXECUTORS = ("local", "pool", "slurm")
 
 
 def digest(obj: Any) -> str:
