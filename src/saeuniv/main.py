@@ -47,6 +47,8 @@ def run_main(cfg: Config, store: Store | None = None, launcher: Callable | None 
     if force:  # every entry recomputed once, from the corpus on
         pipe.store.force |= {kind for stage in stages.STAGES for kind in stage.kinds}
     launch = launcher or (lambda stage, p: run_stage(stage, p, force=force))
+    if launcher is None:  # every stage in this process: executors may build units ahead
+        pipe.ahead = stages.NAMES
     with stage_run("main", run_name=cfg.label(), tags=pipeline_lineage(pipe)) as run:
         mlflow.log_params(flat_params(cfg))
         mlflow.log_dict(cfg.to_dict(), "config.yaml")

@@ -47,6 +47,11 @@ class Pipeline:
         self.sides = self.up.sides
         self.row_spans = Memo(self._row_spans)  # side name -> (n_rows, 2) character spans
         self.validated: set[str] = set()
+        # for the executors (saeuniv.executors): the stages this process will run, those
+        # whose units were already built ahead, and the Slurm job arrays that built them
+        self.ahead: tuple[str, ...] = ()
+        self.prebuilt: set[str] = set()
+        self.slurm_jobs: dict[str, list[str]] = {}
 
     def side(self, name: str) -> Side:
         """Side ``"a"`` or ``"b"``."""
@@ -60,6 +65,12 @@ class Pipeline:
     def nearest_b(self, la: int) -> int:
         """The B layer at the relative depth nearest to A layer ``la``."""
         return self.up.nearest_b(la)
+
+    @property
+    def extract_blocks(self) -> list[tuple]:
+        """The extraction units: (side name, layer, ...) for each block of each side's
+        layers (``Side.extract_blocks``)."""
+        return [(side.name, *block) for side in self.sides for block in side.extract_blocks]
 
     @property
     def subspace_pairs(self) -> list[tuple[int, int]]:

@@ -311,13 +311,27 @@ class Side:
     @cached_property
     def codes(self) -> dict[int, Entry]:
         """SAE codes of every used layer on the analysis windows (layer -> entry)."""
+        return self.extract(self.used_layers)
+
+    def extract(self, layers: list[int]) -> dict[int, Entry]:
+        """SAE codes of ``layers`` on the analysis windows (layer -> entry): read from the
+        store, or made by one forward pass per shard for every ``extract.layers_per_pass``
+        of them. A layer's entry holds the same bytes whichever layers share its pass."""
         e = self.cfg.extract
         return extract_codes(
             lambda: self.model, self.model_key,
-            {layer: self.sae_keys[layer] for layer in self.used_layers},
+            {layer: self.sae_keys[layer] for layer in layers},
             lambda layer: self.saes[layer], self.windows, self.up.windows_entry,
             self.windows_side,
             self.store, e.batch_size, e.shard_windows, e.layers_per_pass, label=self.label)
+
+    @property
+    def extract_blocks(self) -> list[tuple[int, ...]]:
+        """The used layers in blocks of ``extract.layers_per_pass`` (0: one block): each
+        block is one unit of extraction work (``saeuniv.tasks``)."""
+        layers, step = self.used_layers, self.cfg.extract.layers_per_pass
+        step = step or len(layers)
+        return [tuple(layers[i:i + step]) for i in range(0, len(layers), step)]
 
     def _residual_rows(self, n_rows: int) -> dict[int, Entry]:
         return residuals.sample(lambda: self.model, self.model_key, self.used_layers,

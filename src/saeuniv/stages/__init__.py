@@ -30,10 +30,11 @@ class Stage:
         The config sections this stage adds to those inputs.
     kinds : tuple of str
         The store kinds it builds (recomputed under ``--force``).
-    pairs : str
-        For a stage whose work splits by layer pair: the pipeline attribute that lists its
-        layer pairs (``pairs``, ``subspace_pairs``); its module's ``cell(pipe, la, lb)``
-        builds one (``saeuniv.tasks``). Empty for a stage that works as a whole.
+    units : str
+        For a stage whose work splits into independent units: the pipeline attribute that
+        lists them (``extract_blocks``: (side, layer, ...) blocks of one model's layers;
+        ``pairs``, ``subspace_pairs``: (A layer, B layer)); its module's ``cell(pipe,
+        *unit)`` builds one (``saeuniv.tasks``). Empty for a stage that works as a whole.
     """
 
     name: str
@@ -41,7 +42,7 @@ class Stage:
     after: str | None
     sections: tuple[str, ...]
     kinds: tuple[str, ...]
-    pairs: str = ""
+    units: str = ""
 
     @property
     def module(self):
@@ -61,7 +62,7 @@ STAGES: tuple[Stage, ...] = (
           "models", ("layers_a", "layers_b", "pairs", "sae_a", "sae_b", "sae", "extract"),
           ("sae", "preflight")),
     Stage("extract", "residual stream -> SAE codes, stored sparse per (model, layer)",
-          "saes", (), ("windows", "codes")),
+          "saes", (), ("windows", "codes"), "extract_blocks"),
     Stage("match", "correlate features of A and B and pair them (policy, threshold, filters)",
           "extract", ("match", "tracking"),
           ("matches", "residuals", "matchers", "unembed", "vocab_gram"), "pairs"),

@@ -17,6 +17,11 @@ from ..tracking import warn
 from .saes import BAD_FVU
 
 
+def cell(pipe, side: str, *layers: int) -> None:
+    """Build the codes of one block of one side's layers (``saeuniv.tasks``)."""
+    pipe.side(side).extract(list(layers))
+
+
 def run(pipe) -> None:
     for side, layer, q in log_quality(pipe):
         if q["dead_fraction"] >= 1:
