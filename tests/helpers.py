@@ -122,3 +122,25 @@ def artifact_dir(run_id: str) -> Path:
 
     uri = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
     return Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
+
+
+# built by tasks: extraction blocks, then layer pairs
+TASK_KINDS = ("codes", "matches", "scores", "labels", "subspaces")
+
+
+def files(root: Path, kind: str) -> dict[str, object]:
+    """Every file of a store kind: its bytes, or for .npz each array (the zip wrapper holds a
+    timestamp)."""
+    import numpy as np
+
+    out = {}
+    for path in sorted((root / kind).glob("*/*")):
+        if path.name == "manifest.json" or not path.is_file():
+            continue
+        name = str(path.relative_to(root))
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                out[name] = {k: (z[k].dtype.str, z[k].shape, z[k].tobytes()) for k in z.files}
+        else:
+            out[name] = path.read_bytes()
+    return out

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from saeuniv import cli, stages
@@ -19,26 +18,7 @@ from saeuniv.config import ConfigError
 from saeuniv.executors import ExecutorError, groups_at, run_arrays, run_pool
 from saeuniv.tasks import Task, make_tasks, run_task
 
-from helpers import finished, runs
-
-# built by tasks: extraction blocks, then layer pairs
-TASK_KINDS = ("codes", "matches", "scores", "labels", "subspaces")
-
-
-def files(root: Path, kind: str) -> dict[str, object]:
-    """Every file of a store kind: its bytes, or for .npz each array (the zip wrapper holds a
-    timestamp)."""
-    out = {}
-    for path in sorted((root / kind).glob("*/*")):
-        if path.name == "manifest.json" or not path.is_file():
-            continue
-        name = str(path.relative_to(root))
-        if path.suffix == ".npz":
-            with np.load(path) as z:
-                out[name] = {k: (z[k].dtype.str, z[k].shape, z[k].tobytes()) for k in z.files}
-        else:
-            out[name] = path.read_bytes()
-    return out
+from helpers import TASK_KINDS, files, finished, runs
 
 
 def test_a_pool_of_workers_writes_the_entries_a_single_process_writes(tiny_run, own_store,

@@ -27,14 +27,8 @@ SCONTROL = (  # scontrol show job -o 41 of a 4-task array: task 0 done, 1 runnin
 
 
 @pytest.fixture()
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    yield mlflow.MlflowClient(uri)
-    while mlflow.active_run():
-        mlflow.end_run()
+def client(tracking):
+    return mlflow.MlflowClient(tracking)
 
 
 def fake_scontrol(monkeypatch, stdout: str, returncode: int = 0, stderr: str = ""):
@@ -94,9 +88,9 @@ def test_the_backend_is_an_mlflow_plugin_and_refuses_other_env_managers(tmp_path
         backend.run(str(tmp_path), "main", {}, None, {"ENV_MANAGER": "conda"}, None, "0")
 
 
-def script_run(tracking, tmp_path: Path, command: str) -> tuple[str, subprocess.Popen]:
+def script_run(client, tmp_path: Path, command: str) -> tuple[str, subprocess.Popen]:
     """Start the batch script of ``command`` under bash, as Slurm would (job id 77)."""
-    run_id = tracking.create_run("0").info.run_id
+    run_id = client.create_run("0").info.run_id
     script = tmp_path / "job.sbatch"
     script.write_text(batch_script(BackendConfig(), "saeuniv-test", tmp_path,
                                    {"MLFLOW_RUN_ID": run_id}, command, run_id, tmp_path))
@@ -105,42 +99,42 @@ def script_run(tracking, tmp_path: Path, command: str) -> tuple[str, subprocess.
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def test_the_batch_script_fails_a_run_its_command_left_open(tracking, tmp_path):
-    run_id, proc = script_run(tracking, tmp_path, "exit 3")
+def test_the_batch_script_fails_a_run_its_command_left_open(client, tmp_path):
+    run_id, proc = script_run(client, tmp_path, "exit 3")
     assert proc.wait(timeout=120) == 3
-    run = tracking.get_run(run_id)
+    run = client.get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["saeuniv.error"] == ("the command of Slurm job 77 exited 3 without "
                                               "ending its run")
 
 
-def test_the_batch_script_passes_a_signal_on_and_fails_the_run(tracking, tmp_path):
-    run_id, proc = script_run(tracking, tmp_path, "sleep 60")
+def test_the_batch_script_passes_a_signal_on_and_fails_the_run(client, tmp_path):
+    run_id, proc = script_run(client, tmp_path, "sleep 60")
     time.sleep(1.0)  # the script is waiting for its command
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143, proc.stdout.read().decode()
-    run = tracking.get_run(run_id)
+    run = client.get_run(run_id)
     assert run.info.status == "FAILED"
     assert "killed by signal SIGTERM" in run.data.tags["saeuniv.error"]
 
 
-def test_a_job_that_times_out_fails_its_run_with_the_reason(tracking, monkeypatch):
-    run_id = tracking.create_run("0").info.run_id
+def test_a_job_that_times_out_fails_its_run_with_the_reason(client, monkeypatch):
+    run_id = client.create_run("0").info.run_id
     states = iter([slurm.JobState("5", "PENDING"), slurm.JobState("5", "RUNNING"),
                    slurm.JobState("5", "TIMEOUT", "TimeLimit", "0:15")])
     monkeypatch.setattr(slurm, "state", lambda job: next(states))
     submitted = SlurmSubmittedRun(run_id, "5", poll_s=0.01)
     assert submitted.get_status() == "SCHEDULED"
     assert submitted.wait() is False
-    run = tracking.get_run(run_id)
+    run = client.get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["saeuniv.slurm_state"] == "TIMEOUT"
     assert "reached its time limit" in run.data.tags["saeuniv.slurm_reason"]
 
 
-def test_cancel_scancels_the_job_and_its_arrays_and_kills_the_runs(tracking, monkeypatch):
-    parent = tracking.create_run("0")
-    child = tracking.create_run("0", tags={"mlflow.parentRunId": parent.info.run_id})
+def test_cancel_scancels_the_job_and_its_arrays_and_kills_the_runs(client, monkeypatch):
+    parent = client.create_run("0")
+    child = client.create_run("0", tags={"mlflow.parentRunId": parent.info.run_id})
     cancelled = []
     monkeypatch.setattr(slurm, "cancel", lambda ids: cancelled.append(list(ids)))
     monkeypatch.setattr(slurm, "children", lambda job: ["9"] if job == "5" else [])
@@ -148,6 +142,6 @@ def test_cancel_scancels_the_job_and_its_arrays_and_kills_the_runs(tracking, mon
     SlurmSubmittedRun(parent.info.run_id, "5").cancel()
     assert cancelled[0] == ["5", "9"]
     for run in (parent, child):
-        got = tracking.get_run(run.info.run_id)
+        got = client.get_run(run.info.run_id)
         assert got.info.status == "KILLED"
         assert "scancel of Slurm job 5" in got.data.tags["saeuniv.slurm_reason"]

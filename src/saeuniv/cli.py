@@ -93,6 +93,11 @@ def _add_sweep(sub) -> None:
     sweep.add_argument("--study", default=None, help="study name (default: the spec's)")
     sweep.add_argument("--n-trials", dest="n_trials", type=_or_word(int, "spec"), default=None,
                        help="COMPLETE trials wanted, over all workers (default: the spec's)")
+    sweep.add_argument("--executor", choices=("local", "slurm"), default="local",
+                       help="local: this process is one worker; slurm: --workers workers as "
+                       "one Slurm job array, on a database --storage (default: %(default)s)")
+    sweep.add_argument("--workers", type=int, default=None,
+                       help="workers of --executor slurm (array tasks running at once)")
     _store_option(sweep)
     sweep.add_argument("--experiment", default=None, help="MLflow experiment name")
 
@@ -405,6 +410,11 @@ def sweep_main(args) -> int:
         check_n_trials(spec, args.n_trials)
         cfg = spec.config(_parse_set(args.set))
         store = Store(args.store)
+        check_workers(args)
+        if args.executor == "slurm":
+            from .sweep.cluster import check_storage
+
+            check_storage(args.storage)
         # the storage before MLflow's database is touched: a bad --storage changes nothing
         storage = open_storage(args.storage, os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
     except (ConfigError, OSError, RuntimeError, ValueError) as err:
@@ -412,6 +422,8 @@ def sweep_main(args) -> int:
         return 2
     install_signal_handlers()
     uri = setup_tracking(args.experiment, experiment_name(args.study or spec.study))
+    if args.executor == "slurm":
+        return sweep_on_slurm(args, spec, cfg, store, storage)
     try:
         result = run_sweep(spec, cfg, store, storage=storage, study_name=args.study,
                            n_trials=args.n_trials)
@@ -429,6 +441,37 @@ def sweep_main(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def check_workers(args) -> None:
+    """``--workers`` goes with ``--executor slurm``, and is at least 1 there."""
+    if args.executor == "slurm" and (args.workers or 0) < 1:
+        raise ConfigError(f"--executor slurm needs --workers N >= 1, got {args.workers}")
+    if args.executor == "local" and args.workers is not None:
+        raise ConfigError("--workers is for --executor slurm; for more workers on this "
+                          "machine, start the same command again (with a database --storage)")
+
+
+def sweep_on_slurm(args, spec, cfg, store, storage) -> int:
+    """``saeuniv sweep --executor slurm``: the workers as one job array; 0 when the study
+    holds its trials."""
+    from .executors import ExecutorError
+    from .sweep import check_n_trials
+    from .sweep.cluster import run_workers
+
+    try:
+        ids = run_workers(args, args.storage, cfg.execution, store.root)
+    except ExecutorError as err:
+        print(f"saeuniv: error: {err}", file=sys.stderr)
+        return 1
+    study = storage.storage.get_study_id_from_name(args.study or spec.study)
+    complete = sum(t.state.name == "COMPLETE"
+                   for t in storage.storage.get_all_trials(study, deepcopy=False))
+    wanted = check_n_trials(spec, args.n_trials)
+    print(f"saeuniv: study {args.study or spec.study!r} ({storage.url}): {complete} of "
+          f"{wanted} trials complete, by {args.workers} workers in Slurm job array "
+          f"{', '.join(ids)}")
+    return 0 if complete >= wanted else 1
 
 
 def project_dir() -> Path | None:

@@ -154,7 +154,7 @@ def run_arrays(groups: list[list[Task]], ex, folder: Path, desc: str,
                 if i not in submitted:
                     after = ""
                     for k in range(i, len(groups) if cluster == "slurm" else i + 1):
-                        name = f"saeuniv-{'+'.join(todo[k][0].stages)}"
+                        name = f"saeuniv-{todo[k][0].label().split()[0]}"
                         submitted[k] = submitit_executor(ex, folder, name, cluster, after) \
                             .map_array(fn, todo[k])
                         after = array_id(submitted[k])

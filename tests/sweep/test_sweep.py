@@ -444,3 +444,45 @@ def test_two_workers_share_one_study_on_postgresql(warm, env, postgres_url):
     assert sorted(trial_runs["tags.saeuniv.trial_number"].astype(int)) == \
         sorted(t.number for t in complete)
     assert parents.iloc[0]["params.sweep.storage"] == "postgresql"
+
+
+# -- the workers as a Slurm job array -------------------------------------------------
+
+def test_slurm_workers_are_refused_a_storage_they_cannot_share(warm, env, capsys):
+    spec = write_spec(env["dir"], study="tiny-slurm-refused", n_trials=2)
+    sqlite = env["dir"] / "optuna-shared.db"
+    for extra in ([], ["--storage", f"sqlite:///{sqlite}"], ["--storage", "trials.log"]):
+        assert cli.main(["sweep", str(spec), "--executor", "slurm", "--workers", "2",
+                         *extra]) == 2
+        err = capsys.readouterr().err
+        assert "--executor slurm needs an Optuna storage on a database server" in err, err
+        assert "pass --storage postgresql://user@host/db" in err
+    assert not sqlite.exists() and not (env["dir"] / "trials.log").exists()
+    assert cli.main(["sweep", str(spec), "--executor", "slurm"]) == 2
+    assert "--executor slurm needs --workers N >= 1, got None" in capsys.readouterr().err
+    assert cli.main(["sweep", str(spec), "--workers", "2"]) == 2
+    assert "--workers is for --executor slurm" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_two_workers_as_a_slurm_job_array_keep_the_exact_trial_count(warm, env, postgres_url,
+                                                                     capsys):
+    study = f"tiny-slurm-{uuid.uuid4().hex[:8]}"
+    n_trials = 6
+    spec = write_spec(env["dir"], study=study, n_trials=n_trials)
+    assert cli.main(["sweep", str(spec), "--set", f"corpus.source={warm['corpus']}",
+                     "--storage", postgres_url, "--executor", "slurm", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"{n_trials} of {n_trials} trials complete, by 2 workers in Slurm job array" in out
+
+    ts = trials(postgres_url, study)
+    numbers = sorted(t.number for t in ts)
+    assert numbers == list(range(len(numbers)))
+    complete = [t for t in ts if t.state == TrialState.COMPLETE]
+    assert len(complete) == n_trials
+    r = runs(env)
+    assert "RUNNING" not in set(r["status"])
+    parents = r[r["tags.saeuniv.stage"] == "sweep"]
+    assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
+    trial_runs = r[r["tags.saeuniv.stage"] == "trial"]
+    assert len(trial_runs) == n_trials and set(trial_runs["status"]) == {"FINISHED"}
