@@ -9,7 +9,9 @@
 #
 # AuthInfo cred_expire=5 is the smallest job-credential lifetime Slurm 22.05 accepts (below 5
 # it logs "AuthInfo=cred_expire=N invalid" and falls back to 120 s). Slurm holds a requeued
-# job until now + cred_expire + 1, so a requeued job runs again after ~6 s instead of ~2 min.
+# job until now + cred_expire + 1, so a requeued job runs again after ~6 s instead of ~2 min;
+# sched_interval=1 makes the main scheduler notice that at once (by default it looks every 60 s,
+# and the backfill scheduler does not start a requeued job).
 
 slurm_dir=""
 
@@ -62,6 +64,8 @@ start_slurm() {
         || { cat "$slurm_dir/munged.err" >&2; _slurm_logs; stop_slurm; return 1; }
 
     # slurm.conf: one node (this host on 127.0.0.1, all CPUs, 80 % of the memory), partition ci.
+    # DefMemPerCPU: a job without --mem gets its CPUs' share, not the whole node's memory (which
+    # would run one job at a time).
     local host ctld_port slurmd_port cpus mem
     host=$(hostname -s)
     ctld_port=$(_slurm_free_port) || { stop_slurm; return 1; }
@@ -87,6 +91,7 @@ SlurmdLogFile=$slurm_dir/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MpiDefault=none
+MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -95,7 +100,7 @@ JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1
+SchedulerParameters=bf_interval=1,sched_interval=1
 SlurmdParameters=config_overrides
 ReturnToService=2
 MinJobAge=300
@@ -103,6 +108,7 @@ KillWait=5
 OverTimeLimit=0
 InactiveLimit=0
 MaxArraySize=10001
+DefMemPerCPU=$((mem / cpus))
 NodeName=$host NodeAddr=127.0.0.1 NodeHostname=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=ci Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF

@@ -107,3 +107,26 @@ def own_tracking(tmp_path, monkeypatch, own_store):
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A Slurm cluster this machine can submit to (``.ci/run`` starts one on loopback and
+    sets ``SLURM_CONF``; ``bash .ci/slurm.sh --foreground`` starts one by hand). Skipped
+    when there is none, except under ``SAEUNIV_REQUIRE_SLURM=1`` (CI), where that fails."""
+    import subprocess
+
+    why = ""
+    if shutil.which("sbatch") is None:
+        why = "Slurm's sbatch is not on PATH"
+    else:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                             timeout=60)
+        up = {"idle", "mixed", "allocated", "completing"}
+        if out.returncode != 0 or not up & set(out.stdout.split()):
+            why = f"no Slurm node answers (sinfo: {(out.stderr or out.stdout).strip()!r})"
+    if why:
+        if os.environ.get("SAEUNIV_REQUIRE_SLURM") == "1":
+            pytest.fail(f"a Slurm cluster is required here (SAEUNIV_REQUIRE_SLURM=1): {why}")
+        pytest.skip(f"Slurm tests skipped: {why}; start a cluster with "
+                    "`bash .ci/slurm.sh --foreground` and export the SLURM_CONF it prints")
