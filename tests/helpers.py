@@ -144,3 +144,12 @@ def files(root: Path, kind: str) -> dict[str, object]:
         else:
             out[name] = path.read_bytes()
     return out
+
+
+def first_try(marks: Path, task) -> bool:
+    """True the first time a task is seen in the folder ``marks`` (a mark left there)."""
+    mark = marks / task.label().replace(" ", "-")
+    if mark.exists():
+        return False
+    mark.touch()
+    return True

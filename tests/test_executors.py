@@ -18,7 +18,7 @@ from saeuniv.config import ConfigError
 from saeuniv.executors import ExecutorError, groups_at, run_arrays, run_pool
 from saeuniv.tasks import Task, make_tasks, run_task
 
-from helpers import TASK_KINDS, files, finished, runs
+from helpers import TASK_KINDS, files, finished, first_try, runs
 
 
 def test_a_pool_of_workers_writes_the_entries_a_single_process_writes(tiny_run, own_store,
@@ -64,9 +64,7 @@ class FailFirst:
         self.marks = marks
 
     def __call__(self, task):
-        mark = self.marks / task.label().replace(" ", "-")
-        if not mark.exists():
-            mark.touch()
+        if first_try(self.marks, task):
             raise MemoryError("simulated: out of memory on the first try")
         return run_task(task)
 
@@ -77,6 +75,7 @@ def test_job_arrays_resubmit_a_failed_task_and_give_up_after_max_retries(tiny_ru
     import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # jobs unpickle this class
+    cloudpickle.register_pickle_by_value(sys.modules["helpers"])  # first_try
     shutil.rmtree(own_store / "matches")
     cfg = tiny_run["cfg"]
     tasks = [Task(("match",), (la, 0), cfg.to_dict(), str(own_store)) for la in (0, 1)]

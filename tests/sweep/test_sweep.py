@@ -424,17 +424,21 @@ def test_two_workers_share_one_study_on_postgresql(warm, env, postgres_url):
                        for i in range(2))
     assert codes == [0, 0], output
 
-    ts = trials(postgres_url, study)
+    complete = exact_trials(env, postgres_url, study, n_trials)
+    assert len({t.user_attrs[WORKER_ATTR] for t in complete}) == 2, \
+        "both workers ran trials"
+
+
+def exact_trials(env, storage: str, study: str, n_trials: int) -> list:
+    """Check that the study and the MLflow runs hold exactly ``n_trials`` trials, numbered
+    without gaps, every run closed; returns the COMPLETE trials."""
+    ts = trials(storage, study)
     numbers = [t.number for t in ts]
-    assert len(numbers) == len(set(numbers))
-    assert sorted(numbers) == list(range(len(numbers)))
+    assert sorted(numbers) == list(range(len(numbers)))  # no number twice, none lost
     complete = [t for t in ts if t.state == TrialState.COMPLETE]
     assert len(complete) == n_trials
     # PRUNED: not needed
     assert {t.state for t in ts} <= {TrialState.COMPLETE, TrialState.PRUNED}
-    assert len({t.user_attrs[WORKER_ATTR] for t in complete}) == 2, \
-        "both workers ran trials"
-
     r = runs(env)
     assert "RUNNING" not in set(r["status"])
     parents = r[r["tags.saeuniv.stage"] == "sweep"]
@@ -444,6 +448,7 @@ def test_two_workers_share_one_study_on_postgresql(warm, env, postgres_url):
     assert sorted(trial_runs["tags.saeuniv.trial_number"].astype(int)) == \
         sorted(t.number for t in complete)
     assert parents.iloc[0]["params.sweep.storage"] == "postgresql"
+    return complete
 
 
 # -- the workers as a Slurm job array -------------------------------------------------
@@ -474,15 +479,4 @@ def test_two_workers_as_a_slurm_job_array_keep_the_exact_trial_count(warm, env, 
                      "--storage", postgres_url, "--executor", "slurm", "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert f"{n_trials} of {n_trials} trials complete, by 2 workers in Slurm job array" in out
-
-    ts = trials(postgres_url, study)
-    numbers = sorted(t.number for t in ts)
-    assert numbers == list(range(len(numbers)))
-    complete = [t for t in ts if t.state == TrialState.COMPLETE]
-    assert len(complete) == n_trials
-    r = runs(env)
-    assert "RUNNING" not in set(r["status"])
-    parents = r[r["tags.saeuniv.stage"] == "sweep"]
-    assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
-    trial_runs = r[r["tags.saeuniv.stage"] == "trial"]
-    assert len(trial_runs) == n_trials and set(trial_runs["status"]) == {"FINISHED"}
+    exact_trials(env, postgres_url, study, n_trials)
