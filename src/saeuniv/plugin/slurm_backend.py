@@ -151,6 +151,8 @@ class SlurmBackend(AbstractBackend):
             client.set_tag(run_id, "saeuniv.error", f"sbatch failed: {err}")
             client.set_terminated(run_id, "FAILED")
             raise
+        # MLflow tags the backend only once run() returns, which `wait` delays
+        client.set_tag(run_id, "mlflow.project.backend", "saeuniv-slurm")
         client.set_tag(run_id, "mlflow.project.env", "local")
         client.set_tag(run_id, "saeuniv.slurm_job_id", job_id)
         client.set_tag(run_id, "saeuniv.slurm_log", str(log_dir / f"{job_id}.out"))
