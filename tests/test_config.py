@@ -42,6 +42,7 @@ def test_builtin_default_loads_and_hash_is_stable():
     ({"match.top_k": True}, r"match.top_k must be int, got True"),
     ({"match.threshold": float("nan")}, r"match.threshold must be a finite number, got nan"),
     ({"extract.batch_size": 0}, r"extract.batch_size must be >= 1, got 0"),
+    ({"execution.device": "gpu"}, r"execution.device 'gpu' is unknown.*'cuda'"),
     ({"family.lr": -0.1}, r"family.lr must be > 0, got -0.1"),
     ({"sae.topk": 0}, r"sae.topk must be >= 1, got 0"),
     ({"extract.context": 256}, r"extract.context=256 exceeds family.context=128.*lower "

@@ -17,7 +17,7 @@ import numpy as np
 from . import stages
 from .concepts import load_concepts
 from .config import Config, ConfigError
-from .core import subspaces
+from .core import devices, subspaces
 from .corpus import read_split
 from .executors import check_slurm
 from .extract import load_codes
@@ -79,6 +79,15 @@ class Pipeline:
             return [(la, lb) for la, lb in self.pairs if lb == self.nearest_b(la)]
         return self.pairs
 
+    @cached_property
+    def device(self):
+        """Where matching and the nulls run (``execution.device``): ``None`` for the numpy
+        path on this machine's CPU, else a torch device (``saeuniv.core.devices``)."""
+        try:
+            return devices.analysis_device(self.cfg.execution.device)
+        except ValueError as err:
+            raise ConfigError(f"{err}; set execution.device: auto or cpu") from None
+
     # -- the rows the analysis reads ----------------------------------------------------
     @property
     def n_rows(self) -> int:
@@ -130,6 +139,7 @@ class Pipeline:
             return
         if self.cfg.execution.executor == "slurm":
             check_slurm()
+        _ = self.device  # raises when execution.device names a GPU this machine lacks
         for side in self.sides:
             check_ref(side.sae_ref, side.info, side.used_layers, side.name)
             s = self.cfg.sae

@@ -188,6 +188,8 @@ def _execution(cfg: Config) -> None:
     check(ex.mem_gb > 0, f"execution.mem_gb must be > 0, got {ex.mem_gb}")
     for name in ("gpus_per_task", "max_retries"):
         check(getattr(ex, name) >= 0, f"execution.{name} must be >= 0, got {getattr(ex, name)}")
+    check(ex.device in DEVICES,
+          f"execution.device {ex.device!r} is unknown; choose one of {DEVICES}")
 
 
 def _subspaces(cfg: Config) -> None:
