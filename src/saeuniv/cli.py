@@ -19,6 +19,7 @@ import yaml
 
 from . import stages
 from .config import EXECUTORS, MATCH_POLICIES, ConfigError, load_config, safe_yaml
+from .costreport import add_plan_parser
 
 SHORTCUTS = {
     # option: (config paths, type, help)
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit_and_compare(sub)
     _add_ladder(sub)
     _add_doctor(sub)
+    add_plan_parser(sub, _store_option)
     return parser
 
 
@@ -251,6 +253,8 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         return doctor_main(args)
     if args.command == "ladder":
         return ladder_main(args)
+    if args.command == "plan":
+        return plan_command(args)
     try:
         cfg = _config(args)
         from .main import run_main
@@ -279,6 +283,18 @@ def main(argv: list[str] | None = None, project_dir: Path | None = None) -> int:
         print(f"saeuniv: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def plan_command(args) -> int:
+    from .costreport import plan_main
+    from .store import Store
+
+    try:
+        overrides, root = _parse_set(args.set), Store(args.store).root
+    except (ConfigError, OSError, RuntimeError) as err:
+        print(f"saeuniv: error: {err}", file=sys.stderr)
+        return 2
+    return plan_main(args.config, overrides, args.gpu, args.calibrate, root / "calibration.json")
 
 
 def _experiment_of(run_id: str) -> str:

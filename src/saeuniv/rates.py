@@ -1,0 +1,174 @@
+"""Per-operation rates for the cost plan: measured on this machine by short calibrations
+(cached by machine, each measured the first time a plan needs it), or for a GPU class.
+
+An operation is named by its kind and, where speed depends on it, its shape:
+
+- ``torch:M,K,N``: float32 matrix products (M x K) @ (K x N) in torch, FLOP/s (model forward
+  and backward passes, SAE encoding and training, at their own widths and batch sizes);
+- ``gemm:M,K,N``: the same in numpy (the permutation nulls' products), FLOP/s;
+- ``eig:K``: eigenvalues of a K x K symmetric matrix, calls/s (SVCCA's null);
+- ``sparse``: multiply-adds of sparse-sparse products (the correlation's cross-product), /s;
+- ``elementwise``: float64 elements of a dense pass (correlations from the sums, top-k), /s;
+- ``gather``: randomly gathered float32 elements (RSA's permuted dissimilarities), /s.
+
+A GPU class's rates are measured when that GPU is present (``--calibrate`` on it); otherwise
+they are its datasheet's peaks times ``GPU_EFFICIENCY``, and the plan says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+# datasheet peaks of GPU classes: dense float32 FLOP/s and memory bytes/s
+GPU_CLASSES = {
+    "H100": {"flops": 67e12, "bandwidth": 3.35e12},
+    "H200": {"flops": 67e12, "bandwidth": 4.8e12},
+    "A100": {"flops": 19.5e12, "bandwidth": 2.0e12},
+    "L40S": {"flops": 91.6e12, "bandwidth": 0.864e12},
+}
+GPU_EFFICIENCY = 0.4  # share of a datasheet peak assumed reached without a measurement
+BYTES_PER = {"sparse": 24, "elementwise": 16, "gather": 8}  # memory traffic per unit of work
+MAX_MATMUL = 2 ** 27  # elements of one calibration operand: large shapes are timed smaller
+
+
+def _best(fn, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed calls after one warm-up call, in seconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _shape(op: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in op.split(":")[1].split(","))
+
+
+def _matmul(kind: str, m: int, k: int, n: int, device: str = "cpu") -> float:
+    """FLOP/s of (m x k) @ (k x n) in float32; m is cut so the operands stay small (the rate
+    of a product does not depend on its row count once it is large)."""
+    m = max(1, min(m, MAX_MATMUL // max(k, n)))
+    if kind == "gemm":
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        w = rng.standard_normal((k, n), dtype=np.float32)
+        return 2 * m * k * n / _best(lambda: x @ w)
+    import torch
+
+    x, w = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    return 2 * m * k * n / _best(lambda: (x @ w).sum().item())  # .item(): wait for a GPU
+
+
+def _eig(k: int) -> float:
+    g = np.random.default_rng(0).standard_normal((k, k))
+    g = g @ g.T
+    return 1.0 / _best(lambda: np.linalg.eigvalsh(g))
+
+
+def _sparse() -> float:
+    import scipy.sparse as sp
+
+    n, f, l0 = 20_000, 2048, 32
+    rng = np.random.default_rng(0)
+    a = sp.random(n, f, density=l0 / f, format="csr", random_state=rng, dtype=np.float64)
+    b = sp.random(n, f, density=l0 / f, format="csr", random_state=rng, dtype=np.float64)
+    at = a.T.tocsr()
+    return n * l0 * l0 / _best(lambda: at @ b)
+
+
+def _elementwise() -> float:
+    x = np.random.default_rng(0).standard_normal(4_000_000)
+    return x.size / _best(lambda: np.multiply(x, 1.5, out=x))
+
+
+def _gather() -> float:
+    rng = np.random.default_rng(0)
+    x, idx = rng.standard_normal(4_000_000, dtype=np.float32), rng.permutation(4_000_000)
+    return idx.size / _best(lambda: x[idx])
+
+
+def measure(op: str) -> float:
+    """The rate of ``op`` on this machine's CPU, measured now (well under a second)."""
+    kind = op.split(":")[0]
+    if kind in ("torch", "gemm"):
+        return _matmul(kind, *_shape(op))
+    if kind == "eig":
+        return _eig(*_shape(op))
+    fixed = {"sparse": _sparse, "elementwise": _elementwise, "gather": _gather}
+    if kind not in fixed:
+        raise ValueError(f"unknown operation {op!r}")
+    return fixed[kind]()
+
+
+def machine() -> str:
+    """What a CPU calibration depends on: the host, its processor and its thread count."""
+    import torch
+
+    return (f"{platform.node()} {platform.processor() or platform.machine()} "
+            f"{os.cpu_count()} cpus {torch.get_num_threads()} threads")
+
+
+class CPURates:
+    """This machine's rates: ``rates[op]``, from the cache file or measured and cached.
+
+    ``refresh`` measures every operation again the first time it is asked for.
+    """
+
+    def __init__(self, cache: Path, refresh: bool = False):
+        self.cache, self.key = Path(cache), machine()
+        known = json.loads(self.cache.read_text()) if self.cache.exists() else {}
+        self.known, self.rates = known, ({} if refresh else dict(known.get(self.key, {})))
+        self.measured = 0
+
+    def __getitem__(self, op: str) -> float:
+        if op not in self.rates:
+            self.rates[op] = measure(op)
+            self.measured += 1
+            self._save()
+        return self.rates[op]
+
+    def _save(self) -> None:
+        self.known[self.key] = self.rates
+        tmp = self.cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.known, indent=1, sort_keys=True))
+        tmp.replace(self.cache)  # never a half-written cache
+
+
+class GPURates:
+    """Rates of GPU class ``name``: measured when this machine's first GPU is of that class,
+    else its datasheet's peaks x ``GPU_EFFICIENCY``. The eigenvalue problems keep the CPU's
+    rate (torch solves them one matrix at a time on a GPU too). ``how`` says which."""
+
+    def __init__(self, name: str, cpu: CPURates):
+        if name not in GPU_CLASSES:
+            raise ValueError(f"GPU class {name!r} is unknown; choose one of "
+                             f"{sorted(GPU_CLASSES)}")
+        import torch
+
+        self.cpu, self.peak = cpu, GPU_CLASSES[name]
+        self.here = torch.cuda.is_available() and name in torch.cuda.get_device_name(0)
+        self.how = f"{name} measured" if self.here else f"{name} datasheet x {GPU_EFFICIENCY}"
+        self.rates: dict[str, float] = {}
+
+    def __getitem__(self, op: str) -> float:
+        if op not in self.rates:
+            self.rates[op] = self._rate(op)
+        return self.rates[op]
+
+    def _rate(self, op: str) -> float:
+        kind = op.split(":")[0]
+        if kind == "eig":
+            return self.cpu[op]
+        if kind in ("torch", "gemm"):
+            if self.here:
+                return _matmul("torch", *_shape(op), device="cuda")
+            return self.peak["flops"] * GPU_EFFICIENCY
+        return self.peak["bandwidth"] * GPU_EFFICIENCY / BYTES_PER[kind]
