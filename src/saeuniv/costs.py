@@ -112,12 +112,12 @@ class Planner:
             out[("models", self.model_key(s))] = self._model(s)
             if getattr(self.cfg, f"sae_{s}").source == "train":
                 key = f"{self.model_key(s)}|{self.used[s]}|{self.cfg.sae.train_tokens}"
-                out[("saes", "acts " + key)] = self._forward(s, self.cfg.sae.train_tokens)
+                out[("saes", "acts " + key)] = self.forward(s, self.cfg.sae.train_tokens)
             for layer in self.used[s]:
                 out[("saes", self.sae_key(s, layer))] = self._sae(s, layer)
                 out[("extract", self.sae_key(s, layer) + "|codes")] = self._codes(s, layer)
             key = f"{self.model_key(s)}|{self.used[s]}|{self.cfg.extract.n_tokens}|forward"
-            out[("extract", key)] = self._forward(s, self.cfg.extract.n_tokens)
+            out[("extract", key)] = self.forward(s, self.cfg.extract.n_tokens)
         for la, lb in self.pairs:
             pair = f"{self.sae_key('a', la)}~{self.sae_key('b', lb)}"
             out[("match", pair)] = self._match(la, lb)
@@ -156,10 +156,13 @@ class Planner:
     def _batch_tokens(self) -> int:
         return self.cfg.extract.batch_size * self.cfg.extract.context
 
-    def _forward(self, side: str, tokens: int) -> Cost:
+    def forward(self, side: str, tokens: int) -> Cost:
+        """A forward pass of side ``side``'s model over ``tokens``, up to its deepest layer
+        used, in the model's dtype."""
         shape, ctx = self.shapes[side], self.cfg.extract.context
         per_token = 2 * shape.n_params + 4 * shape.n_layers * ctx * shape.d_model
-        op = f"torch:{self._batch_tokens()},{shape.d_model},{4 * shape.d_model}"
+        kind = "torch" if getattr(self.cfg, f"model_{side}").dtype == "float32" else "torch16"
+        op = f"{kind}:{self._batch_tokens()},{shape.d_model},{4 * shape.d_model}"
         return _flop(op, per_token * self._depth_share(side) * tokens, tokens=tokens,
                      memory=4 * shape.n_params)
 

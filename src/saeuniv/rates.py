@@ -5,6 +5,7 @@ An operation is named by its kind and, where speed depends on it, its shape:
 
 - ``torch:M,K,N``: float32 matrix products (M x K) @ (K x N) in torch, FLOP/s (model forward
   and backward passes, SAE encoding and training, at their own widths and batch sizes);
+  ``torch16:M,K,N``: the same in bfloat16 (models run in bfloat16 or float16);
 - ``gemm:M,K,N``: the same in numpy (the permutation nulls' products), FLOP/s;
 - ``eig:K``: eigenvalues of a K x K symmetric matrix, calls/s (SVCCA's null);
 - ``sparse``: multiply-adds of sparse-sparse products (the correlation's cross-product), /s;
@@ -25,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-# datasheet peaks of GPU classes: dense float32 FLOP/s and memory bytes/s
+# datasheet peaks of GPU classes: dense float32 and bfloat16 FLOP/s, memory bytes/s
 GPU_CLASSES = {
-    "H100": {"flops": 67e12, "bandwidth": 3.35e12},
-    "H200": {"flops": 67e12, "bandwidth": 4.8e12},
-    "A100": {"flops": 19.5e12, "bandwidth": 2.0e12},
-    "L40S": {"flops": 91.6e12, "bandwidth": 0.864e12},
+    "H100": {"flops": 67e12, "flops16": 989e12, "bandwidth": 3.35e12},
+    "H200": {"flops": 67e12, "flops16": 989e12, "bandwidth": 4.8e12},
+    "A100": {"flops": 19.5e12, "flops16": 312e12, "bandwidth": 2.0e12},
+    "L40S": {"flops": 91.6e12, "flops16": 362e12, "bandwidth": 0.864e12},
 }
 GPU_EFFICIENCY = 0.4  # share of a datasheet peak assumed reached without a measurement
 BYTES_PER = {"sparse": 24, "elementwise": 16, "gather": 8}  # memory traffic per unit of work
@@ -53,8 +54,9 @@ def _shape(op: str) -> tuple[int, ...]:
 
 
 def _matmul(kind: str, m: int, k: int, n: int, device: str = "cpu") -> float:
-    """FLOP/s of (m x k) @ (k x n) in float32; m is cut so the operands stay small (the rate
-    of a product does not depend on its row count once it is large)."""
+    """FLOP/s of (m x k) @ (k x n) in float32 (bfloat16 for ``torch16``); m is cut so the
+    operands stay small (the rate of a product does not depend on its row count once it is
+    large)."""
     m = max(1, min(m, MAX_MATMUL // max(k, n)))
     if kind == "gemm":
         rng = np.random.default_rng(0)
@@ -63,7 +65,9 @@ def _matmul(kind: str, m: int, k: int, n: int, device: str = "cpu") -> float:
         return 2 * m * k * n / _best(lambda: x @ w)
     import torch
 
-    x, w = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    dtype = torch.bfloat16 if kind == "torch16" else torch.float32
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    w = torch.randn(k, n, device=device, dtype=dtype)
     return 2 * m * k * n / _best(lambda: (x @ w).sum().item())  # .item(): wait for a GPU
 
 
@@ -98,7 +102,7 @@ def _gather() -> float:
 def measure(op: str) -> float:
     """The rate of ``op`` on this machine's CPU, measured now (well under a second)."""
     kind = op.split(":")[0]
-    if kind in ("torch", "gemm"):
+    if kind in ("torch", "torch16", "gemm"):
         return _matmul(kind, *_shape(op))
     if kind == "eig":
         return _eig(*_shape(op))
@@ -167,8 +171,8 @@ class GPURates:
         kind = op.split(":")[0]
         if kind == "eig":
             return self.cpu[op]
-        if kind in ("torch", "gemm"):
+        if kind in ("torch", "torch16", "gemm"):
             if self.here:
-                return _matmul("torch", *_shape(op), device="cuda")
-            return self.peak["flops"] * GPU_EFFICIENCY
+                return _matmul(kind.replace("gemm", "torch"), *_shape(op), device="cuda")
+            return self.peak["flops16" if kind == "torch16" else "flops"] * GPU_EFFICIENCY
         return self.peak["bandwidth"] * GPU_EFFICIENCY / BYTES_PER[kind]
