@@ -11,6 +11,20 @@ chunks covering consecutive token rows.
 
 Dead features (zero variance over the tokens, see :func:`dead_features`) have NaN
 correlations and are never anyone's partner. Statistics are accumulated in float64.
+
+``device`` (see :mod:`saeuniv.core.devices`): ``None``, the default, is the numpy path
+above, the reference. A torch device (``"cuda"``, or ``"cpu"`` to test without a GPU)
+accumulates the same statistics there as float64 tensors (:mod:`.torch_corr`): sums and
+sums of squares by scatter-add, the cross-product as sparse A^T times B made dense in
+slabs of token rows. The conversion to correlations and the dead-feature rule are this
+module's own, applied to those tensors, and results come back as numpy in the same
+dtypes. Correlations agree with the numpy path to 1e-6 (float64 on both sides: in
+practice to ~1e-15), partners are the same except between near-ties. Memory on the device:
+:func:`correlation` holds the (F_a, F_b) float64 cross-product (8 F_a F_b bytes) plus one
+dense slab of B and one converted row slice, each within ``block_bytes``;
+:func:`topk_correlation` holds the codes plus one block and one dense slab of B, each
+within ``max_bytes``, and only each block's top-k comes back. Small ceilings mean many
+small products: on a CPU the torch path is for tests, not speed.
 """
 
 from __future__ import annotations
