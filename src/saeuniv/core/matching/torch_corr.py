@@ -30,9 +30,11 @@ def sparse_tensor(x, device) -> torch.Tensor:
     -------
     torch.Tensor, sparse COO, float64, shape (m, n)
     """
-    coo = x.tocsr()
-    coo.sum_duplicates()  # sorted and unique, which is what is_coalesced promises
-    coo = coo.tocoo()
+    csr = x.tocsr()
+    if not csr.has_canonical_format:  # sorted and unique is what is_coalesced promises
+        csr = csr.copy()  # tocsr() may return x itself, which is not ours to change
+        csr.sum_duplicates()
+    coo = csr.tocoo()
     index = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
     # COO rather than CSR: torch calls its sparse CSR tensors beta and warns on each one
     return torch.sparse_coo_tensor(index, torch.from_numpy(coo.data), size=coo.shape,
