@@ -61,7 +61,8 @@ def test_accumulator_on_device_small_slabs_and_nondestructive_result(codes):
 
 
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("max_bytes", [8 * 5 * 4, 8 * 11 * 6, 10**6])  # 20 blocks, 3, 1
+# blocks of 3 x 8 (B split in two: 10 blocks, 3-token slabs), of 6 x 11 (3 blocks), one
+@pytest.mark.parametrize("max_bytes", [8 * 3 * 8, 8 * 6 * 11, 10**6])
 def test_topk_on_device_equals_numpy(codes, k, max_bytes):
     a, b = codes
     ref = topk_correlation(a, b, k, max_bytes, np.float64)
