@@ -182,7 +182,7 @@ def build(pipe, la: int, lb: int, tokens: tuple, out: Path) -> dict:
     mc = pipe.cfg.match
     codes_a = pipe.analysis_codes(pipe.a.codes[la])
     codes_b = pipe.analysis_codes(pipe.b.codes[lb])
-    corr = matching.correlation(codes_a, codes_b)
+    corr = matching.correlation(codes_a, codes_b, device=pipe.device)
     cos, st = decoder_cosine(pipe, la, lb)
     vocab, note = vocab_cosine(pipe, la, lb)
     sets = pair_sets(pipe, corr, cos, tokens, vocab)

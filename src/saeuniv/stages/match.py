@@ -55,7 +55,7 @@ def build(pipe, la: int, lb: int, out: Path) -> dict:
         sim, st = matchers.decoder_cosine(pipe, la, lb)
         extra = {"stitch_r2": st.r2_heldout}
     else:
-        sim = matching.correlation(codes_a, codes_b)
+        sim = matching.correlation(codes_a, codes_b, device=pipe.device)
     top_a = matching.top_activations(codes_a, mc.top_k)
     top_b = matching.top_activations(codes_b, mc.top_k)
     paired = matching.pair(sim, mc.rule(), pipe.a.top_tokens(top_a), pipe.b.top_tokens(top_b),

@@ -116,7 +116,8 @@ def build(pipe, la: int, lb: int, lab_a: Entry, lab_b: Entry, m_entry: Entry,
     pairs = {}
     for c, cat in enumerate(pipe.concepts.categories):
         fa, fb = np.flatnonzero(member_a[:, c]), np.flatnonzero(member_b[:, c])
-        corr = (matching.correlation(codes_a[:, fa], codes_b[:, fb]) if fa.size and fb.size
+        corr = (matching.correlation(codes_a[:, fa], codes_b[:, fb], device=pipe.device)
+                if fa.size and fb.size
                 else np.zeros((fa.size, fb.size)))
         m = subspaces.category_pairs(corr, fa, fb, pipe.cfg.match.rule(), tokens_a, tokens_b)
         score = subspaces.score_category(

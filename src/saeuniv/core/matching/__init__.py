@@ -1,7 +1,8 @@
 """Pair the SAE features of two models by correlating their codes on shared tokens.
 
 Pure core: sparse codes in, arrays out; no I/O. Importing it does not import torch: only
-top-k lists with ``k > 1`` (:func:`topk_correlation`, :func:`dense_topk`) load it.
+top-k lists with ``k > 1`` (:func:`topk_correlation`, :func:`dense_topk`) and the correlation
+on a torch ``device`` (:mod:`.torch_corr`, see :mod:`.correlation`) load it.
 
 1. :mod:`.correlation`: :func:`correlation` (or :class:`CorrelationAccumulator`, fed
    shard by shard) gives the exact Pearson correlation of every A feature with every B
