@@ -107,8 +107,10 @@ def report(title, draws, t, outs, floor_of):
         print(f"  {side}: null {null_t:.2f} s, floor {t[floor]:.2f} s -> null / floor = "
               f"{null_t / t[floor]:.2f}x; max |null - numpy null| = {diff:.1e}", flush=True)
     if "plain" in t:
-        print(f"  every null's time includes what one plain {title.split(',')[0]} computes once "
-              f"({t['plain']:.2f} s: the bases, or the ranks); beyond that:")
+        once = {"svcca": "the SVD bases", "cka": "the centred sides", "rsa": "the ranks"}
+        metric = title.split(",")[0]
+        print(f"  every null's time includes what one plain {metric} computes once "
+              f"({t['plain']:.2f} s: {once[metric]}); beyond that:")
         for side, floor in floor_of.items():
             extra = t[f"null {side}"] - t["plain"]
             print(f"    {side}: (null - plain) / floor = {extra / t[floor]:.2f}x")
@@ -242,7 +244,8 @@ def main():
     cfg = dict(QUICK if args.quick else FULL)
     cfg.update({k: v for k, v in (("draws", args.draws), ("rsa_draws", args.rsa_draws))
                 if v is not None})
-    start(f"{'quick' if args.quick else 'full'}: {cfg}; torch {torch.__version__}, devices "
+    label = "quick" if args.quick else "full" if cfg == FULL else "custom"
+    start(f"{label}: {cfg}; torch {torch.__version__}, devices "
           f"numpy + torch {devices()}")
     for n_threads in args.threads:
         with threads(n_threads):
