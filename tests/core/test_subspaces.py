@@ -287,3 +287,22 @@ def test_a_category_with_exactly_min_pairs_is_scored_with_the_seed_it_is_given()
     assert s1.metrics["rsa"]["observed"] == s2.metrics["rsa"]["observed"]
     assert s1.metrics["rsa"]["shuffle"]["null_mean"] != s2.metrics["rsa"]["shuffle"]["null_mean"]
     assert s1.metrics["rsa"]["random"]["null_mean"] != s2.metrics["rsa"]["random"]["null_mean"]
+
+
+def test_the_shuffle_null_runs_on_a_device_and_agrees_with_numpy():
+    rng = np.random.default_rng(3)
+    A, B = _aligned(rng, 60, 6, 0.5)
+
+    def score(device):
+        return subspaces.score_category("c", A, B, _pairs(np.arange(20)), 20, 20,
+                                        np.arange(60), np.arange(60), ("svcca", "rsa", "cka"),
+                                        n_perm=40, seed=1, min_pairs=8, k=3, device=device)
+
+    numpy_, torch_cpu = score(None), score("cpu")
+    for name in ("svcca", "rsa", "cka"):
+        ref, dev = numpy_.metrics[name], torch_cpu.metrics[name]
+        assert dev["observed"] == ref["observed"] and dev["random"] == ref["random"]
+        assert abs(dev["shuffle"]["null_mean"] - ref["shuffle"]["null_mean"]) < 1e-6
+        assert dev["shuffle"]["p"] == ref["shuffle"]["p"]
+    with pytest.raises(ValueError, match="not a torch device"):
+        score("tpu")

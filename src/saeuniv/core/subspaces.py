@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import matching, metrics
+from .devices import torch_device
 
 __all__ = ["ConceptSet", "Occurrences", "Labels", "CategoryScore", "find_phrases",
            "occurrences", "label_features", "category_pairs", "svcca_k", "metric_options",
@@ -310,7 +311,7 @@ class CategoryScore:
 def score_category(category: str, dec_a, dec_b, pairs: matching.Matches, n_features_a: int,
                    n_features_b: int, pool_a, pool_b, metric_names=("svcca", "rsa", "cka"),
                    n_perm: int = 1000, seed: int = 0, min_pairs: int = 8,
-                   k: int = 0, cka_debiased: bool = True) -> CategoryScore:
+                   k: int = 0, cka_debiased: bool = True, device=None) -> CategoryScore:
     """Score a category's pairs against shuffled pairing and random subspaces.
 
     Parameters
@@ -332,6 +333,10 @@ def score_category(category: str, dec_a, dec_b, pairs: matching.Matches, n_featu
         dimensions, as in most categories, the biased estimator is close to 1
         for any two sets of vectors (about ``1 / (1 + n / d)`` for unrelated
         isotropic ones), the category's and the random subspaces' alike.
+    device : None, str or torch.device
+        Where the shuffled-pairing nulls' draws run (``metrics.permutation_null``);
+        None: numpy. The random-subspace null runs in numpy either way. A device that is
+        not a torch device, or a GPU not visible, raises ValueError before any scoring.
 
     Returns
     -------
@@ -340,6 +345,7 @@ def score_category(category: str, dec_a, dec_b, pairs: matching.Matches, n_featu
         ``random`` (each ``null_mean``, ``null_sd``, ``z``, ``p``), or ``error`` when the
         metric rejects the pairs.
     """
+    device = torch_device(device)  # a bad device is the caller's error, not a metric's
     out = CategoryScore(category, int(n_features_a), int(n_features_b), pairs.n)
     if pairs.n < min_pairs:
         out.status = f"too few pairs ({pairs.n} < min_pairs={min_pairs})"
@@ -348,7 +354,8 @@ def score_category(category: str, dec_a, dec_b, pairs: matching.Matches, n_featu
     for name in metric_names:
         kw = metric_options(name, pairs.n, k, cka_debiased)
         try:
-            shuffle = metrics.permutation_null(name, A, B, n_perm=n_perm, seed=seed, **kw)
+            shuffle = metrics.permutation_null(name, A, B, n_perm=n_perm, seed=seed,
+                                               device=device, **kw)
             random = random_subspace_null(name, dec_a, dec_b, pool_a, pool_b, pairs.n, n_perm,
                                           seed, shuffle.observed, **kw)
         except ValueError as err:

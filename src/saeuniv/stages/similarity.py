@@ -49,14 +49,17 @@ def entry(pipe, la: int, lb: int) -> Entry:
                                     lambda out: build(pipe, la, lb, m, out))[0]
 
 
-def score(name: str, A: np.ndarray, B: np.ndarray, sim) -> tuple[dict, np.ndarray | None]:
+def score(name: str, A: np.ndarray, B: np.ndarray, sim,
+          device=None) -> tuple[dict, np.ndarray | None]:
     """One metric against its permutation null, as stored in ``scores.json``, and its null
-    draws (None when the metric could not score these pairs)."""
+    draws (None when the metric could not score these pairs). ``device``: where the null's
+    draws run (``Pipeline.device``; None: numpy)."""
     metric = metrics.METRICS[name]
     kwargs = metric.kwargs(variance=sim.variance)
     try:
         null = metrics.permutation_null(name, A, B, n_perm=sim.n_perm, seed=sim.seed,
-                                        alpha=sim.alpha, s_max=sim.s_max, **kwargs)
+                                        alpha=sim.alpha, s_max=sim.s_max, device=device,
+                                        **kwargs)
     except ValueError as err:  # e.g. fewer pairs than SVCCA directions
         return {"error": str(err)}, None
     if not np.isfinite(null.observed):
@@ -105,7 +108,7 @@ def build_pairs(pipe, la: int, lb: int, m: matching.Matches, out: Path) -> dict:
     else:
         A, B = pipe.a.decoder(la)[m.a], pipe.b.decoder(lb)[m.b]
         for name in sim.metrics:
-            result["metrics"][name], null = score(name, A, B, sim)
+            result["metrics"][name], null = score(name, A, B, sim, pipe.device)
             if null is not None:
                 nulls[name] = null
     np.savez(out / "nulls.npz", **nulls)

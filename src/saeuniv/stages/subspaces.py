@@ -122,7 +122,7 @@ def build(pipe, la: int, lb: int, lab_a: Entry, lab_b: Entry, m_entry: Entry,
         m = subspaces.category_pairs(corr, fa, fb, pipe.cfg.match.rule(), tokens_a, tokens_b)
         score = subspaces.score_category(
             cat, dec_a, dec_b, m, fa.size, fb.size, pool.a, pool.b, sub.metrics, sub.n_perm,
-            sub.seed, sub.min_pairs, sub.svcca_k, sub.cka_debiased)
+            sub.seed, sub.min_pairs, sub.svcca_k, sub.cka_debiased, pipe.device)
         result["categories"].append(asdict(score))
         pairs.update({f"{cat}.a": m.a, f"{cat}.b": m.b, f"{cat}.corr": m.corr})
     np.savez(out / "pairs.npz", **pairs)

@@ -28,12 +28,14 @@ Pure core: numpy/scipy in, floats out; no I/O, no logging, no global state.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
 
+from ..devices import torch_device
 from .calibration import (
     KINDS,
     GridTest,
@@ -130,6 +132,9 @@ class Metric:
         records beside the null.
     summary : str
         One line: what the metric measures.
+    on_device : bool, default=False
+        Whether ``null`` takes ``device=`` and runs its draws on a torch
+        device (``saeuniv.core.devices``).
     """
 
     name: str
@@ -139,6 +144,7 @@ class Metric:
     options: Mapping[str, str]
     details: Callable | None
     summary: str
+    on_device: bool = False
 
     def __post_init__(self):
         if not callable(self.score):
@@ -162,23 +168,23 @@ METRICS: dict[str, Metric] = {
     for m in (
         Metric("svcca", svcca, svcca_null, svcca_subsets,
                {"variance": "variance", "svcca_k": "k"}, svcca_fields,
-               "mean canonical correlation of the SVD-reduced sides"),
+               "mean canonical correlation of the SVD-reduced sides", True),
         Metric("pwcca", pwcca, pwcca_null, None, {"variance": "variance"}, None,
                "canonical correlations weighted by how much of side A each explains"),
         Metric("rsa", rsa, rsa_null, rsa_subsets, {}, None,
-               "correlation of the two sides' row-by-row similarities"),
+               "correlation of the two sides' row-by-row similarities", True),
         Metric("cka", cka, cka_null, cka_subsets, {"cka_debiased": "debiased"}, None,
-               "linear centred kernel alignment of the two sides' Gram matrices"),
+               "linear centred kernel alignment of the two sides' Gram matrices", True),
         Metric("mutual_knn", mutual_knn, mutual_knn_null, None, {}, None,
-               "overlap of each row's cosine nearest neighbours in the two sides"),
+               "overlap of each row's cosine nearest neighbours in the two sides", True),
         Metric("procrustes", procrustes, procrustes_null, None, {}, None,
-               "how well a rotation maps one normalised side onto the other"),
+               "how well a rotation maps one normalised side onto the other", True),
     )
 }
 
 
 def permutation_null(metric, A, B, n_perm=1000, seed=0, alpha=0.05, s_max=1.0,
-                     **metric_kwargs):
+                     device=None, **metric_kwargs):
     """Score a pairing against the scores of shuffled pairings, raw and calibrated.
 
     The null permutes the rows of ``B``: the j-th null score is
@@ -207,6 +213,15 @@ def permutation_null(metric, A, B, n_perm=1000, seed=0, alpha=0.05, s_max=1.0,
 
     A callable metric is recomputed from scratch for each permutation.
 
+    With a torch ``device`` (``saeuniv.core.devices``: ``"cpu"``, ``"cuda"``)
+    the fast nulls of svcca, rsa, cka, mutual_knn and procrustes compute once
+    what they compute once on the host, then send the same permutations,
+    drawn on the host, to the device a batch at a time and score each batch
+    there in torch (:attr:`Metric.on_device`). Their null scores agree with
+    ``device=None`` within 1e-6 (mutual_knn: exactly) and the observed score
+    is the numpy one. pwcca, rsa with ``outer="kendall"`` and a callable
+    metric have no device path and run in numpy whatever ``device`` is.
+
     The same draws calibrate the score (:func:`~.nulls.calibrate`): ``tau`` is
     the permutation test's critical value at level ``alpha`` and ``calibrated``
     the score above it on a 0-1 scale, so that scores of layer pairs with
@@ -232,6 +247,9 @@ def permutation_null(metric, A, B, n_perm=1000, seed=0, alpha=0.05, s_max=1.0,
         Level of the chance threshold ``tau``.
     s_max : float, default=1.0
         The metric's largest score (1 for every registry metric).
+    device : None, str or torch.device, default=None
+        None: the numpy path (the reference). A torch device: the draws run
+        there, see above.
     **metric_kwargs
         Passed to the metric (e.g. ``variance``, ``k``, ``inner``).
 
@@ -248,9 +266,11 @@ def permutation_null(metric, A, B, n_perm=1000, seed=0, alpha=0.05, s_max=1.0,
     ------
     ValueError
         If ``metric`` is an unknown name, ``n_perm`` < 1, ``seed`` is not a
-        non-negative integer, ``alpha`` is outside (0, 1), or the metric
+        non-negative integer, ``alpha`` is outside (0, 1), ``device`` is not
+        a torch device or names a GPU this process cannot see, or the metric
         rejects the inputs.
     """
+    dev = torch_device(device)
     n_perm = check_int(n_perm, "n_perm", 1)
     seed = check_int(seed, "seed", 0)
     check_alpha(alpha)
@@ -258,6 +278,8 @@ def permutation_null(metric, A, B, n_perm=1000, seed=0, alpha=0.05, s_max=1.0,
     rng = np.random.default_rng(seed)
     perms = (rng.permutation(A.shape[0]) for _ in range(n_perm))
     score, fast = _resolve(metric)
+    if dev is not None and fast is not None and METRICS[metric].on_device:
+        fast = functools.partial(fast, device=dev)
     if fast is None:
         observed = float(score(A, B, **metric_kwargs))
         null = naive_null(score, A, B, perms, **metric_kwargs)

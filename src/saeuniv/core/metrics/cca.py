@@ -14,8 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..devices import torch_device
 from .inputs import centre, check_int, check_pair
-from .nulls import centred_grams, permuted_products, singular_values, subset_grams
+from .nulls import (
+    centred_grams,
+    device_products,
+    device_singular_values,
+    permuted_products,
+    singular_values,
+    subset_grams,
+)
 
 __all__ = [
     "SVCCAResult",
@@ -230,17 +238,24 @@ def svcca_fields(A, B, variance=0.99, k=None):
     return {"k_a": d.k_a, "k_b": d.k_b, "lan_compatible": lan}
 
 
-def svcca_null(A, B, perms, variance=0.99, k=None, lan_compatible=False):
+def svcca_null(A, B, perms, variance=0.99, k=None, lan_compatible=False, device=None):
     """Observed SVCCA and its scores for each permutation of B's rows.
 
     Returns (float, ndarray of shape (n_perm,)).
 
     The SVD bases Qa, Qb once; per permutation the eigenvalues of the Gram of
     ``Qa.T @ Qb[p]``, batched into large float32 matmuls with a float64 Gram
-    (agrees with :func:`svcca` on ``B[p]`` to ~1e-8).
+    (agrees with :func:`svcca` on ``B[p]`` to ~1e-8). With a torch ``device``
+    (``saeuniv.core.devices``) the bases are still found in numpy and the
+    draws run there in torch, the same steps (within 1e-6 of ``device=None``).
     """
+    dev = torch_device(device)
     qa, _, qb = _svcca_bases(A, B, variance, k, lan_compatible)
     observed = float(_canonical_correlations(qa, qb).mean())
+    if dev is not None:
+        null = [device_singular_values(stack).clamp(max=1.0).mean(-1).cpu().numpy()
+                for _, stack in device_products(qa, qb, perms, dev)]
+        return observed, np.concatenate(null)
     null = [singular_values(stack) for _, stack in permuted_products(qa, qb, perms)]
     return observed, np.minimum(np.concatenate(null), 1.0).mean(axis=-1)
 

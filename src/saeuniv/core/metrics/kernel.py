@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..devices import torch_device
 from .inputs import BLOCK_BYTES, centre, check_pair
 from .nulls import (
     batches,
     centred_grams,
+    device_batches,
+    device_products,
+    device_singular_values,
     permuted_products,
     singular_values,
     subset_grams,
@@ -111,7 +115,7 @@ def cka(A, B, debiased=False):
     return float(hsic(np.sum((a.T @ b) ** 2), rows_a, rows_b, debiased) / norm)
 
 
-def cka_null(A, B, perms, debiased=False):
+def cka_null(A, B, perms, debiased=False, device=None):
     """Observed CKA and its scores for each permutation of B's rows.
 
     Returns (float, ndarray of shape (n_perm,)).
@@ -119,10 +123,15 @@ def cka_null(A, B, perms, debiased=False):
     Centred sides once; per permutation ``||A^T B[p]||_F^2`` in batched
     float32 matmuls (plus O(n) terms when debiased), ~1e-8 from :func:`cka`.
     With n^2 <= d_a d_b (few pairs, wide decoders), the float64 n x n Grams
-    once and per permutation ``<K_A, K_B[p, p]>``, ~1e-10.
+    once and per permutation ``<K_A, K_B[p, p]>``, ~1e-10. With a torch
+    ``device`` (``saeuniv.core.devices``) the same per-permutation terms are
+    computed there in torch (within 1e-6 of ``device=None``).
     """
+    dev = torch_device(device)
     a, b, rows_a, rows_b, norm = _cka_sides(A, B, debiased)
     observed = float(hsic(np.sum((a.T @ b) ** 2), rows_a, rows_b, debiased) / norm)
+    if dev is not None:
+        return observed, _cka_device_null(a, b, rows_a, rows_b, norm, perms, debiased, dev)
     n = a.shape[0]
     null = []
     # few rows: tr(K_A K_B[p, p]) on the n x n Grams
@@ -142,6 +151,30 @@ def cka_null(A, B, perms, debiased=False):
             hsic(c, rows_a, rows_b[p], debiased) / norm for c, p in zip(cross, batch)
         ]
     return observed, np.array(null)
+
+
+def _cka_device_null(a, b, rows_a, rows_b, norm, perms, debiased, dev):
+    """:func:`cka_null`'s draws with ``tr(K_A K_B[p, p])`` found in torch on ``dev``.
+
+    Same choice of Grams or products as the numpy path; the O(n) debiasing
+    terms stay on the host.
+    """
+    import torch
+
+    n = a.shape[0]
+    null = []
+    if n * n <= a.shape[1] * b.shape[1]:
+        ka = torch.as_tensor(a @ a.T, device=dev)
+        kb = torch.as_tensor(b @ b.T, device=dev)
+        for batch, idx in device_batches(perms, 8 * n * n, dev):
+            permuted = kb[idx[:, :, None], idx[:, None, :]]
+            cross = (permuted * ka).sum((1, 2)).cpu().numpy()
+            null.append(hsic(cross, rows_a, rows_b[np.stack(batch)], debiased) / norm)
+        return np.concatenate(null)
+    for batch, stack in device_products(a, b, perms, dev):
+        cross = stack.double().square().sum((1, 2)).cpu().numpy()
+        null.append(hsic(cross, rows_a, rows_b[np.stack(batch)], debiased) / norm)
+    return np.concatenate(null)
 
 
 def cka_subsets(A, B, debiased=False):
@@ -234,15 +267,22 @@ def procrustes(A, B):
     return float(min(np.linalg.svd(a.T @ b, compute_uv=False).sum(), 1.0))
 
 
-def procrustes_null(A, B, perms):
+def procrustes_null(A, B, perms, device=None):
     """Observed Procrustes score and its scores for each permutation of B's rows.
 
     Normalised sides once; per permutation the nuclear norm of ``A^T B[p]``
     from batched float32 products with a float64 Gram, as for SVCCA;
-    ~1e-8 from :func:`procrustes`. Returns (float, (n_perm,)).
+    ~1e-8 from :func:`procrustes`. With a torch ``device``
+    (``saeuniv.core.devices``) the draws run there in torch (within 1e-6 of
+    ``device=None``). Returns (float, (n_perm,)).
     """
+    dev = torch_device(device)
     a, b = _procrustes_sides(A, B)
     observed = float(min(np.linalg.svd(a.T @ b, compute_uv=False).sum(), 1.0))
+    if dev is not None:
+        null = [device_singular_values(stack).sum(-1).clamp(max=1.0).cpu().numpy()
+                for _, stack in device_products(a, b, perms, dev)]
+        return observed, np.concatenate(null)
     null = [
         singular_values(stack).sum(axis=-1)
         for _, stack in permuted_products(a, b, perms)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..devices import torch_device
 from .inputs import BLOCK_BYTES, check_int, check_pair, unit_rows
+from .nulls import device_batches
 
 __all__ = ["mutual_knn", "mutual_knn_null"]
 
@@ -45,7 +47,7 @@ def _knn_overlap(sorted_keys_a, nbrs_b):
 
 
 def _knn_sides(A, B, k):
-    """Validate the inputs; A's sorted neighbour keys, B's neighbour indices (n, k)."""
+    """Validate the inputs; each side's neighbour indices (n, k)."""
     A, B = check_pair(A, B)
     k = check_int(k, "k", 1)
     if k >= A.shape[0]:
@@ -53,7 +55,7 @@ def _knn_sides(A, B, k):
             f"k={k} must be smaller than the number of pairs n={A.shape[0]} (each row "
             f"has only n - 1 other rows); pass k <= {A.shape[0] - 1}"
         )
-    return np.sort(_edge_keys(_neighbours(A, k, "A"))), _neighbours(B, k, "B")
+    return _neighbours(A, k, "A"), _neighbours(B, k, "B")
 
 
 def mutual_knn(A, B, k=10):
@@ -87,19 +89,48 @@ def mutual_knn(A, B, k=10):
     Ties in similarity are broken by ``numpy.argpartition``, which depends on
     row order; only tie-free inputs give permutation-exact neighbour sets.
     """
-    keys_a, nbrs_b = _knn_sides(A, B, k)
-    return float(_knn_overlap(keys_a, nbrs_b))
+    nbrs_a, nbrs_b = _knn_sides(A, B, k)
+    return float(_knn_overlap(np.sort(_edge_keys(nbrs_a)), nbrs_b))
 
 
-def mutual_knn_null(A, B, perms, k=10):
+def _device_overlaps(nbrs_a, nbrs_b, perms, dev):
+    """:func:`_knn_overlap` of A's sets with each permutation's renumbered B sets, on ``dev``.
+
+    Row i's renumbered B neighbours are compared with its A neighbours
+    elementwise (k x k per row): neighbour sets hold no repeats, so the count of
+    matches is the size of their intersection, exactly as on the host.
+    """
+    import torch
+
+    n, k = nbrs_b.shape
+    nbrs_a = torch.as_tensor(nbrs_a, dtype=torch.int64, device=dev)
+    nbrs_b = torch.as_tensor(nbrs_b, dtype=torch.int64, device=dev)
+    out = []
+    for batch, idx in device_batches(perms, 8 * n * k * (k + 3), dev):
+        inverse = torch.empty_like(idx).scatter_(1, idx, torch.arange(n, device=dev).expand_as(idx))
+        renumbered = torch.gather(inverse, 1, nbrs_b[idx].reshape(len(batch), -1))
+        hits = renumbered.reshape(len(batch), n, k, 1) == nbrs_a[:, None, :]
+        out.append(hits.any(-1).sum((1, 2)).cpu().numpy() / (n * k))
+    return np.concatenate(out)
+
+
+def mutual_knn_null(A, B, perms, k=10, device=None):
     """Observed overlap and its scores for each permutation of B's rows.
 
     Returns (float, ndarray of shape (n_perm,)).
 
     Neighbour sets once; per permutation B's sets are renumbered and
-    compared with A's, O(n k log(n k)).
+    compared with A's, O(n k log(n k)). With a torch ``device``
+    (``saeuniv.core.devices``) the sets are still found in numpy and compared
+    there in torch, O(n k^2) per permutation; the counts are integers, so the
+    scores equal those of ``device=None`` exactly.
     """
-    keys_a, nbrs_b = _knn_sides(A, B, k)
+    dev = torch_device(device)
+    nbrs_a, nbrs_b = _knn_sides(A, B, k)
+    keys_a = np.sort(_edge_keys(nbrs_a))
+    observed = float(_knn_overlap(keys_a, nbrs_b))
+    if dev is not None:
+        return observed, _device_overlaps(nbrs_a, nbrs_b, perms, dev)
     inverse = np.empty(nbrs_b.shape[0], dtype=np.intp)
     null = []
     for p in perms:
@@ -107,4 +138,4 @@ def mutual_knn_null(A, B, perms, k=10):
         # inverse[nbrs_b[p[i]]]
         inverse[p] = np.arange(p.size)
         null.append(_knn_overlap(keys_a, inverse[nbrs_b[p]]))
-    return float(_knn_overlap(keys_a, nbrs_b)), np.array(null)
+    return observed, np.array(null)

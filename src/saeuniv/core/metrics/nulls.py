@@ -10,6 +10,12 @@ Two nulls score a pairing of rows, ``A`` (n, d_a) with ``B`` (n, d_b):
   once (:func:`subset_grams`, :func:`centred_grams`), in batches that fit the
   memory budget (:func:`subset_batches`).
 
+The shuffled-pairing nulls also run on a torch device (``saeuniv.core.devices``):
+the permutations are still drawn on the host, as the numpy path draws them, and
+sent to the device a batch at a time (:func:`device_batches`,
+:func:`device_products`, :func:`device_singular_values`). torch is imported
+only there.
+
 Pure core: arrays in, arrays out; no I/O, no logging, no global state.
 """
 
@@ -23,12 +29,20 @@ import numpy as np
 
 from .inputs import BLOCK_BYTES
 
+# working set of one batch of draws on a device (256 MiB): large enough to keep a GPU
+# busy with one call per batch, small enough to sit beside the inputs on any GPU
+DEVICE_BLOCK_BYTES = 1 << 28
+
 __all__ = [
     "NullResult",
     "batches",
     "calibrate",
     "calibrate_scores",
+    "DEVICE_BLOCK_BYTES",
     "centred_grams",
+    "device_batches",
+    "device_products",
+    "device_singular_values",
     "draw_subsets",
     "naive_null",
     "permuted_products",
@@ -202,6 +216,50 @@ def singular_values(stack):
     mt = m.swapaxes(-1, -2)
     gram = m @ mt if m.shape[-2] <= m.shape[-1] else mt @ m
     return np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))
+
+
+def device_batches(perms, draw_bytes, dev):
+    """Yield (batch, idx): lists of permutations and them as an int64 (K, n) tensor on ``dev``.
+
+    ``draw_bytes`` is what one draw holds on the device; K keeps a batch within
+    :data:`DEVICE_BLOCK_BYTES` (at least one draw).
+    """
+    import torch
+
+    for batch in batches(perms, max(1, DEVICE_BLOCK_BYTES // draw_bytes)):
+        yield batch, torch.as_tensor(np.stack(batch), device=dev)
+
+
+def device_products(left, right, perms, dev):
+    """Yield (batch, stack): :func:`permuted_products` in torch on ``dev``.
+
+    ``left`` (n, d_l) and ``right`` (n, d_r) are rounded to float32 on the host,
+    as :func:`permuted_products` rounds them; ``stack`` is a float32 tensor
+    (K, d_l, d_r) on ``dev``, from one matmul per batch.
+    """
+    import torch
+
+    left = torch.as_tensor(left.astype(np.float32), device=dev)
+    right = torch.as_tensor(right.astype(np.float32), device=dev)
+    n, d = right.shape
+    for batch, idx in device_batches(perms, 4 * n * d, dev):
+        gathered = right[idx.T].reshape(n, -1)  # (n, K * d)
+        stack = (left.T @ gathered).reshape(left.shape[1], len(batch), d)
+        yield batch, stack.transpose(0, 1)
+
+
+def device_singular_values(stack):
+    """:func:`singular_values` of a torch stack (..., r, c), on its device.
+
+    The Gram is formed in float64 and its eigenvalues found by
+    ``torch.linalg.eigvalsh``; returns a float64 tensor (..., min(r, c)), ascending.
+    """
+    import torch
+
+    m = stack.double()
+    mt = m.transpose(-1, -2)
+    gram = m @ mt if m.shape[-2] <= m.shape[-1] else mt @ m
+    return torch.linalg.eigvalsh(gram).clamp(min=0.0).sqrt()
 
 
 # ----------------------------------------------------------------------------

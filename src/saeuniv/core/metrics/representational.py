@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+from ..devices import torch_device
 from .inputs import BLOCK_BYTES, check_option, check_pair, unit_rows
-from .nulls import naive_null, subset_grams
+from .nulls import DEVICE_BLOCK_BYTES, device_batches, naive_null, subset_grams
 
 __all__ = [
     "INNER_SIMILARITIES",
@@ -313,7 +314,30 @@ def _permuted_upper_dot(xa, xb, p):
     return total
 
 
-def rsa_null(A, B, perms, inner="correlation", outer="spearman"):
+def _device_upper_dots(xa, xb, perms, dev):
+    """:func:`_permuted_upper_dot` for each permutation, in torch on ``dev``.
+
+    The full-matrix sum ``sum_{i, j} xa[i, j] xb[p_i, p_j]`` counts each pair
+    twice (the diagonals are zero); float32 products summed in float64, as on
+    the host. Rows are taken in blocks so that a batch's gathered rows and their
+    products stay within :data:`DEVICE_BLOCK_BYTES`.
+    """
+    import torch
+
+    n = xa.shape[0]
+    xa, xb = torch.as_tensor(xa, device=dev), torch.as_tensor(xb, device=dev)
+    out = []
+    for batch, idx in device_batches(perms, 8 * n * n, dev):
+        rows = max(1, DEVICE_BLOCK_BYTES // (8 * n * len(batch)))
+        total = torch.zeros(len(batch), dtype=torch.float64, device=dev)
+        for i0 in range(0, n, rows):
+            block = xb[idx[:, i0 : i0 + rows, None], idx[:, None, :]]  # (K, rows, n)
+            total += (block * xa[i0 : i0 + rows]).sum((1, 2), dtype=torch.float64)
+        out.append(0.5 * total.cpu().numpy())
+    return np.concatenate(out)
+
+
+def rsa_null(A, B, perms, inner="correlation", outer="spearman", device=None):
     """Observed RSA and its scores for each permutation of B's rows.
 
     Returns (float, ndarray of shape (n_perm,)).
@@ -322,8 +346,12 @@ def rsa_null(A, B, perms, inner="correlation", outer="spearman"):
     ``sum_{i<j} RA[i, j] RB[p_i, p_j]``, the mean and variance of the ranks
     being unchanged. Holds two n x n float32 matrices. ``outer="kendall"``
     has no cheap permuted update and scores each permutation from scratch,
-    O(N log N) with N = n(n-1)/2.
+    O(N log N) with N = n(n-1)/2, in numpy whatever ``device`` is. With a torch
+    ``device`` (``saeuniv.core.devices``) the ranks are still found in numpy and
+    the per-permutation sums run there in torch (within 1e-6 of ``device=None``);
+    the device then holds both n x n matrices too.
     """
+    dev = torch_device(device)
     observed = rsa(A, B, inner, outer)
     if outer == "kendall":
         return observed, naive_null(rsa, A, B, perms, inner=inner, outer=outer)
@@ -331,6 +359,8 @@ def rsa_null(A, B, perms, inner="correlation", outer="spearman"):
     xa, ss_a = _centred_matrix(sim_a, n, outer, "A")
     xb, ss_b = _centred_matrix(sim_b, n, outer, "B")
     scale = 1.0 / np.sqrt(ss_a * ss_b)
+    if dev is not None:
+        return observed, _device_upper_dots(xa, xb, perms, dev) * scale
     return observed, np.array([_permuted_upper_dot(xa, xb, p) * scale for p in perms])
 
 
