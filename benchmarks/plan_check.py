@@ -56,10 +56,10 @@ def main() -> None:
         real = {k: float(v) for k, v in (kv.split("=") for kv in args.measured.split(","))}
     else:
         real = measured_now(args.config, Path(args.store))
-    print(f"\n{args.config}")
+    print(f"\n{args.config} (total: the stages measured)")
     print(f"{'stage':<14}{'plan':>11}{'measured':>11}{'plan/measured':>15}")
     for stage in [*real, "total"]:
-        e = sum(est.values()) if stage == "total" else est.get(stage, 0.0)
+        e = sum(est[s] for s in real) if stage == "total" else est[stage]
         m = sum(real.values()) if stage == "total" else real[stage]
         print(f"{stage:<14}{duration(e):>11}{duration(m):>11}{e / m:>15.2f}")
     end()

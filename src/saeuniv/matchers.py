@@ -81,7 +81,7 @@ def spec(pipe, matches: Entry) -> dict:
     mc = pipe.cfg.match
     out = {"matches": matches.key, "stitch": mc.stitch, "stitch_rows": mc.stitch_rows,
            "transport": mc.options("sinkhorn"), "policy": policy(pipe),
-           "split_threshold": mc.split_threshold}
+           "split_threshold": mc.split_threshold, **pipe.device_key}
     if "vocab" in names(pipe):
         out["vocab"] = True
     return out

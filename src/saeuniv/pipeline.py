@@ -88,6 +88,13 @@ class Pipeline:
         except ValueError as err:
             raise ConfigError(f"{err}; set execution.device: auto or cpu") from None
 
+    @property
+    def device_key(self) -> dict:
+        """What the device adds to the spec of an entry it computes: nothing for the numpy
+        path, else its kind, so results of the two paths (equal to 1e-6, not bit for bit)
+        are never taken for each other."""
+        return {} if self.device is None else {"device": self.device.type}
+
     # -- the rows the analysis reads ----------------------------------------------------
     @property
     def n_rows(self) -> int:

@@ -36,3 +36,10 @@ def test_a_missing_gpu_is_refused_before_any_work(tmp_path):
                                           r"set execution.device: auto or cpu"):
         pipe.validate()
     assert not any(tmp_path.iterdir())  # nothing was built
+
+
+def test_the_device_keys_what_it_computes(tmp_path, monkeypatch):
+    pipe = Pipeline(load_config("tiny"), Store(tmp_path))
+    assert pipe.device_key == {}  # the numpy path: the keys every store already holds
+    monkeypatch.setattr(Pipeline, "device", torch.device("cpu"))
+    assert Pipeline(load_config("tiny"), Store(tmp_path)).device_key == {"device": "cpu"}

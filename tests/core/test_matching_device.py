@@ -2,6 +2,7 @@
 (to 1e-6) and the same partners as the numpy path, dead features included."""
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +10,9 @@ import scipy.sparse as sp
 import torch
 
 from saeuniv.core.matching import CorrelationAccumulator, correlation, topk_correlation
+
+# "cpu" everywhere; benchmarks/gpu_check.sh runs them again with SAEUNIV_TEST_DEVICE=cuda
+DEVICE = os.environ.get("SAEUNIV_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture
@@ -29,7 +33,7 @@ def chunks(x, bounds):
 def test_correlation_on_device_equals_numpy_with_dead_features(codes):
     a, b = codes
     ref = correlation(a, b, np.float64)
-    got = correlation(a, b, np.float64, device="cpu")
+    got = correlation(a, b, np.float64, device=DEVICE)
     assert got.dtype == np.float64 and got.shape == (14, 11)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     assert np.isnan(got[4]).all() and np.isnan(got[:, 7]).all()
@@ -40,7 +44,7 @@ def test_correlation_on_device_streamed_float32_codes_and_output(codes):
     a, b = (x.astype(np.float32) for x in codes)
     bounds = [0, 1, 90, 90, 333, 400]  # a 1-row and an empty chunk
     ref = correlation(a, b)
-    got = correlation(chunks(a, bounds), chunks(b, bounds), device="cpu")
+    got = correlation(chunks(a, bounds), chunks(b, bounds), device=DEVICE)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
@@ -48,7 +52,7 @@ def test_correlation_on_device_streamed_float32_codes_and_output(codes):
 
 def test_accumulator_on_device_small_slabs_and_nondestructive_result(codes):
     a, b = codes
-    acc = CorrelationAccumulator(block_bytes=8 * 11 * 3, device="cpu")  # 3-row slabs
+    acc = CorrelationAccumulator(block_bytes=8 * 11 * 3, device=DEVICE)  # 3-row slabs
     acc.update(a[:150], b[:150])
     first = acc.result(np.float64)
     np.testing.assert_allclose(first, correlation(a[:150], b[:150], np.float64), atol=1e-6)
@@ -68,7 +72,7 @@ def test_accumulator_on_device_small_slabs_and_nondestructive_result(codes):
 def test_topk_on_device_equals_numpy(codes, k, max_bytes, n_tokens):
     a, b = (x[:n_tokens] for x in codes)
     ref = topk_correlation(a, b, k, max_bytes, np.float64)
-    got = topk_correlation(a, b, k, max_bytes, np.float64, device="cpu")
+    got = topk_correlation(a, b, k, max_bytes, np.float64, device=DEVICE)
     for side in ("a", "b"):
         np.testing.assert_array_equal(getattr(got, f"{side}_partner"),
                                       getattr(ref, f"{side}_partner"))
@@ -82,14 +86,14 @@ def test_topk_on_device_ties_go_to_lowest_index():
     x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
     a = sp.csr_array(x)
     b = sp.csr_array(np.c_[x[:, 0], x[:, 0], x[:, 1]])  # B 0 and 1 are the same feature
-    top = topk_correlation(a, b, k=1, max_bytes=8, device="cpu")
+    top = topk_correlation(a, b, k=1, max_bytes=8, device=DEVICE)
     assert top.a_partner[:, 0].tolist() == [0, 2]  # A 0 ties on B 0 and 1: the lower
     assert top.b_partner[:, 0].tolist() == [0, 0, 1]
 
 
 def test_topk_on_device_pads_when_k_exceeds_live_partners(codes):
     a, b = codes
-    top = topk_correlation(a, b, k=12, device="cpu")
+    top = topk_correlation(a, b, k=12, device=DEVICE)
     assert (top.a_partner[0, 10:] == -1).all() and np.isnan(top.a_corr[0, 10:]).all()
     assert (top.a_partner[0, :10] >= 0).all()
 

@@ -1,12 +1,17 @@
 """The permutation nulls on a torch device ("cpu" here) against the numpy path: same draws,
 scores within the stated tolerance, the same observed score, p and tau; bad devices refused."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from saeuniv.core import metrics
 from saeuniv.core.metrics import nulls, representational
+
+# "cpu" everywhere; benchmarks/gpu_check.sh runs them again with SAEUNIV_TEST_DEVICE=cuda
+DEVICE = os.environ.get("SAEUNIV_TEST_DEVICE", "cpu")
 
 TOL = 1e-6  # permutation_null's documented agreement of device and numpy draws
 
@@ -33,7 +38,7 @@ def paired(n=48, d_a=12, d_b=18, seed=0):
 
 def both(name, A, B, seed=5, n_perm=40, **kwargs):
     return (metrics.permutation_null(name, A, B, n_perm=n_perm, seed=seed, **kwargs),
-            metrics.permutation_null(name, A, B, n_perm=n_perm, seed=seed, device="cpu",
+            metrics.permutation_null(name, A, B, n_perm=n_perm, seed=seed, device=DEVICE,
                                      **kwargs))
 
 
@@ -63,19 +68,19 @@ def test_cka_with_more_dimensions_than_pairs_uses_the_grams_on_the_device():
 @pytest.mark.parametrize(("name", "kwargs"), CASES)
 def test_many_small_batches_give_the_same_draws(monkeypatch, name, kwargs):
     A, B = paired()
-    whole = metrics.permutation_null(name, A, B, n_perm=30, seed=2, device="cpu", **kwargs)
+    whole = metrics.permutation_null(name, A, B, n_perm=30, seed=2, device=DEVICE, **kwargs)
     # one draw per batch, and RSA's rows a few at a time
     monkeypatch.setattr(nulls, "DEVICE_BLOCK_BYTES", 1)
     monkeypatch.setattr(representational, "DEVICE_BLOCK_BYTES", 8 * 48 * 5)
-    split = metrics.permutation_null(name, A, B, n_perm=30, seed=2, device="cpu", **kwargs)
+    split = metrics.permutation_null(name, A, B, n_perm=30, seed=2, device=DEVICE, **kwargs)
     np.testing.assert_allclose(split.null, whole.null, rtol=0, atol=1e-12)
 
 
 def test_the_seed_picks_the_permutations():
     A, B = paired()
-    one = metrics.permutation_null("svcca", A, B, n_perm=20, seed=1, device="cpu", k=6)
-    again = metrics.permutation_null("svcca", A, B, n_perm=20, seed=1, device="cpu", k=6)
-    other = metrics.permutation_null("svcca", A, B, n_perm=20, seed=2, device="cpu", k=6)
+    one = metrics.permutation_null("svcca", A, B, n_perm=20, seed=1, device=DEVICE, k=6)
+    again = metrics.permutation_null("svcca", A, B, n_perm=20, seed=1, device=DEVICE, k=6)
+    other = metrics.permutation_null("svcca", A, B, n_perm=20, seed=2, device=DEVICE, k=6)
     np.testing.assert_array_equal(one.null, again.null)
     assert not np.allclose(one.null, other.null)
 

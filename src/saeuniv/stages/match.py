@@ -36,7 +36,7 @@ from ..tracking import pair_key, warn
 
 def spec(pipe, la: int, lb: int) -> dict:
     return {"codes_a": pipe.a.codes[la].key, "codes_b": pipe.b.codes[lb].key,
-            "match": pipe.cfg.match.keyed()}
+            "match": pipe.cfg.match.keyed(), **pipe.device_key}
 
 
 def entry(pipe, la: int, lb: int) -> Entry:

@@ -39,7 +39,7 @@ LOGGED_AS = {"calibrated": "cal"}  # short metric-key names of stored fields
 
 def spec(pipe, la: int, lb: int, matches: Entry) -> dict:
     return {"matches": matches.key, "sae_a": pipe.a.sae_keys[la], "sae_b": pipe.b.sae_keys[lb],
-            "similarity": pipe.cfg.similarity.scoring()}
+            "similarity": pipe.cfg.similarity.scoring(), **pipe.device_key}
 
 
 def entry(pipe, la: int, lb: int) -> Entry:

@@ -90,7 +90,7 @@ def entry(pipe, la: int, lb: int) -> Entry:
             "sae_a": pipe.a.sae_keys[la], "sae_b": pipe.b.sae_keys[lb],
             "policy": mc.policy, "threshold": mc.threshold,
             "subspaces": {k: v for k, v in asdict(sub).items()
-                          if k not in ("concepts", "pairs", "context")}}
+                          if k not in ("concepts", "pairs", "context")}, **pipe.device_key}
     return pipe.store.get_or_create(
         "subspaces", spec, lambda out: build(pipe, la, lb, lab_a, lab_b, m, out))[0]
 
