@@ -6,8 +6,8 @@ on a torch ``device`` (:mod:`.torch_corr`, see :mod:`.correlation`) load it.
 
 1. :mod:`.correlation`: :func:`correlation` (or :class:`CorrelationAccumulator`, fed
    shard by shard) gives the exact Pearson correlation of every A feature with every B
-   feature; :func:`topk_correlation` gives only each feature's best partners
-   (:class:`TopK`) when the full matrix does not fit in memory.
+   feature; :mod:`.topk`: :func:`topk_correlation` gives only each feature's best
+   partners (:class:`TopK`) when the full matrix does not fit in memory.
 2. :mod:`.activations`: :func:`top_activations` finds each feature's top activations,
    and :func:`top_tokens` their token ids, texts and junk flags (:class:`TopTokens`,
    junk tokens from :func:`junk_ids`).
@@ -42,20 +42,13 @@ from .activations import (
     top_tokens,
 )
 from .agreement import agreement, jaccard
-from .correlation import (
-    DEFAULT_MAX_BYTES,
-    CorrelationAccumulator,
-    TopK,
-    correlation,
-    dead_features,
-    dense_topk,
-    topk_correlation,
-)
+from .correlation import DEFAULT_MAX_BYTES, CorrelationAccumulator, correlation, dead_features
 from .fanout import FanOut, fan_out, top_splits
 from .pairing import POLICIES, Matches, Pairing, Rule, match, pair
 from .pairstats import CrossReconstruction, cofiring, cross_reconstruction, latent_scaling
 from .stitch import KINDS as STITCH_KINDS
 from .stitch import Stitch, stitch
+from .topk import TopK, dense_topk, topk_correlation
 from .transport import sinkhorn_pairs
 from .weights import VocabGram, decoder_cosine, vocab_cosine, vocab_cosine_gram, vocab_gram
 

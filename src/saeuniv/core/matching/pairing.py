@@ -19,7 +19,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .activations import TopTokens, shares_text
-from .correlation import TopK, dense_topk
+from .topk import TopK, dense_topk
 from .transport import sinkhorn_pairs
 
 POLICIES = ("max", "one_to_one", "mutual", "hungarian", "lan", "sinkhorn")
