@@ -26,7 +26,9 @@ from saeuniv.costreport import configs_of, duration
 def estimate(config: str, cache: Path) -> dict[str, float]:
     """Stage -> the plan's CPU seconds, at rates measured now into ``cache``."""
     cpu = rates.CPURates(cache, refresh=True)
-    return {name: c.seconds(cpu) for name, c in costs.plan(configs_of(config, {})).items()}
+    out = {name: c.seconds(cpu) for name, c in costs.plan(configs_of(config, {})).items()}
+    print(f"plan_check: CPU {cpu.note()}", flush=True)
+    return out
 
 
 def measured_now(config: str, store: Path) -> dict[str, float]:

@@ -30,6 +30,9 @@ class FixedRates:
     def __init__(self, rate: float = 1e9):
         self.rate = rate
 
+    def note(self):
+        return "fixed rates"
+
     def __getitem__(self, op):
         return self.rate
 
@@ -99,6 +102,7 @@ def test_metric_null_work_grows_with_its_draws():
 def test_rates_are_measured_once_and_cached(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(rates, "measure", lambda op: calls.append(op) or 5.0)
+    monkeypatch.setattr(rates, "current_load", lambda: 0.0)
     cache = tmp_path / "calibration.json"
     first = rates.CPURates(cache)
     assert first["gemm:8,8,8"] == 5.0 and first["gemm:8,8,8"] == 5.0
@@ -108,6 +112,21 @@ def test_rates_are_measured_once_and_cached(tmp_path, monkeypatch):
     assert json.loads(cache.read_text())[rates.machine()] == {"gemm:8,8,8": 5.0}
     rates.CPURates(cache, refresh=True)["gemm:8,8,8"]
     assert len(calls) == 2
+
+
+def test_a_rate_measured_on_a_busy_machine_is_used_but_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(rates, "measure", lambda op: 5.0)
+    cache = tmp_path / "calibration.json"
+    monkeypatch.setattr(rates, "current_load", lambda: 0.0)
+    idle = rates.CPURates(cache)
+    assert idle["gemm:8,8,8"] == 5.0 and "within the CPU count" in idle.note()
+    monkeypatch.setattr(rates, "current_load", lambda: rates.busy_limit() + 1.5)
+    busy = rates.CPURates(cache, refresh=True)
+    assert busy["gemm:8,8,8"] == 5.0 and busy["eig:16"] == 5.0
+    assert busy.busy == {"gemm:8,8,8": rates.busy_limit() + 1.5, "eig:16": rates.busy_limit() + 1.5}
+    assert f"2 rate(s) measured now at load up to {rates.busy_limit() + 1.5:.1f}" in busy.note()
+    # the idle measurement stays; the busy ones never reach the cache
+    assert json.loads(cache.read_text())[rates.machine()] == {"gemm:8,8,8": 5.0}
 
 
 def test_a_real_measurement_is_a_positive_rate():
@@ -129,7 +148,7 @@ def test_render_has_a_row_per_stage_with_work_and_a_total():
     for stage in ("models", "saes", "extract", "match", "similarity", "convergence",
                   "subspaces", "total"):
         assert any(line.startswith(stage) for line in text.splitlines()), stage
-    assert "18 layer pair(s)" in text and "assumed:" in text
+    assert "18 layer pair(s)" in text and "assumed:" in text and "fixed rates" in text
 
 
 @pytest.mark.parametrize("path", READY, ids=[p.stem for p in READY])

@@ -84,9 +84,10 @@ def render(configs: list, cpu, gpu) -> str:
         n_pairs, n_saes = costs.grid_counts(cfg)
         head.append(f"{cfg.name}: {cfg.model_a.name} vs {cfg.model_b.name}, {n_pairs} layer "
                     f"pair(s), {n_saes} SAE(s), {cfg.extract.n_tokens:,} analysis tokens")
-    notes = [f"CPU: this machine ({rates.machine()}), rates from the cached calibration",
+    body = table(rows(plan, cpu, gpu))  # before the notes: it may measure rates
+    notes = [f"CPU: this machine ({rates.machine()}), {cpu.note()}",
              f"GPU: {gpu.how}", "assumed: " + "; ".join(costs.ASSUMPTIONS)]
-    return "\n".join([*head, "", table(rows(plan, cpu, gpu)), "", *notes])
+    return "\n".join([*head, "", body, "", *notes])
 
 
 def plan_main(path: str, overrides: dict, gpu_class: str, calibrate: bool, cache) -> int:

@@ -36,6 +36,9 @@ GPU_CLASSES = {
 GPU_EFFICIENCY = 0.4  # share of a datasheet peak assumed reached without a measurement
 BYTES_PER = {"sparse": 24, "elementwise": 16, "gather": 8}  # memory traffic per unit of work
 MAX_MATMUL = 2 ** 27  # elements of one calibration operand: large shapes are timed smaller
+# a 1-minute load above this many runnable tasks per CPU means other work shares the cores: a
+# rate measured then can be many times too slow (eig:1024 read 18x slower at load 4 on 2 CPUs)
+BUSY_LOAD_PER_CPU = 1.0
 
 
 def _best(fn, repeats: int = 3) -> float:
@@ -112,6 +115,16 @@ def measure(op: str) -> float:
     return fixed[kind]()
 
 
+def current_load() -> float:
+    """This machine's 1-minute load average (runnable tasks)."""
+    return os.getloadavg()[0]
+
+
+def busy_limit() -> float:
+    """The load above which a measurement is not cached (see ``BUSY_LOAD_PER_CPU``)."""
+    return (os.cpu_count() or 1) * BUSY_LOAD_PER_CPU
+
+
 def machine() -> str:
     """What a CPU calibration depends on: the host, its processor and its thread count."""
     import torch
@@ -123,7 +136,9 @@ def machine() -> str:
 class CPURates:
     """This machine's rates: ``rates[op]``, from the cache file or measured and cached.
 
-    ``refresh`` measures every operation again the first time it is asked for.
+    ``refresh`` measures every operation again the first time it is asked for. A rate
+    measured while the machine is busy (load above :func:`busy_limit`) serves this plan but
+    is not cached; ``busy`` maps such operations to the load they were measured at.
     """
 
     def __init__(self, cache: Path, refresh: bool = False):
@@ -131,16 +146,30 @@ class CPURates:
         known = json.loads(self.cache.read_text()) if self.cache.exists() else {}
         self.known, self.rates = known, ({} if refresh else dict(known.get(self.key, {})))
         self.measured = 0
+        self.busy: dict[str, float] = {}
 
     def __getitem__(self, op: str) -> float:
         if op not in self.rates:
+            load = current_load()
             self.rates[op] = measure(op)
             self.measured += 1
-            self._save()
+            if load > busy_limit():
+                self.busy[op] = load
+            else:
+                self._save()
         return self.rates[op]
 
+    def note(self) -> str:
+        """Where this plan's CPU rates came from, in one line."""
+        if not self.busy:
+            return "rates from the cached calibration (measured at a load within the CPU count)"
+        return (f"{len(self.busy)} rate(s) measured now at load up to {max(self.busy.values()):.1f}"
+                f" on {os.cpu_count()} CPUs and not cached: the CPU times assume the machine "
+                "stays this busy; run `saeuniv plan --calibrate` again when it is idle")
+
     def _save(self) -> None:
-        self.known[self.key] = self.rates
+        idle = {op: r for op, r in self.rates.items() if op not in self.busy}
+        self.known[self.key] = {**self.known.get(self.key, {}), **idle}
         tmp = self.cache.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.known, indent=1, sort_keys=True))
         tmp.replace(self.cache)  # never a half-written cache
