@@ -120,13 +120,17 @@ def test_a_rate_measured_on_a_busy_machine_is_used_but_not_cached(tmp_path, monk
     monkeypatch.setattr(rates, "current_load", lambda: 0.0)
     idle = rates.CPURates(cache)
     assert idle["gemm:8,8,8"] == 5.0 and "within the CPU count" in idle.note()
+    assert "all 1 measured now" in idle.note()
+    cached = rates.CPURates(cache)
+    assert cached["gemm:8,8,8"] and "from the cached calibration" in cached.note()
+    assert cached["elementwise"] and "1 of 2 measured now" in cached.note()
     monkeypatch.setattr(rates, "current_load", lambda: rates.busy_limit() + 1.5)
     busy = rates.CPURates(cache, refresh=True)
     assert busy["gemm:8,8,8"] == 5.0 and busy["eig:16"] == 5.0
     assert busy.busy == {"gemm:8,8,8": rates.busy_limit() + 1.5, "eig:16": rates.busy_limit() + 1.5}
     assert f"2 rate(s) measured now at load up to {rates.busy_limit() + 1.5:.1f}" in busy.note()
     # the idle measurement stays; the busy ones never reach the cache
-    assert json.loads(cache.read_text())[rates.machine()] == {"gemm:8,8,8": 5.0}
+    assert json.loads(cache.read_text())[rates.machine()] == {"gemm:8,8,8": 5.0, "elementwise": 5.0}
 
 
 def test_a_real_measurement_is_a_positive_rate():

@@ -162,7 +162,14 @@ class CPURates:
     def note(self) -> str:
         """Where this plan's CPU rates came from, in one line."""
         if not self.busy:
-            return "rates from the cached calibration (measured at a load within the CPU count)"
+            if not self.measured:
+                where = "from the cached calibration"
+            elif self.measured == len(self.rates):
+                where = f"all {self.measured} measured now, and cached"
+            else:
+                where = (f"{self.measured} of {len(self.rates)} measured now and cached, the "
+                         "rest from the cached calibration")
+            return f"rates {where} (at a load within the CPU count)"
         return (f"{len(self.busy)} rate(s) measured now at load up to {max(self.busy.values()):.1f}"
                 f" on {os.cpu_count()} CPUs and not cached: the CPU times assume the machine "
                 "stays this busy; run `saeuniv plan --calibrate` again when it is idle")
