@@ -133,15 +133,46 @@ def test_a_rate_measured_on_a_busy_machine_is_used_but_not_cached(tmp_path, monk
     assert json.loads(cache.read_text())[rates.machine()] == {"gemm:8,8,8": 5.0, "elementwise": 5.0}
 
 
+def test_both_sides_count_when_they_are_equally_wide():
+    n, d = 300, 64
+    cka = costs.metric_cost("cka", n, d, d, n_perm=0)
+    assert cka.work == {f"gemm:{n},{d},{n}": 2 * (2 * n * n * d)}  # one Gram per side
+    svcca = costs.metric_cost("svcca", n, d, d, n_perm=0)
+    assert svcca.work == {f"svd:{n},{d}": 2} and svcca.flops == 2 * (2 * n * d * d)
+
+
+def test_svcca_bases_are_svds_and_its_subsets_eigenproblems():
+    bases = costs.metric_cost("svcca", 300, 64, 128, n_perm=0, repeats=5)
+    assert bases.work == {"svd:300,64": 5, "svd:300,128": 5}
+    # a fixed k: the draws are read off the pool's Grams, two m x m eigenvectors each
+    fixed = costs.subset_cost("svcca", 400, 100, 64, 128, n_draws=7, k=25)
+    assert fixed.work == {"gemm:400,64,400": 2 * 400 * 400 * 64,
+                          "gemm:400,128,400": 2 * 400 * 400 * 128, "eigh:100": 14, "eig:25": 7}
+    # no k: each draw is a whole SVCCA, its bases included
+    free = costs.subset_cost("svcca", 400, 100, 64, 128, n_draws=7)
+    assert free.work == costs.metric_cost("svcca", 100, 64, 128, 0, repeats=7).work
+    rsa, cka = (costs.subset_cost(m, 400, 100, 64, 128, n_draws=7) for m in ("rsa", "cka"))
+    assert rsa.work["gather"] == cka.work["gather"] == 2 * 100 * 100 * 7
+    assert rsa.work["elementwise"] > cka.work["elementwise"]  # RSA ranks each draw
+
+
 def test_a_real_measurement_is_a_positive_rate():
-    for op in ("gemm:64,64,64", "eig:16", "elementwise"):
+    for op in ("gemm:64,64,64", "eig:16", "eigh:16", "svd:40,12", "elementwise"):
         assert rates.measure(op) > 0
+
+
+def test_a_large_svd_is_timed_small_and_scaled_by_its_work():
+    big, small = rates.measure("svd:4096,2048"), rates.measure("svd:512,256")
+    assert big < small  # calls/s: a larger SVD is slower
+    # both were timed at about MAX_SVD elements, so the ratio is their work's ratio
+    assert small / big == pytest.approx(8 ** 3, rel=0.5)
 
 
 def test_gpu_classes_without_a_gpu_use_the_datasheet(tmp_path):
     gpu = rates.GPURates("H100", FixedRates())
     assert gpu.how == f"H100 datasheet x {rates.GPU_EFFICIENCY}" or "measured" in gpu.how
-    assert gpu["eig:64"] == FixedRates()["eig:64"]  # not sped up
+    for op in ("eig:64", "eigh:64", "svd:100,64"):  # not sped up
+        assert gpu[op] == FixedRates()[op]
     with pytest.raises(ValueError, match=r"GPU class 'TPU' is unknown; choose one of"):
         rates.GPURates("TPU", FixedRates())
 

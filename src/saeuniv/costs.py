@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from . import stages
 from .controls import floor_config, twin_config
 from .core.depth import depth_pairs
+from .core.metrics import METRICS
 from .core.metrics.inputs import BLOCK_BYTES
+from .core.subspaces import svcca_k
 from .shapes import model_shape, sae_shape
 
 PAIR_SHARE = 0.125  # features paired per feature of the narrower SAE
@@ -201,8 +203,10 @@ class Planner:
         cost = Cost(tasks=1)
         for name in sim.metrics:
             cost.add(metric_cost(name, n, d_a, d_b, sim.n_perm))
+            if METRICS[name].details is not None:  # svcca_fields: its bases twice more
+                cost.add(metric_cost(name, n, d_a, d_b, 0, repeats=2))
             if sim.n_halves and n // 2 >= sim.min_pairs:  # the interval's halves, no null
-                cost.add(metric_cost(name, n // 2, d_a, d_b, 0, repeats=sim.n_halves))
+                cost.add(subset_cost(name, n, n // 2, d_a, d_b, sim.n_halves))
         cost.memory = 8 * n * n + 8 * n * (d_a + d_b)  # RSA's two n x n matrices
         return cost
 
@@ -212,37 +216,65 @@ class Planner:
         n_cat = max(sub.min_pairs, n // categories)
         d_a, d_b = self.shapes["a"].d_model, self.shapes["b"].d_model
         cost = Cost(tasks=1)
+        k = svcca_k(n_cat, sub.svcca_k)
         for _ in range(categories):
             for name in sub.metrics:  # the shuffled-pairing null and the random-subset null
                 cost.add(metric_cost(name, n_cat, d_a, d_b, sub.n_perm))
-                cost.add(metric_cost(name, n_cat, d_a, d_b, 0, repeats=sub.n_perm))
+                cost.add(subset_cost(name, n, n_cat, d_a, d_b, sub.n_perm, k))
         return cost
 
 
 def metric_cost(name: str, n: int, d_a: int, d_b: int, n_perm: int, repeats: int = 1) -> Cost:
     """Work of one metric on ``n`` paired rows with an ``n_perm``-draw null, ``repeats``
-    times: its one-off decompositions (or Grams) plus each draw's work."""
+    times: its one-off decompositions (or Grams) of each side plus each draw's work."""
     k = max(1, int(SVCCA_SHARE * min(n, d_a, d_b)))
+    if name in ("svcca", "pwcca"):  # the bases: a thin SVD of each side
+        once = [Cost(flops=2 * n * d * min(n, d), work={f"svd:{n},{d}": 1}) for d in (d_a, d_b)]
+    elif name == "procrustes":
+        once = [_flop(f"gemm:{n},{d},{min(n, d)}", 2 * n * d * min(n, d)) for d in (d_a, d_b)]
+    else:  # cka, rsa, mutual_knn: the two sides' n x n Grams
+        once = [_flop(f"gemm:{n},{d},{n}", 2 * n * n * d) for d in (d_a, d_b)]
     if name in ("svcca", "pwcca", "procrustes"):
-        once = {f"gemm:{n},{d},{min(n, d)}": 2 * n * d * min(n, d) for d in (d_a, d_b)}
         batch = _batch(n_perm, n * k)  # draws side by side in one product
         per_draw = {f"gemm:{k},{n},{batch * k}": 2 * n * k * k,
                     f"gemm:{k * batch},{k},{k}": 2 * k ** 3, f"eig:{k}": 1}
-    else:  # cka, rsa, mutual_knn: the two sides' n x n Grams once
-        once = {f"gemm:{n},{d},{n}": 2 * n * n * d for d in (d_a, d_b)}
-        if name == "cka" and n * n > d_a * d_b:
-            per_draw = {f"gemm:{d_a},{n},{_batch(n_perm, n * d_b) * d_b}": 2 * n * d_a * d_b}
-        elif name in ("cka", "rsa"):
-            per_draw = {"gather": n * n / 2, "elementwise": n * n}
-        else:
-            per_draw = {"elementwise": 200 * n}  # neighbour-set overlaps
+    elif name == "cka" and n * n > d_a * d_b:
+        per_draw = {f"gemm:{d_a},{n},{_batch(n_perm, n * d_b) * d_b}": 2 * n * d_a * d_b}
+    elif name in ("cka", "rsa"):
+        per_draw = {"gather": n * n / 2, "elementwise": n * n}
+    else:
+        per_draw = {"elementwise": 200 * n}  # neighbour-set overlaps
     cost = Cost()
-    for op, amount in once.items():
-        cost.add(_flop(op, amount * repeats))
+    for side in once:
+        cost.add(Cost(flops=side.flops * repeats,
+                      work={op: amount * repeats for op, amount in side.work.items()}))
     draws = n_perm * repeats
-    for op, amount in per_draw.items():
+    for op, amount in (per_draw.items() if draws else ()):  # no null: nothing to calibrate
         flops = amount * draws if op.startswith("gemm") else 0.0
         cost.add(Cost(flops=flops, work={op: amount * draws}))
+    return cost
+
+
+def subset_cost(name: str, pool: int, m: int, d_a: int, d_b: int, n_draws: int,
+                k: int | None = None) -> Cost:
+    """Work of ``n_draws`` random subsets of ``m`` of ``pool`` pairs (``subset_null``).
+
+    SVCCA with a fixed ``k``, CKA and RSA read their draws off each side's pool x pool Gram,
+    formed once: per draw SVCCA finds the eigenvectors of both m x m centred sub-Grams and
+    one k x k eigenvalue problem, CKA and RSA gather and pass over (RSA: rank) the
+    sub-Grams. Other metrics score each draw in full.
+    """
+    if not (name in ("cka", "rsa") or (name == "svcca" and k)):
+        return metric_cost(name, m, d_a, d_b, 0, repeats=n_draws)
+    cost = Cost()
+    for d in (d_a, d_b):
+        cost.add(_flop(f"gemm:{pool},{d},{pool}", 2 * pool * pool * d))
+    if name == "svcca":
+        cost.add(Cost(work={f"eigh:{m}": 2 * n_draws, f"eig:{k}": n_draws}))
+    else:
+        passes = 2 * max(1.0, math.log2(m)) if name == "rsa" else 2
+        cost.add(Cost(work={"gather": 2 * m * m * n_draws,
+                            "elementwise": passes * m * m * n_draws}))
     return cost
 
 

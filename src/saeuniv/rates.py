@@ -8,6 +8,8 @@ An operation is named by its kind and, where speed depends on it, its shape:
   ``torch16:M,K,N``: the same in bfloat16 (models run in bfloat16 or float16);
 - ``gemm:M,K,N``: the same in numpy (the permutation nulls' products), FLOP/s;
 - ``eig:K``: eigenvalues of a K x K symmetric matrix, calls/s (SVCCA's null);
+- ``eigh:K``: its eigenvalues and eigenvectors, calls/s (SVCCA's random-subset draws);
+- ``svd:M,N``: thin SVD of an M x N float64 matrix, calls/s (SVCCA's and PWCCA's bases);
 - ``sparse``: multiply-adds of sparse-sparse products (the correlation's cross-product), /s;
 - ``elementwise``: float64 elements of a dense pass (correlations from the sums, top-k), /s;
 - ``gather``: randomly gathered float32 elements (RSA's permuted dissimilarities), /s.
@@ -19,6 +21,7 @@ they are its datasheet's peaks times ``GPU_EFFICIENCY``, and the plan says so.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -36,6 +39,7 @@ GPU_CLASSES = {
 GPU_EFFICIENCY = 0.4  # share of a datasheet peak assumed reached without a measurement
 BYTES_PER = {"sparse": 24, "elementwise": 16, "gather": 8}  # memory traffic per unit of work
 MAX_MATMUL = 2 ** 27  # elements of one calibration operand: large shapes are timed smaller
+MAX_SVD = 2 ** 18  # elements of one calibration SVD: larger ones are timed at this size
 # a 1-minute load above this many runnable tasks per CPU means other work shares the cores: a
 # rate measured then can be many times too slow (eig:1024 read 18x slower at load 4 on 2 CPUs)
 BUSY_LOAD_PER_CPU = 1.0
@@ -74,10 +78,20 @@ def _matmul(kind: str, m: int, k: int, n: int, device: str = "cpu") -> float:
     return 2 * m * k * n / _best(lambda: (x @ w).sum().item())  # .item(): wait for a GPU
 
 
-def _eig(k: int) -> float:
+def _eig(k: int, vectors: bool = False) -> float:
     g = np.random.default_rng(0).standard_normal((k, k))
     g = g @ g.T
-    return 1.0 / _best(lambda: np.linalg.eigvalsh(g))
+    return 1.0 / _best(lambda: np.linalg.eigh(g) if vectors else np.linalg.eigvalsh(g))
+
+
+def _svd(m: int, n: int) -> float:
+    """Calls/s of a thin SVD (U, s, Vt) of an m x n matrix. A larger one is timed at about
+    ``MAX_SVD`` elements with the same aspect and scaled by m * n * min(m, n), its work."""
+    scale = min(1.0, math.sqrt(MAX_SVD / (m * n)))
+    small_m, small_n = max(1, round(m * scale)), max(1, round(n * scale))
+    x = np.random.default_rng(0).standard_normal((small_m, small_n))
+    seconds = _best(lambda: np.linalg.svd(x, full_matrices=False))
+    return (small_m * small_n * min(small_m, small_n)) / (seconds * m * n * min(m, n))
 
 
 def _sparse() -> float:
@@ -107,8 +121,10 @@ def measure(op: str) -> float:
     kind = op.split(":")[0]
     if kind in ("torch", "torch16", "gemm"):
         return _matmul(kind, *_shape(op))
-    if kind == "eig":
-        return _eig(*_shape(op))
+    if kind in ("eig", "eigh"):
+        return _eig(*_shape(op), vectors=kind == "eigh")
+    if kind == "svd":
+        return _svd(*_shape(op))
     fixed = {"sparse": _sparse, "elementwise": _elementwise, "gather": _gather}
     if kind not in fixed:
         raise ValueError(f"unknown operation {op!r}")
@@ -185,7 +201,8 @@ class CPURates:
 class GPURates:
     """Rates of GPU class ``name``: measured when this machine's first GPU is of that class,
     else its datasheet's peaks x ``GPU_EFFICIENCY``. The eigenvalue problems keep the CPU's
-    rate (torch solves them one matrix at a time on a GPU too). ``how`` says which."""
+    rate (torch solves them one matrix at a time on a GPU too), and so do the SVDs (the
+    bases are found in numpy on the host). ``how`` says which."""
 
     def __init__(self, name: str, cpu: CPURates):
         if name not in GPU_CLASSES:
@@ -205,7 +222,7 @@ class GPURates:
 
     def _rate(self, op: str) -> float:
         kind = op.split(":")[0]
-        if kind == "eig":
+        if kind in ("eig", "eigh", "svd"):
             return self.cpu[op]
         if kind in ("torch", "torch16", "gemm"):
             if self.here:
