@@ -39,7 +39,7 @@ GPU_CLASSES = {
 GPU_EFFICIENCY = 0.4  # share of a datasheet peak assumed reached without a measurement
 BYTES_PER = {"sparse": 24, "elementwise": 16, "gather": 8}  # memory traffic per unit of work
 MAX_MATMUL = 2 ** 27  # elements of one calibration operand: large shapes are timed smaller
-MAX_SVD = 2 ** 18  # elements of one calibration SVD: larger ones are timed at this size
+MAX_SVD = 2 ** 20  # elements of one calibration SVD: larger ones are timed at this size
 # a 1-minute load above this many runnable tasks per CPU means other work shares the cores: a
 # rate measured then can be many times too slow (eig:1024 read 18x slower at load 4 on 2 CPUs)
 BUSY_LOAD_PER_CPU = 1.0
