@@ -259,12 +259,13 @@ def subset_cost(name: str, pool: int, m: int, d_a: int, d_b: int, n_draws: int,
                 k: int | None = None) -> Cost:
     """Work of ``n_draws`` random subsets of ``m`` of ``pool`` pairs (``subset_null``).
 
-    SVCCA with a fixed ``k``, CKA and RSA read their draws off each side's pool x pool Gram,
-    formed once: per draw SVCCA finds the eigenvectors of both m x m centred sub-Grams and
-    one k x k eigenvalue problem, CKA and RSA gather and pass over (RSA: rank) the
-    sub-Grams. Other metrics score each draw in full.
+    The metrics with batched draws (``Metric.subsets``: CKA, RSA, SVCCA with a fixed ``k``)
+    read them off each side's pool x pool Gram, formed once: per draw SVCCA finds the
+    eigenvectors of both m x m centred sub-Grams and one k x k eigenvalue problem, CKA and
+    RSA gather and pass over (RSA: rank) the sub-Grams. Other metrics score each draw in
+    full.
     """
-    if not (name in ("cka", "rsa") or (name == "svcca" and k)):
+    if METRICS[name].subsets is None or (name == "svcca" and not k):
         return metric_cost(name, m, d_a, d_b, 0, repeats=n_draws)
     cost = Cost()
     for d in (d_a, d_b):
