@@ -161,12 +161,17 @@ def test_a_real_measurement_is_a_positive_rate():
         assert rates.measure(op) > 0
 
 
-def test_a_large_svd_is_timed_small_and_scaled_by_its_work():
+def test_a_large_svd_is_timed_small_and_scaled_by_its_work(monkeypatch):
+    timed = []
+    monkeypatch.setattr(rates, "_best", lambda fn: timed.append(fn) or 1.0)  # 1 s per call
+    assert rates.measure("svd:40,12") == 1.0  # small enough to time as it is
     big, bigger = rates.measure("svd:4096,2048"), rates.measure("svd:8192,4096")
-    # both are timed at the same MAX_SVD-element matrix, so their rates (calls/s) differ by
-    # their work, m * n * min(m, n): 8x
     assert rates.MAX_SVD < 4096 * 2048
-    assert big / bigger == pytest.approx(8, rel=0.3)
+    # both are timed at the same 1448 x 724 matrix (about MAX_SVD elements, same aspect),
+    # and scaled by their work m * n * min(m, n)
+    assert big == pytest.approx(1448 * 724 * 724 / (4096 * 2048 * 2048))
+    assert big / bigger == pytest.approx(8)
+    assert len(timed) == 3
 
 
 def test_gpu_classes_without_a_gpu_use_the_datasheet(tmp_path):

@@ -227,13 +227,13 @@ class Planner:
 def metric_cost(name: str, n: int, d_a: int, d_b: int, n_perm: int, repeats: int = 1) -> Cost:
     """Work of one metric on ``n`` paired rows with an ``n_perm``-draw null, ``repeats``
     times: its one-off decompositions (or Grams) of each side plus each draw's work."""
-    k = max(1, int(SVCCA_SHARE * min(n, d_a, d_b)))
+    k, r = max(1, int(SVCCA_SHARE * min(n, d_a, d_b))), repeats
     if name in ("svcca", "pwcca"):  # the bases: a thin SVD of each side
-        once = [Cost(flops=2 * n * d * min(n, d), work={f"svd:{n},{d}": 1}) for d in (d_a, d_b)]
+        once = [Cost(flops=2 * n * d * min(n, d) * r, work={f"svd:{n},{d}": r}) for d in (d_a, d_b)]
     elif name == "procrustes":
-        once = [_flop(f"gemm:{n},{d},{min(n, d)}", 2 * n * d * min(n, d)) for d in (d_a, d_b)]
+        once = [_flop(f"gemm:{n},{d},{min(n, d)}", 2 * n * d * min(n, d) * r) for d in (d_a, d_b)]
     else:  # cka, rsa, mutual_knn: the two sides' n x n Grams
-        once = [_flop(f"gemm:{n},{d},{n}", 2 * n * n * d) for d in (d_a, d_b)]
+        once = [_flop(f"gemm:{n},{d},{n}", 2 * n * n * d * r) for d in (d_a, d_b)]
     if name in ("svcca", "pwcca", "procrustes"):
         batch = _batch(n_perm, n * k)  # draws side by side in one product
         per_draw = {f"gemm:{k},{n},{batch * k}": 2 * n * k * k,
@@ -246,8 +246,7 @@ def metric_cost(name: str, n: int, d_a: int, d_b: int, n_perm: int, repeats: int
         per_draw = {"elementwise": 200 * n}  # neighbour-set overlaps
     cost = Cost()
     for side in once:
-        cost.add(Cost(flops=side.flops * repeats,
-                      work={op: amount * repeats for op, amount in side.work.items()}))
+        cost.add(side)
     draws = n_perm * repeats
     for op, amount in (per_draw.items() if draws else ()):  # no null: nothing to calibrate
         flops = amount * draws if op.startswith("gemm") else 0.0
